@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both run `setup`, which builds .venv/ once and is a no-op while pyproject.toml and
+# constraints.txt are unchanged.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo generate worker test test-unit test-integration lint format lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check pip==26.3 setuptools==84.2.1
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m app demo
+
+worker: setup
+	$(PY) -m app worker
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+test-integration: setup
+	$(PY) -m pytest tests/integration
+
+lint: setup
+	$(PY) -m black --check .
+	$(PY) -m pylint app domain ports adapters containers.py tests
+
+format: setup
+	$(PY) -m black .
+
+# Re-pin constraints.txt from a clean resolve of pyproject.toml (needs the package index).
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install -q pip==26.3 setuptools==84.2.1
+	build/lock-venv/bin/pip install -q torch==2.13.0 -e '.[dev]'
+	{ sed -n '1,3p' constraints.txt; echo pip==26.3; echo setuptools==84.2.1; \
+	  build/lock-venv/bin/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf build/lock-venv
+
+clean:
+	rm -rf $(VENV) build output .pytest_cache
