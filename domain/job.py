@@ -1,0 +1,278 @@
+"""The use case: one generation from request to stored, signed PNG and a delivered outcome."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from PIL import Image
+
+from domain.errors import GenerationError, NotifyError, as_generation_error
+from domain.progress import (
+    DEFAULT_MILESTONES,
+    ProgressMilestones,
+    ProgressUpdate,
+    StepTimeEstimator,
+)
+from domain.request import GenerationRequest, SignatureSpec, output_key
+from domain.watermark import Watermarker
+from ports.image_model import ImageModel
+from ports.notifier import Notifier
+from ports.storage import LoraArtifact, Storage, StoredOutput
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "generation-metadata"
+"""Storage metadata entry holding the completion metadata as JSON, reused on redelivery."""
+
+
+class Outcome(str, Enum):
+    """How a delivery ended, which decides how it is settled on the queue."""
+
+    COMPLETED = "completed"
+    """Image stored and completion delivered: ack."""
+    FAILED = "failed"
+    """Failure delivered to the backend: ack."""
+    RETRY = "retry"
+    """Transient trouble and attempts left (or the backend unreachable): deliver again."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What happened to one request."""
+
+    outcome: Outcome
+    generation_id: int
+    result_url: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    error: GenerationError | None = None
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    lora: LoraArtifact | None
+    signature: Image.Image | None
+
+
+class GenerationJob:
+    """Generate, sign, store and report one request; idempotent across redeliveries.
+
+    ``max_retries`` bounds how often a retryable failure is handed back to the queue before it is
+    reported as failed. An undeliverable webhook is always handed back: reporting it is impossible,
+    and the stored image makes the next delivery cheap.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ImageModel,
+        storage: Storage,
+        notifier: Notifier,
+        watermarker: Watermarker,
+        step_times: StepTimeEstimator,
+        milestones: Sequence[int] = DEFAULT_MILESTONES,
+        max_retries: int = 3,
+        output_prefix: str = "generations/",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._model = model
+        self._storage = storage
+        self._notifier = notifier
+        self._watermarker = watermarker
+        self._step_times = step_times
+        self._milestones = tuple(milestones)
+        self._max_retries = max_retries
+        self._output_prefix = output_prefix
+        self._clock = clock
+
+    def run(self, request: GenerationRequest, *, attempt: int = 0) -> JobResult:
+        """Run the request; ``attempt`` counts earlier deliveries that ended in a retry."""
+        try:
+            existing = self._storage.find_output(self.output_key(request.generation_id))
+            if existing is not None:
+                return self._report_existing(request, existing)
+            return self._generate(request)
+        except GenerationError as exc:
+            return self._fail(request, exc, attempt)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.exception("generation %s: unexpected error", request.generation_id)
+            return self._fail(request, as_generation_error(exc), attempt)
+
+    def output_key(self, generation_id: int) -> str:
+        """The object key of a generation's PNG, stable across redeliveries."""
+        return output_key(generation_id, self._output_prefix)
+
+    def _report_existing(self, request: GenerationRequest, stored: StoredOutput) -> JobResult:
+        metadata = json.loads(stored.metadata.get(METADATA_KEY, "{}"))
+        log.info("generation %s: output exists, reporting it again", request.generation_id)
+        self._deliver_completion(request.generation_id, stored.url, metadata)
+        return JobResult(
+            outcome=Outcome.COMPLETED,
+            generation_id=request.generation_id,
+            result_url=stored.url,
+            metadata=metadata,
+            reused=True,
+        )
+
+    def _generate(self, request: GenerationRequest) -> JobResult:
+        started = self._clock()
+        inputs = self._fetch_inputs(request)
+        fetched = self._clock()
+
+        tracker = ProgressMilestones(
+            total_steps=request.steps,
+            milestones=self._milestones,
+            clock=self._clock,
+            expected_step_seconds=self._step_times.seconds_per_step(
+                width=request.width, height=request.height
+            ),
+        )
+        self._send_progress(request.generation_id, tracker.start())
+
+        def on_step(step: int, _total: int) -> None:
+            self._send_progress(request.generation_id, tracker.step(step))
+
+        image = self._model.generate(request, inputs.lora, on_step)
+        generated = self._clock()
+        self._step_times.record(
+            steps=request.steps,
+            seconds=generated - fetched,
+            width=request.width,
+            height=request.height,
+        )
+
+        if request.signature is not None:
+            image = self._watermarker.stamp(image, request.signature, inputs.signature)
+        png = encode_png(image)
+        encoded = self._clock()
+
+        metadata = self._metadata(request, inputs.lora)
+        metadata["durations"] = {
+            "fetch_seconds": round(fetched - started, 3),
+            "generation_seconds": round(generated - fetched, 3),
+            "encode_seconds": round(encoded - generated, 3),
+        }
+        stored = self._store(request, png, metadata, started)
+        self._deliver_completion(request.generation_id, stored.url, metadata)
+        return JobResult(
+            outcome=Outcome.COMPLETED,
+            generation_id=request.generation_id,
+            result_url=stored.url,
+            metadata=metadata,
+        )
+
+    def _deliver_completion(
+        self, generation_id: int, url: str, metadata: Mapping[str, Any]
+    ) -> None:
+        """Once the image is stored the outcome is settled: any delivery trouble means retry."""
+        try:
+            self._notifier.completed(generation_id, url, metadata)
+        except NotifyError:
+            raise
+        except Exception as exc:
+            raise NotifyError(f"completion not delivered: {type(exc).__name__}: {exc}") from exc
+
+    def _fetch_inputs(self, request: GenerationRequest) -> _Inputs:
+        lora = self._storage.fetch_lora(request.lora_ref) if request.lora_ref else None
+        signature = self._fetch_signature(request.signature)
+        return _Inputs(lora=lora, signature=signature)
+
+    def _fetch_signature(self, spec: SignatureSpec | None) -> Image.Image | None:
+        if spec is None or spec.image_ref is None:
+            return None
+        return self._watermarker.decode_signature(self._storage.fetch_signature(spec.image_ref))
+
+    def _store(
+        self,
+        request: GenerationRequest,
+        png: bytes,
+        metadata: dict[str, Any],
+        started: float,
+    ) -> StoredOutput:
+        """Store the PNG with its metadata, then add the upload and total times to the metadata."""
+        before = self._clock()
+        stored = self._storage.put_output(
+            self.output_key(request.generation_id),
+            png,
+            {METADATA_KEY: json.dumps(metadata, sort_keys=True)},
+        )
+        after = self._clock()
+        metadata["durations"]["upload_seconds"] = round(after - before, 3)
+        metadata["durations"]["total_seconds"] = round(after - started, 3)
+        return stored
+
+    def _metadata(self, request: GenerationRequest, lora: LoraArtifact | None) -> dict[str, Any]:
+        return {
+            "seed": request.seed,
+            "seed_was_chosen": request.seed_was_chosen,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "width": request.width,
+            "height": request.height,
+            "scheduler": request.scheduler,
+            "model": self._model.name,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "style_id": request.style_id,
+            "task_id": request.task_id,
+            "lora_path": request.lora_ref,
+            "lora_checksum": lora.checksum if lora else None,
+            "lora_scale": request.lora_scale if lora else None,
+            "signature": _signature_metadata(request.signature),
+        }
+
+    def _send_progress(self, generation_id: int, update: ProgressUpdate | None) -> None:
+        if update is None:
+            return
+        try:
+            self._notifier.progress(generation_id, update)
+        except Exception:  # pylint: disable=broad-exception-caught
+            # Progress is best effort by contract: it must never fail a generation.
+            log.warning("generation %s: progress update not delivered", generation_id)
+
+    def _fail(self, request: GenerationRequest, error: GenerationError, attempt: int) -> JobResult:
+        generation_id = request.generation_id
+        if isinstance(error, NotifyError) or (error.retryable and attempt < self._max_retries):
+            log.warning(
+                "generation %s: %s (attempt %d), handing back for retry",
+                generation_id,
+                error,
+                attempt,
+            )
+            return JobResult(outcome=Outcome.RETRY, generation_id=generation_id, error=error)
+        return self.report_failure(generation_id, error, attempt)
+
+    def report_failure(self, generation_id: int, error: GenerationError, attempt: int) -> JobResult:
+        """Deliver a final failure; if the backend cannot be told, hand the job back instead."""
+        log.error("generation %s failed: %s", generation_id, error)
+        try:
+            self._notifier.failed(generation_id, error.code, error.message, attempt)
+        except Exception as notify_error:  # pylint: disable=broad-exception-caught
+            log.warning("generation %s: failure not delivered: %s", generation_id, notify_error)
+            return JobResult(outcome=Outcome.RETRY, generation_id=generation_id, error=error)
+        return JobResult(outcome=Outcome.FAILED, generation_id=generation_id, error=error)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of an image (lossless, moderately compressed)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _signature_metadata(spec: SignatureSpec | None) -> dict[str, Any] | None:
+    if spec is None:
+        return None
+    return {
+        "kind": "image" if spec.image_ref else "text",
+        "position": spec.config.position,
+        "size": spec.config.size,
+        "opacity": spec.config.opacity,
+    }

@@ -1,0 +1,139 @@
+"""Hand-written fakes of the ports that record what happened (unit tests of the domain only)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from domain.errors import ErrorCode, GenerationError, LoraNotFound, SignatureInvalid
+from domain.progress import ProgressUpdate
+from domain.request import GenerationRequest
+from ports.image_model import StepCallback
+from ports.storage import LoraArtifact, StoredOutput
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class FakeImageModel:
+    """Paints a flat image of the requested size; advances a fake clock per step."""
+
+    clock: FakeClock | None = None
+    seconds_per_step: float = 0.1
+    color: tuple[int, int, int] = (0, 0, 0)
+    fail_with: list[GenerationError | Exception] = field(default_factory=list)
+    calls: list[tuple[GenerationRequest, LoraArtifact | None]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return "fake/sd15"
+
+    def generate(
+        self, request: GenerationRequest, lora: LoraArtifact | None, on_step: StepCallback
+    ) -> Image.Image:
+        self.calls.append((request, lora))
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        for step in range(1, request.steps + 1):
+            if self.clock is not None:
+                self.clock.advance(self.seconds_per_step)
+            on_step(step, request.steps)
+        return Image.new("RGB", (request.width, request.height), self.color)
+
+
+@dataclass
+class FakeStorage:
+    """Objects in dicts; ``fail_puts``/``fail_fetches`` raise the given errors first."""
+
+    loras: dict[str, bytes] = field(default_factory=dict)
+    signatures: dict[str, bytes] = field(default_factory=dict)
+    outputs: dict[str, tuple[bytes, dict[str, str]]] = field(default_factory=dict)
+    fail_puts: list[GenerationError] = field(default_factory=list)
+    fail_fetches: list[GenerationError] = field(default_factory=list)
+    fetched: list[str] = field(default_factory=list)
+    puts: list[str] = field(default_factory=list)
+
+    def fetch_lora(self, ref: str) -> LoraArtifact:
+        self.fetched.append(ref)
+        if self.fail_fetches:
+            raise self.fail_fetches.pop(0)
+        if ref not in self.loras:
+            raise LoraNotFound(f"no LoRA at {ref!r}")
+        return LoraArtifact(ref=ref, path=f"/fake/{ref}", checksum=f"sha-{len(self.loras[ref])}")
+
+    def fetch_signature(self, ref: str) -> bytes:
+        self.fetched.append(ref)
+        if ref not in self.signatures:
+            raise SignatureInvalid(f"no signature image at {ref!r}")
+        return self.signatures[ref]
+
+    def find_output(self, key: str) -> StoredOutput | None:
+        if key not in self.outputs:
+            return None
+        return StoredOutput(key=key, url=f"https://cdn.test/{key}", metadata=self.outputs[key][1])
+
+    def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
+        self.puts.append(key)
+        if self.fail_puts:
+            raise self.fail_puts.pop(0)
+        self.outputs[key] = (data, dict(metadata))
+        return StoredOutput(key=key, url=f"https://cdn.test/{key}", metadata=dict(metadata))
+
+
+@dataclass
+class FakeNotifier:
+    """Records every webhook as (kind, generation_id, payload); can fail the first calls."""
+
+    sent: list[tuple[str, int, Any]] = field(default_factory=list)
+    fail_completions: list[Exception] = field(default_factory=list)
+    fail_failures: list[Exception] = field(default_factory=list)
+    fail_progress: bool = False
+
+    def progress(self, generation_id: int, update: ProgressUpdate) -> None:
+        if self.fail_progress:
+            raise ConnectionError("backend down")
+        self.sent.append(("progress", generation_id, update))
+
+    def completed(self, generation_id: int, result_url: str, metadata: Mapping[str, Any]) -> None:
+        if self.fail_completions:
+            raise self.fail_completions.pop(0)
+        # A round trip through JSON proves the payload is serializable, as the webhook needs.
+        self.sent.append(
+            (
+                "completed",
+                generation_id,
+                {"result_url": result_url, **json.loads(json.dumps(metadata))},
+            )
+        )
+
+    def failed(self, generation_id: int, code: ErrorCode, message: str, retry_count: int) -> None:
+        if self.fail_failures:
+            raise self.fail_failures.pop(0)
+        self.sent.append(
+            (
+                "failed",
+                generation_id,
+                {"code": code, "message": message, "retry_count": retry_count},
+            )
+        )
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _, _ in self.sent]
+
+    def of_kind(self, kind: str) -> list[Any]:
+        return [payload for k, _, payload in self.sent if k == kind]

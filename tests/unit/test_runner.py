@@ -1,0 +1,113 @@
+"""The queue loop: poison messages, retries across redeliveries, and settling each delivery once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from domain.errors import ErrorCode, GpuOutOfMemory, NotifyError
+from tests.unit.conftest import Wired
+
+
+def backend_message(generation_id: int = 456, **data: Any) -> dict[str, Any]:
+    payload = {
+        "generation_id": generation_id,
+        "style_id": 123,
+        "prompt": "watercolor, portrait, vintage",
+        "aspect_ratio": "1:1",
+        "seed": 42,
+        "prompt_tags": ["watercolor", "portrait", "vintage"],
+    }
+    payload.update(data)
+    return {"task_id": "t-1", "type": "image_generation", "data": payload}
+
+
+def run_all(wired: Wired) -> int:
+    return wired.container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
+
+
+def test_a_good_message_is_generated_and_acked(wired: Wired) -> None:
+    wired.source.put(backend_message())
+    assert run_all(wired) == 1
+    assert len(wired.source.acked) == 1 and wired.source.parked == []
+    assert wired.notifier.kinds()[-1] == "completed"
+    assert "generations/456.png" in wired.storage.outputs
+
+
+def test_not_json_is_parked_without_a_webhook(wired: Wired) -> None:
+    wired.source.put(b"\x00not json")
+    run_all(wired)
+    ((_, reason),) = wired.source.parked
+    assert reason.startswith("INVALID_REQUEST: message is not valid JSON")
+    assert wired.notifier.sent == [] and wired.source.acked == []
+
+
+def test_invalid_field_is_parked_and_reported_failed(wired: Wired) -> None:
+    wired.source.put(backend_message(aspect_ratio="3:4"))
+    run_all(wired)
+    ((_, reason),) = wired.source.parked
+    assert "data.aspect_ratio" in reason
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure["code"] is ErrorCode.INVALID_REQUEST and failure["retry_count"] == 0
+    assert wired.model.calls == []
+
+
+def test_other_task_type_is_unsupported(wired: Wired) -> None:
+    message = backend_message(789)
+    message["type"] = "style_training"
+    wired.source.put(json.dumps(message))
+    run_all(wired)
+    assert len(wired.source.parked) == 1
+    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.UNSUPPORTED_TASK
+    assert wired.notifier.sent[0][1] == 789
+
+
+def test_bad_signature_config_is_signature_invalid(wired: Wired) -> None:
+    wired.source.put(backend_message(artist_name="Ana", signature_config={"position": "middle"}))
+    run_all(wired)
+    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.SIGNATURE_INVALID
+    assert len(wired.source.parked) == 1
+
+
+def test_poison_message_is_kept_while_the_backend_cannot_be_told(wired: Wired) -> None:
+    wired.notifier.fail_failures.append(NotifyError("backend down"))
+    wired.source.put(backend_message(aspect_ratio="9:9"))
+    run_all(wired)
+    assert len(wired.source.retried) == 1 and len(wired.source.parked) == 1
+    assert wired.notifier.of_kind("failed")[0]["retry_count"] == 1
+
+
+def test_retryable_failure_is_redelivered_and_counted(wired: Wired) -> None:
+    wired.model.fail_with.extend([GpuOutOfMemory("oom"), GpuOutOfMemory("oom")])
+    wired.source.put(backend_message())
+    assert run_all(wired) == 3
+    assert [d.attempt for d, _ in wired.source.retried] == [0, 1]
+    assert wired.source.acked[0].attempt == 2
+    assert wired.notifier.of_kind("failed") == []
+    assert len(wired.notifier.of_kind("completed")) == 1
+
+
+def test_retry_budget_exhausted_reports_failure_with_retry_count(wired: Wired) -> None:
+    wired.model.fail_with.extend([GpuOutOfMemory("oom")] * 5)
+    wired.source.put(backend_message())
+    run_all(wired)  # max_retries=2 in the fixture's settings
+    assert len(wired.source.retried) == 2 and len(wired.source.acked) == 1
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 2}
+
+
+def test_loop_survives_a_bug_while_handling(wired: Wired) -> None:
+    wired.notifier.fail_completions.append(RuntimeError("bug in the notifier"))
+    wired.source.put(backend_message(1))
+    wired.source.put(backend_message(2))
+    assert run_all(wired) == 3
+    assert sorted(g for k, g, _ in wired.notifier.sent if k == "completed") == [1, 2]
+    assert len(wired.model.calls) == 2
+
+
+def test_stop_flag_stops_before_taking_more_work(wired: Wired) -> None:
+    wired.source.put(backend_message(1))
+    wired.source.put(backend_message(2))
+    calls = iter([False, True])
+    handled = wired.container.job_runner().run(should_stop=lambda: next(calls))
+    assert handled == 1 and len(wired.source) == 1

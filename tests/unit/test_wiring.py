@@ -1,0 +1,136 @@
+"""Settings, the container, and the architecture's import rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dependency_injector import providers
+
+from adapters.console_notifier import ConsoleNotifier
+from adapters.local_storage import LocalStorage
+from adapters.memory_task_source import InMemoryTaskSource
+from app.settings import SettingsError, load_settings
+from containers import build_container
+from domain.job import GenerationJob
+from ports import Notifier, Storage, TaskSource
+from tests.unit.conftest import Wired
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/")
+    settings = load_settings()
+    assert settings.max_concurrent_generations == 10
+    assert settings.rabbitmq_queue == "image_generation"
+    assert settings.default_steps == 50 and settings.default_guidance_scale == 7.5
+    assert settings.progress_milestones == (0, 25, 50, 75, 90)
+    assert settings.model_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_environment_names_are_the_contracts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/")
+    for name, value in {
+        "RABBITMQ_HOST": "mq",
+        "RABBITMQ_PORT": "5673",
+        "AWS_STORAGE_BUCKET_NAME": "media",
+        "AWS_S3_REGION_NAME": "eu-west-1",
+        "BACKEND_API_URL": "https://api.test",
+        "INTERNAL_API_TOKEN": "tok-123",
+        "MAX_CONCURRENT_GENERATIONS": "4",
+        "LOG_LEVEL": "debug",
+        "PROGRESS_MILESTONES": "0, 50,100",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert (settings.rabbitmq_host, settings.rabbitmq_port) == ("mq", 5673)
+    assert settings.output_bucket == "media" and settings.aws_s3_region_name == "eu-west-1"
+    assert settings.internal_api_token.get_secret_value() == "tok-123"
+    assert "tok-123" not in repr(settings)
+    assert settings.max_concurrent_generations == 4 and settings.log_level == "DEBUG"
+    assert settings.progress_milestones == (0, 50, 100)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("RABBITMQ_PORT", "not-a-port", "RABBITMQ_PORT"),
+        ("MAX_CONCURRENT_GENERATIONS", "0", "MAX_CONCURRENT_GENERATIONS"),
+        ("PROGRESS_MILESTONES", "0,fifty", "PROGRESS_MILESTONES"),
+        ("PROGRESS_MILESTONES", "0,150", "PROGRESS_MILESTONES"),
+        ("MODEL_DTYPE", "float8", "MODEL_DTYPE"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL"),
+        ("MIN_IMAGE_SIZE", "2048", "MIN_IMAGE_SIZE"),
+    ],
+)
+def test_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str
+) -> None:
+    monkeypatch.chdir("/")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=fragment):
+        load_settings()
+
+
+def test_bad_value_of_a_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(internal_api_token=["s3cr3t-token"])
+    assert "INTERNAL_API_TOKEN" in str(caught.value) and "s3cr3t" not in str(caught.value)
+
+
+def test_dotenv_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("RABBITMQ_QUEUE=jobs\nMAX_RETRIES=7\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.rabbitmq_queue == "jobs" and settings.max_retries == 7
+
+
+def test_selectors_build_the_configured_adapters(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir("/")
+    container = build_container(load_settings(local_storage_dir=str(tmp_path)))
+    assert isinstance(container.storage(), LocalStorage)
+    assert isinstance(container.notifier(), ConsoleNotifier)
+    assert isinstance(container.task_source(), InMemoryTaskSource)
+    assert isinstance(container.storage(), Storage)
+    assert isinstance(container.notifier(), Notifier)
+    assert isinstance(container.task_source(), TaskSource)
+    assert container.storage().root == tmp_path.resolve()
+
+
+def test_overrides_reach_the_use_case(wired: Wired) -> None:
+    job = wired.container.generation_job()
+    assert isinstance(job, GenerationJob)
+    assert job is not wired.container.generation_job()  # a Factory: one per job
+    wired.container.notifier.override(providers.Object(ConsoleNotifier()))
+    assert isinstance(wired.container.notifier(), ConsoleNotifier)
+
+
+def test_domain_and_ports_import_no_infrastructure() -> None:
+    code = (
+        "import sys, domain.job, domain.runner, domain.watermark, ports\n"
+        "bad = {'torch', 'diffusers', 'transformers', 'peft', 'pika', 'boto3', 'botocore',"
+        " 'requests'} & set(sys.modules)\n"
+        "print(sorted(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_building_the_container_does_not_import_torch() -> None:
+    code = "import sys, containers\ncontainers.build_container()\nprint('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
+    )
+    assert out.stdout.strip() == "False"
