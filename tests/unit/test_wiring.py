@@ -75,7 +75,7 @@ def test_bad_value_names_the_variable(
         load_settings()
 
 
-def test_bad_value_of_a_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_value_of_a_secret_is_not_echoed() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(internal_api_token=["s3cr3t-token"])
     assert "INTERNAL_API_TOKEN" in str(caught.value) and "s3cr3t" not in str(caught.value)

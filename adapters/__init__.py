@@ -1,0 +1,1 @@
+"""Adapters: one technology per module, implementing the ports."""

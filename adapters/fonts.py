@@ -1,0 +1,46 @@
+"""The text-signature font: DejaVu Sans Bold from the system, else Pillow's scalable default."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from PIL import ImageFont
+
+DEJAVU_CANDIDATES = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/local/share/fonts/DejaVuSans-Bold.ttf",
+)
+
+
+def find_font(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The configured font file, else the first DejaVu found; None when there is none."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"SIGNATURE_FONT_PATH: no font file at {path}")
+        return path
+    for candidate in DEJAVU_CANDIDATES:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+class SignatureFonts:
+    """Loads the signature font at any pixel size, caching each size."""
+
+    def __init__(self, font_path: str | os.PathLike | None = None) -> None:
+        self.path = find_font(font_path)
+        self._load = functools.lru_cache(maxsize=64)(self._load_uncached)
+
+    def __call__(self, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+        """A TrueType font of ``size`` pixels."""
+        return self._load(size)
+
+    def _load_uncached(self, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+        if self.path is not None:
+            return ImageFont.truetype(str(self.path), size=size)
+        return ImageFont.load_default(size=size)

@@ -1,0 +1,1 @@
+"""Entry points: the CLI, the worker runtime and logging set-up."""

@@ -1,0 +1,126 @@
+"""Settings from the environment and ``.env`` (CONTRACT.md section 4), checked at start."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+SECRET_SETTINGS = frozenset(
+    {"RABBITMQ_PASS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "INTERNAL_API_TOKEN"}
+)
+"""Never echoed, not even in a validation error."""
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of the worker. The field name, upper-cased, is the environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Broker (CONTRACT.md section 4).
+    rabbitmq_host: str = "localhost"
+    rabbitmq_port: int = Field(default=5672, ge=1, le=65535)
+    rabbitmq_user: str = "guest"
+    rabbitmq_pass: SecretStr = SecretStr("guest")
+    rabbitmq_vhost: str = "/"
+    rabbitmq_queue: str = "image_generation"
+    max_concurrent_generations: int = Field(default=10, ge=1, le=1000)
+
+    # Object storage.
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_storage_bucket_name: str = "stylelicense-media"
+    aws_s3_region_name: str = "us-east-1"
+    aws_s3_endpoint_url: str | None = None
+    s3_models_bucket: str = "stylelicense-models"
+    s3_output_bucket: str | None = None
+    s3_output_prefix: str = "generations/"
+    s3_public_base_url: str | None = None
+
+    # Backend webhooks.
+    backend_api_url: str = "http://localhost:8000"
+    internal_api_token: SecretStr = SecretStr("")
+
+    # Model.
+    model_id: str = DEFAULT_MODEL_ID
+    model_device: str = "auto"
+    model_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    model_cache_dir: str | None = None
+    cuda_visible_devices: str | None = None
+    lora_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+
+    # Request policy.
+    default_steps: int = Field(default=50, ge=1, le=500)
+    default_guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    min_image_size: int = Field(default=256, ge=64)
+    max_image_size: int = Field(default=1024, ge=64, le=4096)
+    max_steps: int = Field(default=150, ge=1, le=500)
+    max_guidance_scale: float = Field(default=30.0, ge=0.0)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    progress_milestones: Annotated[tuple[int, ...], NoDecode] = (0, 25, 50, 75, 90)
+    max_retries: int = Field(default=3, ge=0, le=100)
+
+    # Signature.
+    signature_default_text: str = ""
+    signature_font_path: str | None = None
+    signature_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    signature_max_pixels: int = Field(default=4096 * 4096, ge=1024)
+
+    # Adapter choice (production adapters are added by the worker).
+    storage_backend: Literal["local"] = "local"
+    notifier_backend: Literal["console"] = "console"
+    task_source_backend: Literal["memory"] = "memory"
+    local_storage_dir: str = "output/storage"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("progress_milestones", mode="before")
+    @classmethod
+    def _milestones(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = tuple(int(part) for part in value.split(",") if part.strip())
+            except ValueError as exc:
+                raise ValueError(f"expected comma-separated integers, got {value!r}") from exc
+        if isinstance(value, (tuple, list)) and any(not 0 <= int(v) <= 100 for v in value):
+            raise ValueError(f"each milestone must lie within 0-100, got {value!r}")
+        return value
+
+    @property
+    def output_bucket(self) -> str:
+        """Where PNGs go: S3_OUTPUT_BUCKET, else the media bucket."""
+        return self.s3_output_bucket or self.aws_storage_bucket_name
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings; a bad value raises SettingsError naming the variable and the value."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for item in exc.errors():
+            name = ".".join(str(part) for part in item["loc"]).upper()
+            shown = "hidden" if name in SECRET_SETTINGS else repr(item.get("input"))
+            lines.append(f"{name}: {item['msg']} (got {shown})")
+        raise SettingsError("invalid settings: " + "; ".join(lines)) from exc
+    if settings.min_image_size > settings.max_image_size:
+        raise SettingsError(
+            f"MIN_IMAGE_SIZE ({settings.min_image_size}) is above"
+            f" MAX_IMAGE_SIZE ({settings.max_image_size})"
+        )
+    return settings

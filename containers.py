@@ -1,0 +1,134 @@
+"""The composition root: settings -> resources -> adapters -> use case.
+
+Nothing here runs at import time. ``build_container(settings)`` fills the configuration; tests
+replace any provider with ``container.<provider>.override(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from dependency_injector import containers, providers
+
+from adapters.console_notifier import ConsoleNotifier
+from adapters.fonts import SignatureFonts
+from adapters.local_storage import LocalStorage
+from adapters.memory_task_source import InMemoryTaskSource
+from app.settings import Settings, load_settings
+from domain.job import GenerationJob
+from domain.progress import StepTimeEstimator
+from domain.request import RequestNormalizer, RequestPolicy
+from domain.runner import JobRunner
+from domain.watermark import Watermarker
+
+
+def init_image_model(
+    *,
+    model_id: str,
+    device: str,
+    dtype: str,
+    cache_dir: str | None,
+) -> Iterator[object]:
+    """Load the diffusers model (a Resource: released on shutdown)."""
+    # Imported here so that building the container (and the unit tests) never imports torch.
+    from adapters.diffusers_model import (  # pylint: disable=import-outside-toplevel
+        DiffusersImageModel,
+    )
+
+    model = DiffusersImageModel.load(
+        model_id=model_id, device=device, dtype=dtype, cache_dir=cache_dir
+    )
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+class Container(containers.DeclarativeContainer):
+    """Wires the worker; adapters are chosen by the ``*_backend`` settings."""
+
+    config = providers.Configuration(strict=True)
+
+    image_model = providers.Resource(
+        init_image_model,
+        model_id=config.model_id,
+        device=config.model_device,
+        dtype=config.model_dtype,
+        cache_dir=config.model_cache_dir,
+    )
+
+    storage = providers.Selector(
+        config.storage_backend,
+        local=providers.Singleton(
+            LocalStorage,
+            root=config.local_storage_dir,
+            models_bucket=config.s3_models_bucket,
+            media_bucket=config.aws_storage_bucket_name,
+            output_bucket=config.output_bucket,
+        ),
+    )
+
+    notifier = providers.Selector(
+        config.notifier_backend,
+        console=providers.Singleton(ConsoleNotifier),
+    )
+
+    task_source = providers.Selector(
+        config.task_source_backend,
+        memory=providers.Singleton(InMemoryTaskSource),
+    )
+
+    signature_fonts = providers.Singleton(SignatureFonts, font_path=config.signature_font_path)
+
+    watermarker = providers.Singleton(
+        Watermarker,
+        font_loader=signature_fonts,
+        max_signature_bytes=config.signature_max_bytes,
+        max_signature_pixels=config.signature_max_pixels,
+    )
+
+    step_times = providers.Singleton(StepTimeEstimator)
+
+    request_policy = providers.Singleton(
+        RequestPolicy,
+        default_steps=config.default_steps,
+        default_guidance_scale=config.default_guidance_scale,
+        min_size=config.min_image_size,
+        max_size=config.max_image_size,
+        max_steps=config.max_steps,
+        max_guidance_scale=config.max_guidance_scale,
+        max_prompt_chars=config.max_prompt_chars,
+        lora_scale=config.lora_scale,
+        signature_default_text=config.signature_default_text,
+    )
+
+    normalizer = providers.Singleton(RequestNormalizer, policy=request_policy)
+
+    generation_job = providers.Factory(
+        GenerationJob,
+        model=image_model,
+        storage=storage,
+        notifier=notifier,
+        watermarker=watermarker,
+        step_times=step_times,
+        milestones=config.progress_milestones,
+        max_retries=config.max_retries,
+        output_prefix=config.s3_output_prefix,
+    )
+
+    job_runner = providers.Factory(
+        JobRunner,
+        source=task_source,
+        job=generation_job,
+        normalizer=normalizer,
+    )
+
+
+def build_container(settings: Settings | None = None) -> Container:
+    """A container configured from ``settings`` (read from the environment when omitted)."""
+    settings = settings or load_settings()
+    container = Container()
+    values = settings.model_dump()
+    values["output_bucket"] = settings.output_bucket
+    container.config.from_dict(values)
+    return container

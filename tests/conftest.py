@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny diffusers model and its LoRAs, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete diffusers SD folder with seeded random weights (no hub)."""
+    from adapters.tiny_model import build_tiny_model  # pylint: disable=import-outside-toplevel
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same LoRA in the three accepted layouts."""
+    from adapters.tiny_model import build_tiny_lora  # pylint: disable=import-outside-toplevel
+
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "diffusers": build_tiny_lora(tiny_model_dir, root / "style.safetensors", fmt="diffusers"),
+        "kohya": build_tiny_lora(tiny_model_dir, root / "style_kohya.safetensors", fmt="kohya"),
+        "peft": build_tiny_lora(tiny_model_dir, root / "style_peft", fmt="peft"),
+    }

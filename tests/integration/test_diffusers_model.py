@@ -1,0 +1,197 @@
+"""The real diffusers adapter on the tiny seeded model, on the CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adapters.diffusers_model import DiffusersImageModel
+from adapters.local_storage import sha256_of
+from domain.errors import ErrorCode, LoraInvalid, ModelError
+from domain.request import GenerationRequest
+from ports.storage import LoraArtifact
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> DiffusersImageModel:
+    return DiffusersImageModel.load(model_id=str(tiny_model_dir), device="cpu")
+
+
+def request(**changes: object) -> GenerationRequest:
+    values: dict[str, object] = {
+        "generation_id": 1,
+        "prompt": "watercolor, portrait",
+        "width": 256,
+        "height": 256,
+        "steps": 4,
+        "guidance_scale": 7.5,
+        "seed": 42,
+    }
+    values.update(changes)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def artifact(path: Path) -> LoraArtifact:
+    return LoraArtifact(ref=path.name, path=str(path), checksum=sha256_of(path))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32)
+
+
+def ignore_steps(_step: int, _total: int) -> None:
+    pass
+
+
+def test_loads_on_cpu_as_fp32_with_dpm_solver_pp(model: DiffusersImageModel) -> None:
+    pipe = model.pipeline
+    assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.scheduler.config.solver_order == 2
+    assert pipe.vae_scale_factor == 8
+
+
+def test_same_seed_same_image_other_seed_other_image(model: DiffusersImageModel) -> None:
+    first = model.generate(request(), None, ignore_steps)
+    again = model.generate(request(), None, ignore_steps)
+    other = model.generate(request(seed=43), None, ignore_steps)
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 1.0
+
+
+@pytest.mark.parametrize(("width", "height"), [(256, 256), (256, 512), (512, 256)])
+def test_image_has_the_requested_size(model: DiffusersImageModel, width: int, height: int) -> None:
+    image = model.generate(request(width=width, height=height, steps=2), None, ignore_steps)
+    assert image.size == (width, height) and image.mode == "RGB"
+
+
+def test_progress_callbacks_arrive_in_order(model: DiffusersImageModel) -> None:
+    seen: list[tuple[int, int]] = []
+    model.generate(request(steps=6), None, lambda step, total: seen.append((step, total)))
+    assert seen == [(step, 6) for step in range(1, 7)]
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya", "peft"])
+def test_each_lora_layout_changes_the_image(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path], layout: str
+) -> None:
+    base = pixels(model.generate(request(), None, ignore_steps))
+    styled = pixels(model.generate(request(), artifact(tiny_loras[layout]), ignore_steps))
+    assert np.abs(styled - base).mean() > 2.0, f"{layout} LoRA left the image unchanged"
+    # Unloaded after the job: the base model is back exactly.
+    after = pixels(model.generate(request(), None, ignore_steps))
+    assert np.array_equal(after, base)
+    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+
+
+def test_the_three_layouts_are_the_same_style(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path]
+) -> None:
+    images = {
+        layout: pixels(model.generate(request(), artifact(path), ignore_steps))
+        for layout, path in tiny_loras.items()
+    }
+    assert np.abs(images["diffusers"] - images["kohya"]).max() <= 2.0
+    assert np.abs(images["diffusers"] - images["peft"]).max() <= 2.0
+
+
+def test_lora_alpha_is_honoured_in_every_layout(
+    model: DiffusersImageModel, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from adapters.tiny_model import build_tiny_lora  # pylint: disable=import-outside-toplevel
+
+    def image(layout: str, alpha: float, dest: str) -> np.ndarray:
+        path = build_tiny_lora(tiny_model_dir, tmp_path / dest, fmt=layout, alpha=alpha)
+        return pixels(model.generate(request(), artifact(path), ignore_steps))
+
+    base = pixels(model.generate(request(), None, ignore_steps))
+    weak = {
+        layout: image(layout, 1.0, f"weak_{layout}{suffix}")
+        for layout, suffix in (
+            ("diffusers", ".safetensors"),
+            ("kohya", ".safetensors"),
+            ("peft", ""),
+        )
+    }
+    strong = image("peft", 4.0, "strong_peft")
+    assert np.abs(weak["diffusers"] - weak["peft"]).max() <= 2.0
+    assert np.abs(weak["kohya"] - weak["peft"]).max() <= 2.0
+    # alpha 1 at rank 4 is a quarter of the default (alpha = rank) strength.
+    assert np.abs(weak["peft"] - base).mean() < 0.6 * np.abs(strong - base).mean()
+
+
+def test_lora_scale_zero_is_the_base_model(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path]
+) -> None:
+    base = pixels(model.generate(request(), None, ignore_steps))
+    for path in tiny_loras.values():
+        zero = pixels(model.generate(request(lora_scale=0.0), artifact(path), ignore_steps))
+        assert np.abs(zero - base).max() <= 1.0
+    half = pixels(
+        model.generate(request(lora_scale=0.5), artifact(tiny_loras["peft"]), ignore_steps)
+    )
+    full = pixels(
+        model.generate(request(lora_scale=1.0), artifact(tiny_loras["peft"]), ignore_steps)
+    )
+    assert 0 < np.abs(half - base).mean() < np.abs(full - base).mean()
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".ckpt", ".pt", ".pth"])
+def test_pickle_formats_are_refused_unopened(
+    model: DiffusersImageModel, tmp_path: Path, suffix: str
+) -> None:
+    trap = tmp_path / f"style{suffix}"
+    # A pickle that would create a file if it were ever unpickled.
+    marker = tmp_path / "unpickled"
+    trap.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    with pytest.raises(LoraInvalid, match="pickle formats"):
+        model.generate(request(), artifact(trap), ignore_steps)
+    assert not marker.exists()
+
+
+def test_corrupt_safetensors_is_lora_invalid(model: DiffusersImageModel, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(LoraInvalid) as caught:
+        model.generate(request(), artifact(broken), ignore_steps)
+    assert caught.value.code is ErrorCode.LORA_INVALID
+
+
+def test_lora_for_another_model_is_lora_invalid(model: DiffusersImageModel, tmp_path: Path) -> None:
+    from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+
+    alien = tmp_path / "alien.safetensors"
+    save_file(
+        {
+            "unet.not_a_block.to_q.lora_A.weight": torch.ones(4, 7),
+            "unet.not_a_block.to_q.lora_B.weight": torch.ones(7, 4),
+        },
+        str(alien),
+    )
+    with pytest.raises(LoraInvalid):
+        model.generate(request(), artifact(alien), ignore_steps)
+    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+    model.generate(request(steps=2), None, ignore_steps)  # still serves
+
+
+def test_peft_folder_with_pickled_weights_is_refused(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "peft_bin"
+    shutil.copytree(tiny_loras["peft"], folder)
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(LoraInvalid):
+        model.generate(request(), artifact(folder), ignore_steps)
+
+
+def test_unknown_model_is_model_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="MODEL_ID="):
+        DiffusersImageModel.load(model_id=str(tmp_path / "nothing-here"), device="cpu")
