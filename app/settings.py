@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     """Every tunable of the worker. The field name, upper-cased, is the environment variable."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
     )
 
     # Broker (CONTRACT.md section 4).
