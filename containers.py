@@ -6,6 +6,7 @@ replace any provider with ``container.<provider>.override(...)``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from dependency_injector import containers, providers
@@ -28,8 +29,13 @@ def init_image_model(
     device: str,
     dtype: str,
     cache_dir: str | None,
+    cuda_visible_devices: str | None,
 ) -> Iterator[object]:
     """Load the diffusers model (a Resource: released on shutdown)."""
+    if cuda_visible_devices is not None:
+        # CUDA reads it once, when torch first initialises it; a value from .env must be
+        # exported before that moment to have any effect.
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     # Imported here so that building the container (and the unit tests) never imports torch.
     from adapters.diffusers_model import (  # pylint: disable=import-outside-toplevel
         DiffusersImageModel,
@@ -55,6 +61,7 @@ class Container(containers.DeclarativeContainer):
         device=config.model_device,
         dtype=config.model_dtype,
         cache_dir=config.model_cache_dir,
+        cuda_visible_devices=config.cuda_visible_devices,
     )
 
     storage = providers.Selector(

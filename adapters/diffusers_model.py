@@ -9,6 +9,7 @@ therefore injected through peft directly.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -33,7 +34,6 @@ from ports.storage import LoraArtifact
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
 PEFT_PREFIX = "base_model.model."
 
@@ -65,7 +65,7 @@ class DiffusersImageModel:
     def load(
         cls,
         *,
-        model_id: str = DEFAULT_MODEL_ID,
+        model_id: str,
         device: str = "auto",
         dtype: str = "auto",
         cache_dir: str | None = None,
@@ -74,6 +74,8 @@ class DiffusersImageModel:
         """Load the pipeline from a hub id or a local diffusers folder; MODEL_ERROR if it cannot."""
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
+        if device == "auto" and target.type == "cpu":
+            log.warning("no CUDA device visible: generating on the CPU in float32 (slow)")
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
         try:
@@ -120,12 +122,14 @@ class DiffusersImageModel:
     ) -> Image.Image:
         """Generate one image; LORA_INVALID, GPU_OOM or MODEL_ERROR on failure."""
         with self._lock:
+            if self._pipe is None:
+                raise ModelError("the model has been closed")
             adapter = self._load_lora(lora, request.lora_scale) if lora else None
             try:
                 return self._run(request, on_step)
             finally:
                 if adapter is not None:
-                    self._pipe.delete_adapters(adapter)
+                    self._discard(adapter)
 
     def _run(self, request: GenerationRequest, on_step: StepCallback) -> Image.Image:
         total = request.steps
@@ -156,6 +160,9 @@ class DiffusersImageModel:
         except GenerationError:
             raise
         except Exception as exc:
+            if is_cuda_oom(exc):
+                release_memory()
+                raise GpuOutOfMemory(f"GPU out of memory: {exc}") from exc
             raise ModelError(f"generation failed: {type(exc).__name__}: {exc}") from exc
         return output.images[0]
 
@@ -177,12 +184,19 @@ class DiffusersImageModel:
             raise
         except Exception as exc:
             self._discard(name)
+            if is_cuda_oom(exc):
+                release_memory()
+                raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}") from exc
             raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
         return name
 
     def _discard(self, name: str) -> None:
-        if name in {a for names in self._pipe.get_list_adapters().values() for a in names}:
-            self._pipe.delete_adapters(name)
+        """Remove an adapter; a failure here must not mask the job's own result."""
+        try:
+            if name in {a for names in self._pipe.get_list_adapters().values() for a in names}:
+                self._pipe.delete_adapters(name)
+        except Exception:  # pylint: disable=broad-exception-caught
+            log.exception("adapter %s could not be removed", name)
 
     def _load_single_file(self, path: Path, name: str) -> None:
         check_safetensors(path)
@@ -196,32 +210,41 @@ class DiffusersImageModel:
             raw = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise LoraInvalid(f"{config_path.name} is not readable JSON: {exc}") from exc
-        if raw.get("peft_type", "LORA") != "LORA":
-            raise LoraInvalid(f"PEFT adapter type {raw.get('peft_type')!r} is not a LoRA")
-        config = LoraConfig(
-            r=int(raw["r"]),
-            lora_alpha=float(raw.get("lora_alpha", raw["r"])),
-            target_modules=raw["target_modules"],
-            lora_dropout=0.0,
-            bias="none",
-            init_lora_weights=False,
-        )
+        if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
+            raise LoraInvalid(f"{config_path.name} does not describe a PEFT LoRA")
+        # Every LoRA field of the file counts (use_rslora, alpha_pattern, rank_pattern...);
+        # dropout is a training-time setting and initialisation is overwritten by the weights.
+        known = {field.name for field in dataclasses.fields(LoraConfig)}
+        fields = {k: v for k, v in raw.items() if k in known}
+        config = LoraConfig(**{**fields, "lora_dropout": 0.0, "init_lora_weights": False})
         state = {
             key.removeprefix(PEFT_PREFIX).removeprefix("unet."): value
             for key, value in read_safetensors(path / "adapter_model.safetensors").items()
         }
         self._pipe.unet.add_adapter(config, adapter_name=name)
         result = set_peft_model_state_dict(self._pipe.unet, state, adapter_name=name)
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
         if unexpected:
             raise LoraInvalid(
                 f"PEFT adapter has {len(unexpected)} tensors for layers this model lacks,"
                 f" e.g. {unexpected[0]!r}"
             )
+        # Layers the config targets but the file leaves out would keep uninitialised weights.
+        missing = [
+            key
+            for key in getattr(result, "missing_keys", None) or []
+            if ".lora_" in key and f".{name}." in key
+        ]
+        if missing:
+            raise LoraInvalid(
+                f"PEFT adapter lacks {len(missing)} tensors its config targets,"
+                f" e.g. {missing[0]!r}"
+            )
 
     def close(self) -> None:
-        """Drop the pipeline and give its memory back."""
-        self._pipe = None  # type: ignore[assignment]
+        """Drop the pipeline (after any generation in flight) and give its memory back."""
+        with self._lock:
+            self._pipe = None  # type: ignore[assignment]
         release_memory()
 
 
@@ -246,6 +269,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checked safetensors file."""
     check_safetensors(path)
     return load_file(str(path))
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    """CUDA allocation failures that do not arrive as ``torch.cuda.OutOfMemoryError``."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    )
 
 
 def release_memory() -> None:

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from domain.errors import FailureReport
 from ports.task_source import Delivery
 
 
@@ -50,11 +51,19 @@ class InMemoryTaskSource:
         with self._ready:
             self.acked.append(delivery)
 
-    def retry(self, delivery: Delivery, reason: str) -> None:
+    def retry(
+        self, delivery: Delivery, reason: str, pending_failure: FailureReport | None = None
+    ) -> None:
         """Put the job back at the end of the queue, one attempt further."""
         with self._ready:
             self.retried.append((delivery, reason))
-            self._queue.append(Delivery(body=delivery.body, attempt=delivery.attempt + 1))
+            self._queue.append(
+                Delivery(
+                    body=delivery.body,
+                    attempt=delivery.attempt + 1,
+                    pending_failure=pending_failure,
+                )
+            )
             self._ready.notify()
 
     def park(self, delivery: Delivery, reason: str) -> None:

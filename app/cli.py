@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from app.demo import copy_into, load_model_or_tiny, write_sample_signature
 from app.logging_setup import configure_logging
@@ -47,7 +49,7 @@ def _run_one(container: Container, message: dict[str, Any]) -> JobResult | None:
 def _local_path(result: JobResult | None) -> Path | None:
     if result is None or result.outcome is not Outcome.COMPLETED or not result.result_url:
         return None
-    return Path(result.result_url.removeprefix("file://"))
+    return Path(url2pathname(urlparse(result.result_url).path))
 
 
 def _embedded_container(settings: Settings, storage_root: Path) -> Container:

@@ -7,6 +7,10 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from domain.job import DEFAULT_MAX_RETRIES
+from domain.progress import DEFAULT_MILESTONES
+from domain.request import RequestPolicy
+
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -61,18 +65,20 @@ class Settings(BaseSettings):
     model_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     model_cache_dir: str | None = None
     cuda_visible_devices: str | None = None
-    lora_scale: float = Field(default=1.0, ge=0.0, le=2.0)
+    lora_scale: float = Field(default=RequestPolicy.lora_scale, ge=0.0, le=2.0)
 
-    # Request policy.
-    default_steps: int = Field(default=50, ge=1, le=500)
-    default_guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
-    min_image_size: int = Field(default=256, ge=64)
-    max_image_size: int = Field(default=1024, ge=64, le=4096)
-    max_steps: int = Field(default=150, ge=1, le=500)
-    max_guidance_scale: float = Field(default=30.0, ge=0.0)
-    max_prompt_chars: int = Field(default=2000, ge=1)
-    progress_milestones: Annotated[tuple[int, ...], NoDecode] = (0, 25, 50, 75, 90)
-    max_retries: int = Field(default=3, ge=0, le=100)
+    # Request policy (defaults are the domain's: one source for each number).
+    default_steps: int = Field(default=RequestPolicy.default_steps, ge=1, le=500)
+    default_guidance_scale: float = Field(
+        default=RequestPolicy.default_guidance_scale, ge=0.0, le=50.0
+    )
+    min_image_size: int = Field(default=RequestPolicy.min_size, ge=64)
+    max_image_size: int = Field(default=RequestPolicy.max_size, ge=64, le=4096)
+    max_steps: int = Field(default=RequestPolicy.max_steps, ge=1, le=500)
+    max_guidance_scale: float = Field(default=RequestPolicy.max_guidance_scale, ge=0.0)
+    max_prompt_chars: int = Field(default=RequestPolicy.max_prompt_chars, ge=1)
+    progress_milestones: Annotated[tuple[int, ...], NoDecode] = DEFAULT_MILESTONES
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
 
     # Signature.
     signature_default_text: str = ""
@@ -122,9 +128,14 @@ def load_settings(**overrides: object) -> Settings:
             shown = "hidden" if name in SECRET_SETTINGS else repr(item.get("input"))
             lines.append(f"{name}: {item['msg']} (got {shown})")
         raise SettingsError("invalid settings: " + "; ".join(lines)) from exc
-    if settings.min_image_size > settings.max_image_size:
-        raise SettingsError(
-            f"MIN_IMAGE_SIZE ({settings.min_image_size}) is above"
-            f" MAX_IMAGE_SIZE ({settings.max_image_size})"
-        )
+    for low, high in (
+        ("min_image_size", "max_image_size"),
+        ("default_steps", "max_steps"),
+        ("default_guidance_scale", "max_guidance_scale"),
+    ):
+        if getattr(settings, low) > getattr(settings, high):
+            raise SettingsError(
+                f"{low.upper()} ({getattr(settings, low)}) is above"
+                f" {high.upper()} ({getattr(settings, high)})"
+            )
     return settings

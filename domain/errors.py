@@ -7,6 +7,7 @@ succeed (a storage outage can pass; a missing LoRA will not appear by itself).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -131,6 +132,22 @@ class InternalError(GenerationError):
     """Anything unexpected; reported so that no job disappears silently."""
 
     code = ErrorCode.INTERNAL_ERROR
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """A final failure decided for a generation, kept until the backend has been told.
+
+    Carried with a delivery handed back to the queue, so a failure that could not be delivered is
+    delivered later as it was decided, never replaced by a second attempt at the job.
+    ``poison`` marks a message that is parked (not acked) once the failure is delivered.
+    """
+
+    generation_id: int
+    code: ErrorCode
+    message: str
+    retry_count: int
+    poison: bool = False
 
 
 def as_generation_error(exc: BaseException) -> GenerationError:

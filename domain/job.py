@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from domain.errors import GenerationError, NotifyError, as_generation_error
+from domain.errors import FailureReport, GenerationError, NotifyError, as_generation_error
 from domain.progress import (
     DEFAULT_MILESTONES,
     ProgressMilestones,
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "generation-metadata"
 """Storage metadata entry holding the completion metadata as JSON, reused on redelivery."""
+DEFAULT_MAX_RETRIES = 3
 
 
 class Outcome(str, Enum):
@@ -53,6 +54,8 @@ class JobResult:
     metadata: Mapping[str, Any] | None = None
     error: GenerationError | None = None
     reused: bool = False
+    pending_failure: FailureReport | None = None
+    """On RETRY: a final failure the backend could not be told; deliver it, do not re-run."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class GenerationJob:
         watermarker: Watermarker,
         step_times: StepTimeEstimator,
         milestones: Sequence[int] = DEFAULT_MILESTONES,
-        max_retries: int = 3,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         output_prefix: str = "generations/",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -91,6 +94,11 @@ class GenerationJob:
         self._max_retries = max_retries
         self._output_prefix = output_prefix
         self._clock = clock
+
+    @property
+    def max_retries(self) -> int:
+        """Deliveries that may end in a retryable error before the failure is final."""
+        return self._max_retries
 
     def run(self, request: GenerationRequest, *, attempt: int = 0) -> JobResult:
         """Run the request; ``attempt`` counts earlier deliveries that ended in a retry."""
@@ -110,7 +118,14 @@ class GenerationJob:
         return output_key(generation_id, self._output_prefix)
 
     def _report_existing(self, request: GenerationRequest, stored: StoredOutput) -> JobResult:
-        metadata = json.loads(stored.metadata.get(METADATA_KEY, "{}"))
+        """The image exists, so the outcome is settled: only a completion may ever be sent."""
+        try:
+            metadata = json.loads(stored.metadata.get(METADATA_KEY, "{}"))
+        except ValueError:
+            log.warning("generation %s: stored metadata unreadable", request.generation_id)
+            metadata = {}
+        if not isinstance(metadata, dict):
+            metadata = {}
         log.info("generation %s: output exists, reporting it again", request.generation_id)
         self._deliver_completion(request.generation_id, stored.url, metadata)
         return JobResult(
@@ -250,14 +265,33 @@ class GenerationJob:
         return self.report_failure(generation_id, error, attempt)
 
     def report_failure(self, generation_id: int, error: GenerationError, attempt: int) -> JobResult:
-        """Deliver a final failure; if the backend cannot be told, hand the job back instead."""
+        """Deliver a final failure; if the backend cannot be told, hand it back to be re-sent."""
         log.error("generation %s failed: %s", generation_id, error)
+        report = FailureReport(
+            generation_id=generation_id,
+            code=error.code,
+            message=error.message,
+            retry_count=attempt,
+        )
+        if self.deliver_failure(report):
+            return JobResult(outcome=Outcome.FAILED, generation_id=generation_id, error=error)
+        return JobResult(
+            outcome=Outcome.RETRY,
+            generation_id=generation_id,
+            error=error,
+            pending_failure=report,
+        )
+
+    def deliver_failure(self, report: FailureReport) -> bool:
+        """Send a decided failure as it was decided; False when the backend cannot be told."""
         try:
-            self._notifier.failed(generation_id, error.code, error.message, attempt)
-        except Exception as notify_error:  # pylint: disable=broad-exception-caught
-            log.warning("generation %s: failure not delivered: %s", generation_id, notify_error)
-            return JobResult(outcome=Outcome.RETRY, generation_id=generation_id, error=error)
-        return JobResult(outcome=Outcome.FAILED, generation_id=generation_id, error=error)
+            self._notifier.failed(
+                report.generation_id, report.code, report.message, report.retry_count
+            )
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.warning("generation %s: failure not delivered: %s", report.generation_id, exc)
+            return False
+        return True
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -31,7 +31,7 @@ class Parameters(_Wire):
     width: StrictInt | None = Field(default=None, gt=0)
     height: StrictInt | None = Field(default=None, gt=0)
     steps: StrictInt | None = Field(default=None, gt=0)
-    cfg_scale: float | None = Field(default=None, ge=0)
+    cfg_scale: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] | None = None
     seed: Seed | None = None
     negative_prompt: str | None = None
 

@@ -68,10 +68,10 @@ class SignatureConfig:
             raise SignatureInvalid(
                 f"data.signature_config.opacity must be a number; got {opacity!r}"
             )
-        if not 0.0 <= float(opacity) <= 1.0:
-            raise SignatureInvalid(
-                f"data.signature_config.opacity must be within 0-1; got {opacity!r}"
-            )
+        # Compared before float(): an integer like 10**400 would overflow the conversion.
+        if not 0 <= opacity <= 1:  # also refuses NaN
+            shown = repr(opacity) if len(repr(opacity)) <= 40 else repr(opacity)[:37] + "..."
+            raise SignatureInvalid(f"data.signature_config.opacity must be within 0-1; got {shown}")
         return cls(position=position, size=size, opacity=float(opacity))
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from domain.errors import GenerationError, as_generation_error
+from domain.errors import FailureReport, GenerationError, InvalidRequest, as_generation_error
 from domain.job import GenerationJob, JobResult, Outcome
 from domain.messages import parse_message, peek_generation_id
-from domain.request import RequestNormalizer
+from domain.request import GenerationRequest, RequestNormalizer
 from ports.task_source import Delivery, TaskSource
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,9 @@ class JobRunner:
     """The loop between a queue and the use case.
 
     A message that cannot become a request (not JSON, another type, a bad field) is poison: it is
-    parked, never retried, and reported as failed when its ``generation_id`` can be read.
+    parked, never retried, and reported as failed when its ``generation_id`` can be read. A
+    failure the backend could not be told travels with the handed-back delivery and is re-sent
+    as decided, so one generation never gets two different outcomes.
     """
 
     def __init__(
@@ -35,30 +37,53 @@ class JobRunner:
         self._poll_seconds = poll_seconds
 
     def handle(self, delivery: Delivery) -> JobResult | None:
-        """Process one delivery and settle it; None for a parked poison message."""
-        try:
-            request = self._normalizer.normalize(parse_message(delivery.body))
-        except GenerationError as exc:
-            self._park(delivery, exc)
+        """Process one delivery and settle it; None when no generation ran."""
+        if delivery.pending_failure is not None:
+            self._settle_failure(delivery, delivery.pending_failure)
+            return None
+        request = self._request_or_park(delivery)
+        if request is None:
             return None
         result = self._job.run(request, attempt=delivery.attempt)
         if result.outcome is Outcome.RETRY:
             reason = str(result.error) if result.error else "retry"
-            self._source.retry(delivery, reason)
+            self._source.retry(delivery, reason, result.pending_failure)
         else:
             self._source.ack(delivery)
         return result
 
-    def _park(self, delivery: Delivery, error: GenerationError) -> None:
+    def _request_or_park(self, delivery: Delivery) -> GenerationRequest | None:
+        try:
+            return self._normalizer.normalize(parse_message(delivery.body))
+        except GenerationError as exc:
+            error = exc
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            # Whatever a message does to validation, it is the message's fault: park it.
+            error = InvalidRequest(f"message cannot be read: {type(exc).__name__}: {exc}")
         generation_id = peek_generation_id(delivery.body)
-        log.warning("poison message parked (generation %s): %s", generation_id, error)
-        if generation_id is not None:
-            outcome = self._job.report_failure(generation_id, error, delivery.attempt).outcome
-            if outcome is Outcome.RETRY:
-                # The backend is unreachable; keep the message so the failure is told later.
-                self._source.retry(delivery, str(error))
-                return
-        self._source.park(delivery, str(error))
+        log.warning("poison message (generation %s): %s", generation_id, error)
+        if generation_id is None:
+            self._source.park(delivery, str(error))
+        else:
+            report = FailureReport(
+                generation_id=generation_id,
+                code=error.code,
+                message=error.message,
+                retry_count=delivery.attempt,
+                poison=True,
+            )
+            self._settle_failure(delivery, report)
+        return None
+
+    def _settle_failure(self, delivery: Delivery, report: FailureReport) -> None:
+        reason = f"{report.code.value}: {report.message}"
+        if not self._job.deliver_failure(report):
+            # The backend is unreachable; keep the message so the failure is told later.
+            self._source.retry(delivery, reason, report)
+        elif report.poison:
+            self._source.park(delivery, reason)
+        else:
+            self._source.ack(delivery)
 
     def run(self, *, should_stop: Callable[[], bool], stop_when_idle: bool = False) -> int:
         """Handle deliveries until ``should_stop()`` (or the source is idle); return the count."""
@@ -73,8 +98,17 @@ class JobRunner:
             try:
                 self.handle(delivery)
             except Exception as exc:  # pylint: disable=broad-exception-caught
-                # Never lose a job to a bug in settling it: hand it back and keep running.
-                log.exception("delivery could not be handled: %s", as_generation_error(exc))
-                self._source.retry(delivery, str(as_generation_error(exc)))
+                self._contain(delivery, as_generation_error(exc))
             handled += 1
         return handled
+
+    def _contain(self, delivery: Delivery, error: GenerationError) -> None:
+        """A bug while settling: hand the job back, but park it once the retries are spent."""
+        log.exception("delivery could not be handled: %s", error)
+        try:
+            if delivery.attempt >= self._job.max_retries:
+                self._source.park(delivery, str(error))
+            else:
+                self._source.retry(delivery, str(error), delivery.pending_failure)
+        except Exception:  # pylint: disable=broad-exception-caught
+            log.exception("delivery could not be settled; the source will redeliver it")

@@ -5,18 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from domain.errors import FailureReport
+
 
 @dataclass(frozen=True)
 class Delivery:
     """One delivery of a queue message.
 
     ``attempt`` counts earlier deliveries of the same job that ended in a retry (0 on the first),
-    and is what the failure webhook reports as ``retry_count``. ``tag`` is the source's own handle.
+    and is what the failure webhook reports as ``retry_count``. ``pending_failure`` is a final
+    failure decided on an earlier delivery that the backend has not been told yet. ``tag`` is the
+    source's own handle.
     """
 
     body: bytes
     attempt: int = 0
     tag: object = None
+    pending_failure: FailureReport | None = None
 
 
 @runtime_checkable
@@ -29,8 +34,10 @@ class TaskSource(Protocol):
     def ack(self, delivery: Delivery) -> None:
         """The outcome is durable: remove the job from the queue."""
 
-    def retry(self, delivery: Delivery, reason: str) -> None:
-        """Give the job back to be delivered again with ``attempt + 1``."""
+    def retry(
+        self, delivery: Delivery, reason: str, pending_failure: FailureReport | None = None
+    ) -> None:
+        """Give the job back, to be delivered again with ``attempt + 1`` and the pending failure."""
 
     def park(self, delivery: Delivery, reason: str) -> None:
         """Move a poison message aside (never delivered again) with the reason."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ pytestmark = pytest.mark.model
 def in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Run in an empty folder with a clean environment for the settings."""
     monkeypatch.chdir(tmp_path)
+    # main() configures the root logger onto the captured stderr; put the handlers back.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
     for name in list(os.environ):
         if name.startswith(("MODEL_", "SIGNATURE_", "MAX_", "S3_", "AWS_", "LOCAL_")):
             monkeypatch.delenv(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from adapters.diffusers_model import DiffusersImageModel
 from adapters.local_storage import sha256_of
-from domain.errors import ErrorCode, LoraInvalid, ModelError
+from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, ModelError
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
 
@@ -166,8 +168,6 @@ def test_corrupt_safetensors_is_lora_invalid(model: DiffusersImageModel, tmp_pat
 
 
 def test_lora_for_another_model_is_lora_invalid(model: DiffusersImageModel, tmp_path: Path) -> None:
-    from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-
     alien = tmp_path / "alien.safetensors"
     save_file(
         {
@@ -195,3 +195,76 @@ def test_peft_folder_with_pickled_weights_is_refused(
 def test_unknown_model_is_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="MODEL_ID="):
         DiffusersImageModel.load(model_id=str(tmp_path / "nothing-here"), device="cpu")
+
+
+def test_peft_folder_missing_tensors_its_config_targets_is_refused(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_loras["peft"], folder)
+    weights = folder / "adapter_model.safetensors"
+    kept = {k: v for k, v in load_file(str(weights)).items() if ".to_k." not in k}
+    save_file(kept, str(weights))
+    with pytest.raises(LoraInvalid, match="lacks .* tensors its config targets"):
+        model.generate(request(), artifact(folder), ignore_steps)
+    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+
+
+def test_peft_config_is_read_whole_rslora_changes_the_scaling(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "rslora"
+    shutil.copytree(tiny_loras["peft"], folder)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["use_rslora"] = True  # scale alpha/sqrt(r) = 2 instead of alpha/r = 1 at r=alpha=4
+    config_path.write_text(json.dumps(config))
+    plain = pixels(model.generate(request(), artifact(tiny_loras["peft"]), ignore_steps))
+    rs = pixels(model.generate(request(), artifact(folder), ignore_steps))
+    doubled = pixels(
+        model.generate(request(lora_scale=2.0), artifact(tiny_loras["peft"]), ignore_steps)
+    )
+    assert np.abs(rs - plain).mean() > 1.0
+    assert np.abs(rs - doubled).max() <= 2.0
+
+
+def test_oom_while_loading_a_lora_is_gpu_oom_not_lora_invalid(
+    model: DiffusersImageModel,
+    tiny_loras: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_memory(*_args: object, **_kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(model.pipeline, "load_lora_weights", no_memory)
+    with pytest.raises(GpuOutOfMemory) as caught:
+        model.generate(request(), artifact(tiny_loras["diffusers"]), ignore_steps)
+    assert caught.value.retryable and caught.value.code is ErrorCode.GPU_OOM
+
+
+def test_oom_while_denoising_is_gpu_oom_and_the_adapter_is_removed(
+    model: DiffusersImageModel,
+    tiny_loras: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_memory(step: int, _total: int) -> None:
+        if step == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(GpuOutOfMemory):
+        model.generate(request(), artifact(tiny_loras["peft"]), no_memory)
+    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+
+    def broken_delete(_name: object) -> None:
+        raise RuntimeError("adapter bookkeeping broke")
+
+    monkeypatch.setattr(model.pipeline, "delete_adapters", broken_delete)
+    image = model.generate(request(steps=2), artifact(tiny_loras["peft"]), ignore_steps)
+    assert image.size == (256, 256)  # a cleanup failure does not cost the finished image
+
+
+def test_closed_model_refuses_work(tiny_model_dir: Path) -> None:
+    closing = DiffusersImageModel.load(model_id=str(tiny_model_dir), device="cpu")
+    closing.close()
+    with pytest.raises(ModelError, match="closed"):
+        closing.generate(request(), None, ignore_steps)

@@ -160,11 +160,46 @@ def test_missing_lora_is_lora_not_found(wired: Wired) -> None:
 def test_retryable_errors_retry_until_the_budget_then_fail(wired: Wired, error: Exception) -> None:
     job = wired.container.generation_job()
     wired.model.fail_with.extend([error] * 3)
-    wired.storage.fail_fetches.clear()
     outcomes = [job.run(make_request(), attempt=attempt).outcome for attempt in range(3)]
     assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
     (failure,) = wired.notifier.of_kind("failed")
     assert failure["code"] is error.code and failure["retry_count"] == 2
+
+
+def test_storage_outage_while_fetching_inputs_is_retried_then_reported(wired: Wired) -> None:
+    wired.storage.loras["styles/1/"] = b"w"
+    wired.storage.fail_fetches.extend([StorageError("s3 unreachable")] * 3)
+    job = wired.container.generation_job()
+    request = make_request(lora_ref="styles/1/")
+    outcomes = [job.run(request, attempt=attempt).outcome for attempt in range(3)]
+    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert wired.model.calls == []
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure["code"] is ErrorCode.STORAGE_ERROR and failure["retry_count"] == 2
+    assert job.run(request, attempt=3).outcome is Outcome.COMPLETED
+
+
+def test_existing_output_with_unreadable_metadata_still_completes(wired: Wired) -> None:
+    wired.storage.outputs["generations/500.png"] = (b"png", {METADATA_KEY: "{not json"})
+    result = wired.container.generation_job().run(make_request(), attempt=3)
+    assert result.outcome is Outcome.COMPLETED and result.reused
+    assert wired.notifier.of_kind("completed") == [
+        {"result_url": "https://cdn.test/generations/500.png"}
+    ]
+    assert wired.notifier.of_kind("failed") == [] and wired.model.calls == []
+
+
+def test_undeliverable_failure_carries_the_decided_report(wired: Wired) -> None:
+    wired.model.fail_with.append(LoraInvalid("bad layers"))
+    wired.notifier.fail_failures.append(NotifyError("timeout"))
+    result = wired.container.generation_job().run(make_request(), attempt=1)
+    assert result.outcome is Outcome.RETRY
+    assert result.pending_failure is not None
+    assert (result.pending_failure.code, result.pending_failure.retry_count) == (
+        ErrorCode.LORA_INVALID,
+        1,
+    )
+    assert result.pending_failure.message == "bad layers" and not result.pending_failure.poison
 
 
 def test_unexpected_exception_becomes_internal_error(wired: Wired) -> None:

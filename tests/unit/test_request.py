@@ -208,13 +208,13 @@ def test_default_policy_accepts_the_largest_aspect_ratio_and_refuses_larger() ->
         _normalize({"width": 1032})
 
 
-def test_infinite_guidance_is_refused() -> None:
-    message = parse_message(
-        '{"type": "image_generation",'
-        ' "data": {"generation_id": 1, "prompt": "a", "parameters": {"cfg_scale": Infinity}}}'
-    )
+@pytest.mark.parametrize("value", ["Infinity", "NaN", '"7.5"', "true"])
+def test_non_finite_or_non_numeric_guidance_is_refused(value: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        RequestNormalizer(seed_source=FixedSeedSource()).normalize(message)
+        parse_message(
+            '{"type": "image_generation", "data": {"generation_id": 1, "prompt": "a",'
+            f' "parameters": {{"cfg_scale": {value}}}}}}}'
+        )
     assert caught.value.message.startswith("data.parameters.cfg_scale: ")
 
 

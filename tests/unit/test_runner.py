@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dependency_injector import providers
+
+from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import ErrorCode, GpuOutOfMemory, NotifyError
+from ports.task_source import Delivery
 from tests.unit.conftest import Wired
 
 
@@ -70,11 +74,65 @@ def test_bad_signature_config_is_signature_invalid(wired: Wired) -> None:
 
 
 def test_poison_message_is_kept_while_the_backend_cannot_be_told(wired: Wired) -> None:
-    wired.notifier.fail_failures.append(NotifyError("backend down"))
+    wired.notifier.fail_failures.extend([NotifyError("backend down"), NotifyError("still")])
     wired.source.put(backend_message(aspect_ratio="9:9"))
     run_all(wired)
-    assert len(wired.source.retried) == 1 and len(wired.source.parked) == 1
-    assert wired.notifier.of_kind("failed")[0]["retry_count"] == 1
+    assert len(wired.source.retried) == 2 and len(wired.source.parked) == 1
+    assert wired.source.acked == []
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure["code"] is ErrorCode.INVALID_REQUEST and failure["retry_count"] == 0
+
+
+def test_undelivered_failure_is_resent_as_decided_never_regenerated(wired: Wired) -> None:
+    # The failure webhook times out after the backend stored it; the next delivery must not
+    # try the job again (a success now would give the generation a second outcome).
+    wired.model.fail_with.extend([GpuOutOfMemory("oom")] * 3)
+    wired.notifier.fail_failures.append(NotifyError("read timeout"))
+    wired.source.put(backend_message())
+    run_all(wired)
+    assert len(wired.model.calls) == 3  # attempts 0, 1, 2; none after the decided failure
+    assert wired.notifier.of_kind("completed") == []
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 2}
+    assert len(wired.source.acked) == 1 and wired.source.parked == []
+
+
+def test_overflowing_number_is_poison_not_an_endless_retry(wired: Wired) -> None:
+    wired.source.put(
+        '{"type": "image_generation", "data": {"generation_id": 9, "prompt": "a",'
+        ' "artist_name": "Ana", "signature_config": {"opacity": 1' + "0" * 400 + "}}}"
+    )
+    run_all(wired)
+    assert len(wired.source.parked) == 1 and wired.source.retried == []
+    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.SIGNATURE_INVALID
+
+
+class ExplodingNormalizer:
+    def normalize(self, message: object) -> object:
+        raise RecursionError(f"validator bug on {type(message).__name__}")
+
+
+def test_any_validation_crash_parks_the_message_as_invalid(wired: Wired) -> None:
+    wired.container.normalizer.override(providers.Object(ExplodingNormalizer()))
+    wired.source.put(backend_message(31))
+    run_all(wired)
+    ((_, reason),) = wired.source.parked
+    assert reason.startswith("INVALID_REQUEST: message cannot be read: RecursionError")
+    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.INVALID_REQUEST
+
+
+class AckFailingSource(InMemoryTaskSource):
+    def ack(self, delivery: Delivery) -> None:
+        raise ConnectionResetError("channel closed")
+
+
+def test_a_crash_while_settling_hands_back_then_parks(wired: Wired) -> None:
+    source = AckFailingSource()
+    wired.container.task_source.override(providers.Object(source))
+    source.put(backend_message())
+    assert run_all(wired) == 3  # attempts 0 and 1 handed back, attempt 2 parked (max 2)
+    assert [d.attempt for d, _ in source.retried] == [0, 1]
+    assert [(d.attempt, "ConnectionResetError" in r) for d, r in source.parked] == [(2, True)]
 
 
 def test_retryable_failure_is_redelivered_and_counted(wired: Wired) -> None:
@@ -96,13 +154,14 @@ def test_retry_budget_exhausted_reports_failure_with_retry_count(wired: Wired) -
     assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 2}
 
 
-def test_loop_survives_a_bug_while_handling(wired: Wired) -> None:
+def test_a_notifier_bug_after_storing_becomes_a_retry_of_the_completion(wired: Wired) -> None:
     wired.notifier.fail_completions.append(RuntimeError("bug in the notifier"))
     wired.source.put(backend_message(1))
     wired.source.put(backend_message(2))
     assert run_all(wired) == 3
     assert sorted(g for k, g, _ in wired.notifier.sent if k == "completed") == [1, 2]
     assert len(wired.model.calls) == 2
+    assert wired.notifier.of_kind("failed") == []
 
 
 def test_stop_flag_stops_before_taking_more_work(wired: Wired) -> None:

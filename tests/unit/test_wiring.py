@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from adapters.memory_task_source import InMemoryTaskSource
 from app.settings import SettingsError, load_settings
 from containers import build_container
 from domain.job import GenerationJob
+from domain.request import GenerationRequest
 from ports import Notifier, Storage, TaskSource
 from tests.unit.conftest import Wired
 
@@ -64,6 +66,8 @@ def test_environment_names_are_the_contracts(monkeypatch: pytest.MonkeyPatch) ->
         ("MODEL_DTYPE", "float8", "MODEL_DTYPE"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL"),
         ("MIN_IMAGE_SIZE", "2048", "MIN_IMAGE_SIZE"),
+        ("DEFAULT_STEPS", "200", "DEFAULT_STEPS \\(200\\) is above MAX_STEPS"),
+        ("DEFAULT_GUIDANCE_SCALE", "40", "DEFAULT_GUIDANCE_SCALE"),
     ],
 )
 def test_bad_value_names_the_variable(
@@ -106,8 +110,15 @@ def test_overrides_reach_the_use_case(wired: Wired) -> None:
     job = wired.container.generation_job()
     assert isinstance(job, GenerationJob)
     assert job is not wired.container.generation_job()  # a Factory: one per job
-    wired.container.notifier.override(providers.Object(ConsoleNotifier()))
-    assert isinstance(wired.container.notifier(), ConsoleNotifier)
+    stream = io.StringIO()
+    wired.container.notifier.override(providers.Object(ConsoleNotifier(stream)))
+    request = GenerationRequest(
+        generation_id=8, prompt="p", width=256, height=256, steps=4, guidance_scale=7.5, seed=1
+    )
+    wired.container.generation_job().run(request)
+    assert wired.model.calls[0][0] is request  # the overridden model ran it
+    assert "generations/8.png" in wired.storage.outputs  # into the overridden storage
+    assert "generation 8" in stream.getvalue() and wired.notifier.sent == []
 
 
 def test_domain_and_ports_import_no_infrastructure() -> None:
