@@ -128,6 +128,13 @@ class NotifyError(GenerationError):
     code = ErrorCode.NOTIFY_ERROR
 
 
+class WebhookRejected(NotifyError):
+    """The backend refused a webhook in a way retrying cannot change (400, 401, 403, 404...).
+
+    The job is parked for an operator rather than retried forever.
+    """
+
+
 class InternalError(GenerationError):
     """Anything unexpected; reported so that no job disappears silently."""
 

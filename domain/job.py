@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -13,7 +14,13 @@ from typing import Any
 
 from PIL import Image
 
-from domain.errors import FailureReport, GenerationError, NotifyError, as_generation_error
+from domain.errors import (
+    FailureReport,
+    GenerationError,
+    NotifyError,
+    WebhookRejected,
+    as_generation_error,
+)
 from domain.progress import (
     DEFAULT_MILESTONES,
     ProgressMilestones,
@@ -42,6 +49,8 @@ class Outcome(str, Enum):
     """Failure delivered to the backend: ack."""
     RETRY = "retry"
     """Transient trouble and attempts left (or the backend unreachable): deliver again."""
+    REJECTED = "rejected"
+    """The backend refused the outcome's webhook for good: park the message for an operator."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,11 @@ class GenerationJob:
         stored = self._storage.put_output(
             self.output_key(request.generation_id),
             png,
-            {METADATA_KEY: json.dumps(metadata, sort_keys=True)},
+            {
+                METADATA_KEY: json.dumps(metadata, sort_keys=True),
+                "generation-id": str(request.generation_id),
+                "content-sha256": hashlib.sha256(png).hexdigest(),
+            },
         )
         after = self._clock()
         metadata["durations"]["upload_seconds"] = round(after - before, 3)
@@ -254,6 +267,9 @@ class GenerationJob:
 
     def _fail(self, request: GenerationRequest, error: GenerationError, attempt: int) -> JobResult:
         generation_id = request.generation_id
+        if isinstance(error, WebhookRejected):
+            log.error("generation %s: the backend refused the outcome: %s", generation_id, error)
+            return JobResult(outcome=Outcome.REJECTED, generation_id=generation_id, error=error)
         if isinstance(error, NotifyError) or (error.retryable and attempt < self._max_retries):
             log.warning(
                 "generation %s: %s (attempt %d), handing back for retry",
@@ -273,25 +289,33 @@ class GenerationJob:
             message=error.message,
             retry_count=attempt,
         )
-        if self.deliver_failure(report):
-            return JobResult(outcome=Outcome.FAILED, generation_id=generation_id, error=error)
+        outcome = self.deliver_failure(report)
         return JobResult(
-            outcome=Outcome.RETRY,
+            outcome=outcome,
             generation_id=generation_id,
             error=error,
-            pending_failure=report,
+            pending_failure=report if outcome is Outcome.RETRY else None,
         )
 
-    def deliver_failure(self, report: FailureReport) -> bool:
-        """Send a decided failure as it was decided; False when the backend cannot be told."""
+    def deliver_failure(self, report: FailureReport) -> Outcome:
+        """Send a decided failure as it was decided.
+
+        FAILED when delivered, RETRY when the backend cannot be told now, REJECTED when it
+        refused the webhook for good.
+        """
         try:
             self._notifier.failed(
                 report.generation_id, report.code, report.message, report.retry_count
             )
+        except WebhookRejected as exc:
+            log.error(
+                "generation %s: the backend refused the failure: %s", report.generation_id, exc
+            )
+            return Outcome.REJECTED
         except Exception as exc:  # pylint: disable=broad-exception-caught
             log.warning("generation %s: failure not delivered: %s", report.generation_id, exc)
-            return False
-        return True
+            return Outcome.RETRY
+        return Outcome.FAILED
 
 
 def encode_png(image: Image.Image) -> bytes:

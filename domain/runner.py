@@ -45,9 +45,11 @@ class JobRunner:
         if request is None:
             return None
         result = self._job.run(request, attempt=delivery.attempt)
+        reason = str(result.error) if result.error else ""
         if result.outcome is Outcome.RETRY:
-            reason = str(result.error) if result.error else "retry"
             self._source.retry(delivery, reason, result.pending_failure)
+        elif result.outcome is Outcome.REJECTED:
+            self._source.park(delivery, reason)
         else:
             self._source.ack(delivery)
         return result
@@ -77,10 +79,11 @@ class JobRunner:
 
     def _settle_failure(self, delivery: Delivery, report: FailureReport) -> None:
         reason = f"{report.code.value}: {report.message}"
-        if not self._job.deliver_failure(report):
+        outcome = self._job.deliver_failure(report)
+        if outcome is Outcome.RETRY:
             # The backend is unreachable; keep the message so the failure is told later.
             self._source.retry(delivery, reason, report)
-        elif report.poison:
+        elif outcome is Outcome.REJECTED or report.poison:
             self._source.park(delivery, reason)
         else:
             self._source.ack(delivery)

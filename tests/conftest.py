@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration.services import RabbitService, S3Service, rabbit_service, s3_service
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,17 @@ def tiny_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "kohya": build_tiny_lora(tiny_model_dir, root / "style_kohya.safetensors", fmt="kohya"),
         "peft": build_tiny_lora(tiny_model_dir, root / "style_peft", fmt="peft"),
     }
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Service]:
+    """A real S3 HTTP API (MinIO via testcontainers, or moto_server)."""
+    with s3_service() as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def rabbit() -> Iterator[RabbitService]:
+    """A real RabbitMQ broker (testcontainers, or the local one)."""
+    with rabbit_service() as service:
+        yield service

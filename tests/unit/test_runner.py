@@ -8,7 +8,7 @@ from typing import Any
 from dependency_injector import providers
 
 from adapters.memory_task_source import InMemoryTaskSource
-from domain.errors import ErrorCode, GpuOutOfMemory, NotifyError
+from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, NotifyError, WebhookRejected
 from ports.task_source import Delivery
 from tests.unit.conftest import Wired
 
@@ -170,3 +170,21 @@ def test_stop_flag_stops_before_taking_more_work(wired: Wired) -> None:
     calls = iter([False, True])
     handled = wired.container.job_runner().run(should_stop=lambda: next(calls))
     assert handled == 1 and len(wired.source) == 1
+
+
+def test_completion_refused_for_good_parks_the_message(wired: Wired) -> None:
+    wired.notifier.fail_completions.append(WebhookRejected("404 unknown generation"))
+    wired.source.put(backend_message())
+    assert run_all(wired) == 1
+    ((_, reason),) = wired.source.parked
+    assert "404 unknown generation" in reason
+    assert wired.source.acked == [] and wired.source.retried == []
+    assert wired.notifier.of_kind("failed") == []
+
+
+def test_failure_refused_for_good_parks_the_message(wired: Wired) -> None:
+    wired.model.fail_with.append(LoraInvalid("bad"))
+    wired.notifier.fail_failures.append(WebhookRejected("401 wrong token"))
+    wired.source.put(backend_message())
+    run_all(wired)
+    assert len(wired.source.parked) == 1 and wired.source.acked == []
