@@ -23,19 +23,24 @@ demo: setup
 worker: setup
 	$(PY) -m app worker
 
+# The integration tests need RabbitMQ and an S3 API: services.py starts the local RabbitMQ if it
+# is down and a moto_server on a free port, and exports their endpoints (testcontainers starts
+# RabbitMQ and MinIO instead where a Docker engine answers).
+WITH_SERVICES := $(PY) -m tests.integration.services
+
 test: setup
-	$(PY) -m pytest
+	$(WITH_SERVICES) $(PY) -m pytest
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
 
 test-integration: setup
-	$(PY) -m pytest tests/integration
+	$(WITH_SERVICES) $(PY) -m pytest tests/integration
 
 lint: setup
 	$(PY) -m black --check .
 	$(PY) -m pylint app domain ports adapters containers.py
-	$(PY) -m pylint tests --disable=missing-function-docstring,missing-class-docstring,redefined-outer-name
+	$(PY) -m pylint tests --disable=missing-function-docstring,missing-class-docstring,redefined-outer-name,duplicate-code
 
 format: setup
 	$(PY) -m black .

@@ -13,13 +13,16 @@ from dependency_injector import containers, providers
 
 from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
+from adapters.http_notifier import HttpNotifier
 from adapters.local_storage import LocalStorage
 from adapters.memory_task_source import InMemoryTaskSource
+from adapters.rabbitmq_task_source import RabbitMQTaskSource
+from adapters.s3_storage import S3Storage, make_s3_client
 from app.settings import Settings, load_settings
 from domain.job import GenerationJob
 from domain.progress import StepTimeEstimator
 from domain.request import RequestNormalizer, RequestPolicy
-from domain.runner import JobRunner
+from domain.runner import JobRunner, SettledGenerations
 from domain.watermark import Watermarker
 
 
@@ -50,6 +53,23 @@ def init_image_model(
         model.close()
 
 
+def init_http_notifier(**kwargs: object) -> Iterator[HttpNotifier]:
+    """The webhook client (a Resource: its progress thread and HTTP pool are closed on shutdown)."""
+    notifier = HttpNotifier(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield notifier
+    finally:
+        notifier.close()
+
+
+def secret(value: object) -> str | None:
+    """The plain value of a SecretStr (or None), for the adapters that send it."""
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    return getter() if getter else str(value)
+
+
 class Container(containers.DeclarativeContainer):
     """Wires the worker; adapters are chosen by the ``*_backend`` settings."""
 
@@ -64,8 +84,29 @@ class Container(containers.DeclarativeContainer):
         cuda_visible_devices=config.cuda_visible_devices,
     )
 
+    s3_client = providers.Singleton(
+        make_s3_client,
+        endpoint_url=config.aws_s3_endpoint_url,
+        region=config.aws_s3_region_name,
+        access_key_id=providers.Callable(secret, config.aws_access_key_id),
+        secret_access_key=providers.Callable(secret, config.aws_secret_access_key),
+        max_attempts=config.s3_max_attempts,
+    )
+
     storage = providers.Selector(
         config.storage_backend,
+        s3=providers.Singleton(
+            S3Storage,
+            client=s3_client,
+            models_bucket=config.s3_models_bucket,
+            media_bucket=config.aws_storage_bucket_name,
+            output_bucket=config.output_bucket,
+            download_dir=config.lora_download_dir,
+            public_base_url=config.s3_public_base_url,
+            endpoint_url=config.aws_s3_endpoint_url,
+            region=config.aws_s3_region_name,
+            max_signature_bytes=config.signature_max_bytes,
+        ),
         local=providers.Singleton(
             LocalStorage,
             root=config.local_storage_dir,
@@ -77,11 +118,32 @@ class Container(containers.DeclarativeContainer):
 
     notifier = providers.Selector(
         config.notifier_backend,
+        http=providers.Resource(
+            init_http_notifier,
+            base_url=config.backend_api_url,
+            token=providers.Callable(secret, config.internal_api_token),
+            timeout_seconds=config.webhook_timeout_seconds,
+            max_attempts=config.webhook_max_attempts,
+            retry_budget_seconds=config.webhook_retry_budget_seconds,
+            signing_secret=providers.Callable(secret, config.webhook_signing_secret),
+        ),
         console=providers.Singleton(ConsoleNotifier),
     )
 
     task_source = providers.Selector(
         config.task_source_backend,
+        rabbitmq=providers.Singleton(
+            RabbitMQTaskSource,
+            host=config.rabbitmq_host,
+            port=config.rabbitmq_port,
+            user=config.rabbitmq_user,
+            password=providers.Callable(secret, config.rabbitmq_pass),
+            vhost=config.rabbitmq_vhost,
+            queue_name=config.rabbitmq_queue,
+            prefetch=config.max_concurrent_generations,
+            retry_delay_seconds=config.rabbitmq_retry_delay_seconds,
+            heartbeat_seconds=config.rabbitmq_heartbeat_seconds,
+        ),
         memory=providers.Singleton(InMemoryTaskSource),
     )
 
@@ -123,11 +185,14 @@ class Container(containers.DeclarativeContainer):
         output_prefix=config.s3_output_prefix,
     )
 
+    settled_generations = providers.Singleton(SettledGenerations)
+
     job_runner = providers.Factory(
         JobRunner,
         source=task_source,
         job=generation_job,
         normalizer=normalizer,
+        settled=settled_generations,
     )
 
 

@@ -153,14 +153,12 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(_settings: Settings, _args: argparse.Namespace) -> int:
-    """The queue worker needs the production adapters (RabbitMQ, S3, webhooks)."""
-    print(
-        "worker: the RabbitMQ/S3/webhook adapters are not wired in this build yet;"
-        " run `python -m app demo` or `python -m app generate` to use the model locally.",
-        file=sys.stderr,
-    )
-    return 2
+def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
+    """Consume the queue with the configured adapters until SIGTERM/SIGINT."""
+    # Imported here: the worker's runtime (signals, threads) is not needed by other commands.
+    from app.worker import run_worker  # pylint: disable=import-outside-toplevel
+
+    return run_worker(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

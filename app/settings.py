@@ -15,7 +15,13 @@ DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 SECRET_SETTINGS = frozenset(
-    {"RABBITMQ_PASS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "INTERNAL_API_TOKEN"}
+    {
+        "RABBITMQ_PASS",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "INTERNAL_API_TOKEN",
+        "WEBHOOK_SIGNING_SECRET",
+    }
 )
 """Never echoed, not even in a validation error."""
 
@@ -42,6 +48,8 @@ class Settings(BaseSettings):
     rabbitmq_pass: SecretStr = SecretStr("guest")
     rabbitmq_vhost: str = "/"
     rabbitmq_queue: str = "image_generation"
+    rabbitmq_retry_delay_seconds: int = Field(default=5, ge=1, le=3600)
+    rabbitmq_heartbeat_seconds: int = Field(default=60, ge=0, le=3600)
     max_concurrent_generations: int = Field(default=10, ge=1, le=1000)
 
     # Object storage.
@@ -54,10 +62,16 @@ class Settings(BaseSettings):
     s3_output_bucket: str | None = None
     s3_output_prefix: str = "generations/"
     s3_public_base_url: str | None = None
+    s3_max_attempts: int = Field(default=5, ge=1, le=20)
+    lora_download_dir: str = ".cache/loras"
 
     # Backend webhooks.
     backend_api_url: str = "http://localhost:8000"
     internal_api_token: SecretStr = SecretStr("")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    webhook_max_attempts: int = Field(default=6, ge=1, le=50)
+    webhook_retry_budget_seconds: float = Field(default=120.0, ge=0, le=3600)
+    webhook_signing_secret: SecretStr | None = None
 
     # Model.
     model_id: str = DEFAULT_MODEL_ID
@@ -86,10 +100,10 @@ class Settings(BaseSettings):
     signature_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     signature_max_pixels: int = Field(default=4096 * 4096, ge=1024)
 
-    # Adapter choice (production adapters are added by the worker).
-    storage_backend: Literal["local"] = "local"
-    notifier_backend: Literal["console"] = "console"
-    task_source_backend: Literal["memory"] = "memory"
+    # Adapter choice: production by default; demo and generate use local/console/memory.
+    storage_backend: Literal["s3", "local"] = "s3"
+    notifier_backend: Literal["http", "console"] = "http"
+    task_source_backend: Literal["rabbitmq", "memory"] = "rabbitmq"
     local_storage_dir: str = "output/storage"
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 from domain.errors import FailureReport, GenerationError, InvalidRequest, as_generation_error
@@ -12,6 +14,33 @@ from domain.request import GenerationRequest, RequestNormalizer
 from ports.task_source import Delivery, TaskSource
 
 log = logging.getLogger(__name__)
+
+
+class SettledGenerations:
+    """Generations whose outcome this process delivered, newest last (bounded).
+
+    When a connection dies after the outcome was delivered but before the ack, the broker
+    redelivers the message; recognising it here avoids telling the backend a second time.
+    Only broker redeliveries are skipped: a fresh message for the same generation (the backend
+    re-queueing a failed one) always runs.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._capacity = capacity
+        self._ids: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, generation_id: int) -> None:
+        """Remember that this generation's outcome was delivered."""
+        with self._lock:
+            self._ids[generation_id] = None
+            self._ids.move_to_end(generation_id)
+            while len(self._ids) > self._capacity:
+                self._ids.popitem(last=False)
+
+    def __contains__(self, generation_id: object) -> bool:
+        with self._lock:
+            return generation_id in self._ids
 
 
 class JobRunner:
@@ -29,11 +58,13 @@ class JobRunner:
         source: TaskSource,
         job: GenerationJob,
         normalizer: RequestNormalizer,
+        settled: SettledGenerations | None = None,
         poll_seconds: float = 1.0,
     ) -> None:
         self._source = source
         self._job = job
         self._normalizer = normalizer
+        self._settled = settled if settled is not None else SettledGenerations()
         self._poll_seconds = poll_seconds
 
     def handle(self, delivery: Delivery) -> JobResult | None:
@@ -44,8 +75,14 @@ class JobRunner:
         request = self._request_or_park(delivery)
         if request is None:
             return None
+        if delivery.redelivered and request.generation_id in self._settled:
+            log.info("generation %s: redelivered after its outcome was told", request.generation_id)
+            self._source.ack(delivery)
+            return None
         result = self._job.run(request, attempt=delivery.attempt)
         reason = str(result.error) if result.error else ""
+        if result.outcome in (Outcome.COMPLETED, Outcome.FAILED):
+            self._settled.add(request.generation_id)
         if result.outcome is Outcome.RETRY:
             self._source.retry(delivery, reason, result.pending_failure)
         elif result.outcome is Outcome.REJECTED:

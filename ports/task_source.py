@@ -14,14 +14,16 @@ class Delivery:
 
     ``attempt`` counts earlier deliveries of the same job that ended in a retry (0 on the first),
     and is what the failure webhook reports as ``retry_count``. ``pending_failure`` is a final
-    failure decided on an earlier delivery that the backend has not been told yet. ``tag`` is the
-    source's own handle.
+    failure decided on an earlier delivery that the backend has not been told yet.
+    ``redelivered`` is the broker's flag: an earlier delivery of this very message was never
+    settled (a connection died). ``tag`` is the source's own handle.
     """
 
     body: bytes
     attempt: int = 0
     tag: object = None
     pending_failure: FailureReport | None = None
+    redelivered: bool = False
 
 
 @runtime_checkable

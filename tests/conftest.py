@@ -34,12 +34,12 @@ def tiny_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3Service]:
     """A real S3 HTTP API (MinIO via testcontainers, or moto_server)."""
-    with s3_service() as service:
+    with s3_service() as service:  # pylint: disable=contextmanager-generator-missing-cleanup
         yield service
 
 
 @pytest.fixture(scope="session")
 def rabbit() -> Iterator[RabbitService]:
     """A real RabbitMQ broker (testcontainers, or the local one)."""
-    with rabbit_service() as service:
+    with rabbit_service() as service:  # pylint: disable=contextmanager-generator-missing-cleanup
         yield service

@@ -156,3 +156,44 @@ def rabbit_service() -> Iterator[RabbitService]:
         os.environ.get("TEST_RABBITMQ_USER", "guest"),
         os.environ.get("TEST_RABBITMQ_PASS", "guest"),
     )
+
+
+def ensure_local_rabbitmq(host: str = "127.0.0.1", port: int = 5672, wait: float = 60.0) -> bool:
+    """Start the machine's RabbitMQ (``rabbitmq-server -detached``) if nothing listens."""
+    if port_open(host, port):
+        return True
+    server = shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server"
+    if not Path(server).exists():
+        return False
+    subprocess.run([server, "-detached"], check=False, capture_output=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def main(argv: list[str]) -> int:
+    """Run a command (the test suite) with the services up and their endpoints exported.
+
+    Where Docker answers, testcontainers starts the services inside the tests instead.
+    """
+    env = dict(os.environ)
+    if docker_available():
+        return subprocess.call(argv, env=env)
+    host = env.setdefault("TEST_RABBITMQ_HOST", "127.0.0.1")
+    port = int(env.setdefault("TEST_RABBITMQ_PORT", "5672"))
+    if host in {"127.0.0.1", "localhost"} and not ensure_local_rabbitmq(host, port):
+        print(f"services: RabbitMQ is not reachable at {host}:{port}", file=sys.stderr)
+        if IN_CI:
+            return 1
+    if env.get("TEST_S3_ENDPOINT_URL"):
+        return subprocess.call(argv, env=env)
+    with moto_server() as s3:
+        env["TEST_S3_ENDPOINT_URL"] = s3.endpoint_url
+        return subprocess.call(argv, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

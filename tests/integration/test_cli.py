@@ -117,9 +117,3 @@ def test_bad_setting_fails_at_start_naming_the_variable(
     assert main(["demo"]) == 2
     assert "MAX_CONCURRENT_GENERATIONS" in capsys.readouterr().err
     assert not (in_tmp / "output").exists()
-
-
-@pytest.mark.usefixtures("in_tmp")
-def test_worker_says_plainly_it_is_not_wired_yet(capsys: pytest.CaptureFixture) -> None:
-    assert main(["worker"]) == 2
-    assert "not wired" in capsys.readouterr().err

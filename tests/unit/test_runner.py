@@ -9,6 +9,7 @@ from dependency_injector import providers
 
 from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, NotifyError, WebhookRejected
+from domain.runner import SettledGenerations
 from ports.task_source import Delivery
 from tests.unit.conftest import Wired
 
@@ -188,3 +189,31 @@ def test_failure_refused_for_good_parks_the_message(wired: Wired) -> None:
     wired.source.put(backend_message())
     run_all(wired)
     assert len(wired.source.parked) == 1 and wired.source.acked == []
+
+
+def test_broker_redelivery_of_a_told_outcome_is_acked_silently(wired: Wired) -> None:
+    runner = wired.container.job_runner()
+    body = json.dumps(backend_message(77)).encode()
+    runner.handle(Delivery(body=body))
+    runner.handle(Delivery(body=body, redelivered=True))  # the first ack was lost
+    assert len(wired.model.calls) == 1
+    assert len(wired.notifier.of_kind("completed")) == 1
+    assert len(wired.source.acked) == 2
+
+
+def test_a_fresh_message_for_a_settled_generation_still_runs(wired: Wired) -> None:
+    # The backend may re-queue a failed generation: that is a new message, not a redelivery.
+    runner = wired.container.job_runner()
+    wired.model.fail_with.append(LoraInvalid("first try"))
+    body = json.dumps(backend_message(78)).encode()
+    runner.handle(Delivery(body=body))
+    runner.handle(Delivery(body=body))
+    assert len(wired.model.calls) == 2
+    assert wired.notifier.kinds()[-1] == "completed"
+
+
+def test_settled_generations_forget_the_oldest() -> None:
+    settled = SettledGenerations(capacity=2)
+    for generation_id in (1, 2, 3):
+        settled.add(generation_id)
+    assert 1 not in settled and 2 in settled and 3 in settled

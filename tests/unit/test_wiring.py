@@ -96,7 +96,14 @@ def test_selectors_build_the_configured_adapters(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir("/")
-    container = build_container(load_settings(local_storage_dir=str(tmp_path)))
+    container = build_container(
+        load_settings(
+            local_storage_dir=str(tmp_path),
+            storage_backend="local",
+            notifier_backend="console",
+            task_source_backend="memory",
+        )
+    )
     assert isinstance(container.storage(), LocalStorage)
     assert isinstance(container.notifier(), ConsoleNotifier)
     assert isinstance(container.task_source(), InMemoryTaskSource)

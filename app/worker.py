@@ -1,0 +1,93 @@
+"""``python -m app worker``: consume the queue until stopped.
+
+Start-up checks fail fast, naming what is wrong: the broker, the buckets, the model. The first
+SIGTERM/SIGINT stops taking work, lets the job in flight finish and be settled, then closes; a
+second one exits at once (unsettled deliveries go back to the queue with the connection).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+from app.settings import Settings
+from containers import Container, build_container
+from domain.errors import GenerationError
+
+log = logging.getLogger(__name__)
+
+EXIT_STARTUP_FAILED = 3
+
+
+class Shutdown:
+    """Signal handling: the first signal asks for a graceful stop, the second exits."""
+
+    def __init__(self, on_first: list[object]) -> None:
+        self.requested = threading.Event()
+        self._on_first = on_first
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT (main thread only)."""
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            log.warning("second %s: exiting now; unsettled jobs return to the queue", name)
+            os._exit(128 + signum)
+        log.info("%s: finishing the job in flight, taking no more", name)
+        self.requested.set()
+        for callback in self._on_first:
+            callback()  # type: ignore[operator]
+
+
+def start(container: Container) -> str | None:
+    """Connect and load everything the worker needs; the problem in words, or None."""
+    source = container.task_source()
+    try:
+        source.start()
+    except ConnectionError as exc:
+        return f"broker: {exc}"
+    storage = container.storage()
+    check = getattr(storage, "check_buckets", None)
+    if check is not None:
+        try:
+            check()
+        except GenerationError as exc:
+            return f"storage: {exc.message}"
+    try:
+        container.image_model.init()
+    except GenerationError as exc:
+        return f"model: {exc.message}"
+    return None
+
+
+def run_worker(settings: Settings, container: Container | None = None) -> int:
+    """Run until a signal; the process exit status."""
+    container = container or build_container(settings)
+    problem = start(container)
+    if problem is not None:
+        print(f"worker: cannot start: {problem}", file=sys.stderr)
+        container.task_source().close()
+        container.shutdown_resources()
+        return EXIT_STARTUP_FAILED
+    source = container.task_source()
+    shutdown = Shutdown(on_first=[source.stop_consuming])
+    shutdown.install()
+    log.info(
+        "worker ready: queue %s, prefetch %d",
+        settings.rabbitmq_queue,
+        settings.max_concurrent_generations,
+    )
+    try:
+        handled = container.job_runner().run(should_stop=shutdown.requested.is_set)
+    finally:
+        source.close()
+        container.shutdown_resources()
+    log.info("worker stopped after %d deliveries", handled)
+    return 0

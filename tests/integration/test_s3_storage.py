@@ -1,0 +1,500 @@
+"""The S3 Storage adapter against a real S3 HTTP API (MinIO, or moto_server)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+from urllib3.exceptions import ProtocolError
+
+from adapters.local_storage import LocalStorage, sha256_of
+from adapters.s3_storage import S3Storage, make_s3_client
+from domain.errors import (
+    ErrorCode,
+    InvalidRequest,
+    LoraInvalid,
+    LoraNotFound,
+    SignatureInvalid,
+    StorageError,
+)
+from domain.job import METADATA_KEY
+from tests.integration.services import S3Service, free_port
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+@dataclass(frozen=True)
+class Buckets:
+    models: str
+    media: str
+    output: str
+
+
+def client_for(s3: S3Service, **kwargs: Any) -> Any:
+    return make_s3_client(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def admin(s3: S3Service) -> Any:
+    """A client of its own for arranging objects, never observed by the tests' hooks."""
+    return client_for(s3)
+
+
+@pytest.fixture
+def buckets(admin: Any) -> Iterator[Buckets]:
+    suffix = uuid.uuid4().hex[:12]
+    names = Buckets(f"models-{suffix}", f"media-{suffix}", f"output-{suffix}")
+    for name in (names.models, names.media, names.output):
+        admin.create_bucket(Bucket=name)
+    yield names
+    for name in (names.models, names.media, names.output):
+        for page in admin.get_paginator("list_objects_v2").paginate(Bucket=name):
+            for item in page.get("Contents", []):
+                admin.delete_object(Bucket=name, Key=item["Key"])
+        admin.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def client(s3: S3Service) -> Any:
+    """The adapter's client, fresh per test so event hooks never leak between tests."""
+    return client_for(s3)
+
+
+@pytest.fixture
+def storage(client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path) -> S3Storage:
+    return make_storage(client, buckets, s3, tmp_path / "loras")
+
+
+def make_storage(
+    client: Any, buckets: Buckets, s3: S3Service, download_dir: Path, **kwargs: Any
+) -> S3Storage:
+    return S3Storage(
+        client=client,
+        models_bucket=buckets.models,
+        media_bucket=buckets.media,
+        output_bucket=buckets.output,
+        download_dir=download_dir,
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        **kwargs,
+    )
+
+
+def calls_of(client: Any, operation: str) -> list[dict[str, Any]]:
+    """The parameters of every ``operation`` the client sends, recorded by a botocore hook."""
+    seen: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        seen.append(dict(params))
+
+    client.meta.events.register(f"before-parameter-build.s3.{operation}", record)
+    return seen
+
+
+def everything_in(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*")) if folder.exists() else []
+
+
+def local_checksum(tmp_path: Path, files: dict[str, bytes]) -> str:
+    """LocalStorage's checksum of the same LoRA laid out on disk."""
+    root = tmp_path / "local"
+    for name, data in files.items():
+        path = root / "models" / "lora" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    local = LocalStorage(root=root, models_bucket="models", media_bucket="m", output_bucket="o")
+    ref = "lora/" + next(iter(files)) if len(files) == 1 else "lora/"
+    return local.fetch_lora(ref).checksum
+
+
+def put_peft(admin: Any, bucket: str, prefix: str, *, config: bool = True) -> dict[str, bytes]:
+    files = {"adapter_model.safetensors": b"peft-weights" * 100, "README.md": b"# style\n"}
+    if config:
+        files["adapter_config.json"] = b'{"r": 8}'
+    for name, data in files.items():
+        admin.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+    # Neither a pickle nor a nested file belongs to the adapter: they are never downloaded.
+    admin.put_object(Bucket=bucket, Key=prefix + "optimizer.bin", Body=b"pickle")
+    admin.put_object(
+        Bucket=bucket, Key=prefix + "checkpoint-1/adapter_model.safetensors", Body=b"x"
+    )
+    return files
+
+
+def test_lora_file_by_uri_and_by_bare_key(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets, tmp_path: Path
+) -> None:
+    data = b"safetensors-bytes" * 1000
+    admin.put_object(Bucket=buckets.models, Key="styles/1/style.safetensors", Body=data)
+    gets = calls_of(client, "GetObject")
+    by_uri = storage.fetch_lora(f"s3://{buckets.models}/styles/1/style.safetensors")
+    by_key = storage.fetch_lora("styles/1/style.safetensors")
+    assert by_uri.path == by_key.path and by_key.ref == "styles/1/style.safetensors"
+    assert Path(by_uri.path).read_bytes() == data
+    assert Path(by_uri.path).suffix == ".safetensors"
+    assert Path(by_uri.path).parent == storage.download_dir
+    on_disk = tmp_path / "same.safetensors"
+    on_disk.write_bytes(data)
+    assert by_uri.checksum == by_key.checksum == sha256_of(on_disk)
+    assert by_uri.checksum == local_checksum(tmp_path, {"style.safetensors": data})
+    assert len(gets) == 1
+
+
+@pytest.mark.parametrize("trailing_slash", [True, False])
+def test_peft_folder_with_and_without_trailing_slash(
+    storage: S3Storage,
+    admin: Any,
+    client: Any,
+    buckets: Buckets,
+    tmp_path: Path,
+    trailing_slash: bool,
+) -> None:
+    files = put_peft(admin, buckets.models, "styles/2/")
+    gets = calls_of(client, "GetObject")
+    ref = f"s3://{buckets.models}/styles/2" + ("/" if trailing_slash else "")
+    lora = storage.fetch_lora(ref)
+    folder = Path(lora.path)
+    assert folder.is_dir()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert all((folder / name).read_bytes() == data for name, data in files.items())
+    assert sorted(call["Key"] for call in gets) == sorted(f"styles/2/{name}" for name in files)
+    assert lora.checksum == sha256_of(folder) == local_checksum(tmp_path, files)
+    assert storage.fetch_lora("styles/2/").path == lora.path
+
+
+def test_folder_without_config_is_invalid(storage: S3Storage, admin: Any, buckets: Buckets) -> None:
+    put_peft(admin, buckets.models, "styles/3/", config=False)
+    with pytest.raises(LoraInvalid, match="adapter_config.json") as caught:
+        storage.fetch_lora("styles/3")
+    assert caught.value.code is ErrorCode.LORA_INVALID
+    assert everything_in(storage.download_dir) == []
+
+
+@pytest.mark.parametrize(
+    "ref", ["styles/404.safetensors", "styles/404/", "s3://{models}/styles/404", "s3://{missing}/x"]
+)
+def test_missing_lora_is_not_found_and_not_retryable(
+    storage: S3Storage, buckets: Buckets, ref: str
+) -> None:
+    ref = ref.format(models=buckets.models, missing=f"missing-{uuid.uuid4().hex[:12]}")
+    with pytest.raises(LoraNotFound, match="no LoRA at") as caught:
+        storage.fetch_lora(ref)
+    assert caught.value.code is ErrorCode.LORA_NOT_FOUND and not caught.value.retryable
+
+
+@pytest.mark.parametrize("ref", ["", "/", "s3://", "s3:///styles/1", "s3://bucket", "s3://bucket/"])
+def test_malformed_references_are_invalid_requests(storage: S3Storage, ref: str) -> None:
+    with pytest.raises(InvalidRequest, match="storage reference"):
+        storage.fetch_lora(ref)
+    with pytest.raises(InvalidRequest, match="storage reference"):
+        storage.fetch_signature(ref)
+
+
+def test_same_version_is_downloaded_once_and_a_new_version_again(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets, s3: S3Service
+) -> None:
+    admin.put_object(Bucket=buckets.models, Key="styles/4.safetensors", Body=b"version-1")
+    gets = calls_of(client, "GetObject")
+    first = storage.fetch_lora("styles/4.safetensors")
+    again = storage.fetch_lora("styles/4.safetensors")
+    restarted = make_storage(client, buckets, s3, storage.download_dir)
+    after_restart = restarted.fetch_lora("styles/4.safetensors")
+    assert len(gets) == 1
+    assert first == again == after_restart
+
+    admin.put_object(Bucket=buckets.models, Key="styles/4.safetensors", Body=b"version-2")
+    changed = storage.fetch_lora("styles/4.safetensors")
+    assert len(gets) == 2
+    assert changed.path != first.path and Path(changed.path).read_bytes() == b"version-2"
+    assert changed.checksum == hashlib.sha256(b"version-2").hexdigest() != first.checksum
+
+
+class _DroppedConnection:
+    """A response stream that delivers ``good`` bytes, then fails like a reset connection."""
+
+    def __init__(self, data: bytes, good: int, on_failure: Callable[[], None]) -> None:
+        self._data = data[:good]
+        self._on_failure = on_failure
+
+    def read(self, amt: int | None = None) -> bytes:
+        if self._data:
+            chunk, self._data = self._data[: amt or len(self._data)], self._data[amt or 0 :]
+            return chunk
+        self._on_failure()
+        raise ProtocolError("Connection broken: connection reset by peer")
+
+    def close(self) -> None:
+        self._data = b""
+
+
+@pytest.mark.parametrize("ref", ["styles/5.safetensors", "styles/5/"])
+def test_interrupted_download_leaves_no_file_and_is_retryable(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets, ref: str
+) -> None:
+    payload = bytes(range(256)) * 12_000  # about 3 MiB: several download chunks
+    admin.put_object(Bucket=buckets.models, Key="styles/5.safetensors", Body=payload)
+    admin.put_object(Bucket=buckets.models, Key="styles/5/adapter_model.safetensors", Body=payload)
+    admin.put_object(Bucket=buckets.models, Key="styles/5/adapter_config.json", Body=payload[:9])
+    partial_sizes: list[int] = []
+
+    def record_partial() -> None:
+        partial_sizes.extend(p.stat().st_size for p in everything_in(storage.download_dir))
+
+    def drop_connection(parsed: dict[str, Any], **_: Any) -> None:
+        data = parsed["Body"].read()
+        stream = _DroppedConnection(data, len(data) // 2 + 1, record_partial)
+        parsed["Body"] = StreamingBody(stream, len(data))
+
+    client.meta.events.register("after-call.s3.GetObject", drop_connection)
+    with pytest.raises(StorageError) as caught:
+        storage.fetch_lora(ref)
+    assert caught.value.retryable
+    assert any(size > 0 for size in partial_sizes), "the failure should come mid-download"
+    assert everything_in(storage.download_dir) == []
+
+    client.meta.events.unregister("after-call.s3.GetObject", drop_connection)
+    assert Path(storage.fetch_lora(ref).path).exists()
+
+
+def test_object_replaced_during_download_is_retryable(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets
+) -> None:
+    admin.put_object(Bucket=buckets.models, Key="styles/6.safetensors", Body=b"old")
+
+    def replace_first(params: dict[str, Any], **_: Any) -> None:
+        client.meta.events.unregister("before-parameter-build.s3.GetObject", replace_first)
+        admin.put_object(Bucket=params["Bucket"], Key=params["Key"], Body=b"new")
+
+    client.meta.events.register("before-parameter-build.s3.GetObject", replace_first)
+    with pytest.raises(StorageError, match="changed") as caught:
+        storage.fetch_lora("styles/6.safetensors")
+    assert caught.value.retryable
+    assert everything_in(storage.download_dir) == []
+    assert Path(storage.fetch_lora("styles/6.safetensors").path).read_bytes() == b"new"
+
+
+def test_signature_bytes_missing_and_too_large(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
+) -> None:
+    admin.put_object(Bucket=buckets.media, Key="signatures/77.png", Body=PNG)
+    assert storage.fetch_signature(f"s3://{buckets.media}/signatures/77.png") == PNG
+    assert storage.fetch_signature("signatures/77.png") == PNG
+    for missing in ("signatures/78.png", f"s3://missing-{uuid.uuid4().hex[:12]}/77.png"):
+        with pytest.raises(SignatureInvalid, match="no signature image at") as caught:
+            storage.fetch_signature(missing)
+        assert not caught.value.retryable
+    small = make_storage(client, buckets, s3, tmp_path, max_signature_bytes=len(PNG) - 1)
+    with pytest.raises(SignatureInvalid, match=f"{len(PNG)} bytes; the limit is {len(PNG) - 1}"):
+        small.fetch_signature("signatures/77.png")
+
+
+def test_output_round_trip_with_large_non_ascii_metadata(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets
+) -> None:
+    key = "generations/500.png"
+    completion = {"prompt": "aquarelle, café, ☕, 水彩 " * 100, "seed": 42, "steps": 50}
+    metadata = {
+        METADATA_KEY: json.dumps(completion, sort_keys=True),
+        "generation-id": "500",
+        "content-sha256": hashlib.sha256(PNG).hexdigest(),
+        "artist": "Zoë Ångström",
+    }
+    assert len(metadata[METADATA_KEY]) > 2048
+    puts = calls_of(client, "PutObject")
+
+    assert storage.find_output(key) is None
+    stored = storage.put_output(key, PNG, metadata)
+    found = storage.find_output(key)
+
+    assert [call["Key"] for call in puts] == [f"{key}.metadata.json", key]
+    assert stored.url == storage.result_url(key) == f"{storage.result_url('')}{key}"
+    assert found is not None and found.url == stored.url and found.key == key
+    assert dict(found.metadata) == metadata == dict(stored.metadata)
+    assert json.loads(found.metadata[METADATA_KEY]) == completion
+    head = admin.head_object(Bucket=buckets.output, Key=key)
+    assert head["ContentType"] == "image/png"
+    assert head["Metadata"] == {
+        "generation-id": "500",
+        "content-sha256": hashlib.sha256(PNG).hexdigest(),
+    }
+    sidecar = admin.head_object(Bucket=buckets.output, Key=f"{key}.metadata.json")
+    assert sidecar["ContentType"] == "application/json"
+
+    # A browser can open the result URL once the bucket is public (MinIO enforces this policy).
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": ["*"]},
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{buckets.output}/*"],
+            }
+        ],
+    }
+    admin.put_bucket_policy(Bucket=buckets.output, Policy=json.dumps(policy))
+    response = requests.get(stored.url, timeout=10)
+    assert response.status_code == 200 and response.content == PNG
+    assert response.headers["Content-Type"] == "image/png"
+
+
+@pytest.mark.parametrize("sidecar", [None, b"{not json", b'["a list"]'])
+def test_output_without_a_readable_sidecar_keeps_the_header_metadata(
+    storage: S3Storage, admin: Any, buckets: Buckets, sidecar: bytes | None
+) -> None:
+    key = "generations/9.png"
+    if sidecar is not None:
+        admin.put_object(Bucket=buckets.output, Key=f"{key}.metadata.json", Body=sidecar)
+    admin.put_object(Bucket=buckets.output, Key=key, Body=PNG, Metadata={"generation-id": "9"})
+    found = storage.find_output(key)
+    assert found is not None and dict(found.metadata) == {"generation-id": "9"}
+
+
+def test_result_url_in_the_three_modes() -> None:
+    client = make_s3_client(
+        endpoint_url=None, region="eu-west-3", access_key_id="k", secret_access_key="s"
+    )
+    common: dict[str, Any] = {
+        "client": client,
+        "models_bucket": "m",
+        "media_bucket": "m",
+        "output_bucket": "out",
+        "download_dir": "unused",
+        "region": "eu-west-3",
+    }
+    key = "generations/a b/é#1.png"
+    quoted = "generations/a%20b/%C3%A9%231.png"
+    cdn = S3Storage(**common, public_base_url="https://cdn.example.com/img/")
+    minio = S3Storage(**common, endpoint_url="http://minio:9000/")
+    aws = S3Storage(**common)
+    assert cdn.result_url(key) == f"https://cdn.example.com/img/{quoted}"
+    assert minio.result_url(key) == f"http://minio:9000/out/{quoted}"
+    assert aws.result_url(key) == f"https://out.s3.eu-west-3.amazonaws.com/{quoted}"
+
+
+def test_client_configuration() -> None:
+    minio = make_s3_client(
+        endpoint_url="http://minio:9000",
+        region="us-east-1",
+        access_key_id="k",
+        secret_access_key="s",
+        max_attempts=3,
+        connect_timeout=2.0,
+        read_timeout=7.0,
+    )
+    aws = make_s3_client(
+        endpoint_url=None, region="eu-west-1", access_key_id="k", secret_access_key="s"
+    )
+    assert minio.meta.config.retries == {"mode": "standard", "total_max_attempts": 3}
+    assert (minio.meta.config.connect_timeout, minio.meta.config.read_timeout) == (2.0, 7.0)
+    assert minio.meta.config.s3 == {"addressing_style": "path"}
+    assert minio.meta.config.signature_version == "s3v4"
+    assert minio.meta.endpoint_url == "http://minio:9000"
+    assert aws.meta.endpoint_url == "https://s3.eu-west-1.amazonaws.com"
+
+
+OPERATIONS: dict[str, Callable[[S3Storage], object]] = {
+    "fetch_lora": lambda storage: storage.fetch_lora("styles/1.safetensors"),
+    "fetch_signature": lambda storage: storage.fetch_signature("signatures/1.png"),
+    "find_output": lambda storage: storage.find_output("generations/1.png"),
+    "put_output": lambda storage: storage.put_output("generations/1.png", PNG, {}),
+    "check_buckets": lambda storage: storage.check_buckets(),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_unreachable_endpoint_is_a_fast_retryable_storage_error(
+    tmp_path: Path, operation: str
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    client = make_s3_client(
+        endpoint_url=endpoint,
+        region="us-east-1",
+        access_key_id="k",
+        secret_access_key="s",
+        max_attempts=2,
+        connect_timeout=1.0,
+        read_timeout=1.0,
+    )
+    attempts: list[str] = []
+    client.meta.events.register("before-send.s3", lambda **kwargs: attempts.append("sent"))
+    storage = S3Storage(
+        client=client,
+        models_bucket="models",
+        media_bucket="media",
+        output_bucket="output",
+        download_dir=tmp_path,
+        endpoint_url=endpoint,
+    )
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="unreachable") as caught:
+        OPERATIONS[operation](storage)
+    assert time.monotonic() - started < 5
+    assert len(attempts) == 2, "max_attempts counts every try, the first one included"
+    assert caught.value.code is ErrorCode.STORAGE_ERROR and caught.value.retryable
+    assert everything_in(tmp_path) == []
+
+
+def test_check_buckets_on_existing_and_missing_buckets(
+    storage: S3Storage, client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
+) -> None:
+    heads = calls_of(client, "HeadBucket")
+    storage.check_buckets()
+    assert sorted(call["Bucket"] for call in heads) == sorted(
+        [buckets.models, buckets.media, buckets.output]
+    )
+    missing = f"missing-{uuid.uuid4().hex[:12]}"
+    broken = make_storage(client, Buckets(buckets.models, buckets.models, missing), s3, tmp_path)
+    heads.clear()
+    with pytest.raises(StorageError, match=f"bucket '{missing}': does not exist") as caught:
+        broken.check_buckets()
+    assert caught.value.retryable
+    assert [call["Bucket"] for call in heads] == [buckets.models, missing]
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("AccessDenied", 403, "access denied"),
+        ("403", 403, "access denied"),
+        ("SlowDown", 503, "S3 error SlowDown"),
+        ("InternalError", 500, "S3 error InternalError"),
+    ],
+)
+def test_service_errors_become_storage_errors(
+    tmp_path: Path, code: str, status: int, expected: str
+) -> None:
+    client = make_s3_client(
+        endpoint_url=None, region="us-east-1", access_key_id="k", secret_access_key="s"
+    )
+    storage = S3Storage(
+        client=client,
+        models_bucket="models",
+        media_bucket="media",
+        output_bucket="output",
+        download_dir=tmp_path,
+    )
+    with Stubber(client) as stubber:
+        for operation in ("head_object", "get_object", "head_object", "put_object", "head_bucket"):
+            stubber.add_client_error(operation, service_error_code=code, http_status_code=status)
+        for call in ("fetch_lora", "fetch_signature", "find_output", "put_output", "check_buckets"):
+            with pytest.raises(StorageError, match=expected) as caught:
+                OPERATIONS[call](storage)
+            assert caught.value.retryable
+        stubber.assert_no_pending_responses()

@@ -1,0 +1,407 @@
+"""The worker end to end: real RabbitMQ, a real S3 API, real HTTP webhooks, the tiny model.
+
+Messages are published exactly as the backend publishes them (durable declare, no arguments,
+persistent, application/json).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pika
+import pytest
+from PIL import Image
+
+from app.settings import load_settings
+from app.worker import start
+from containers import Container, build_container
+from tests.integration.backend_receiver import BackendReceiver, RecordedRequest
+from tests.integration.services import RabbitService, S3Service
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "e2e-secret-token"
+pytestmark = pytest.mark.model
+
+
+def solid_signature() -> bytes:
+    """An opaque red PNG: easy to find on the generated image."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (200, 100), (255, 0, 0, 255)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Stack:
+    """Buckets, queue and receiver of one test, and how to reach them."""
+
+    rabbit: RabbitService
+    s3: S3Service
+    receiver: BackendReceiver
+    queue: str
+    models_bucket: str
+    media_bucket: str
+    client: Any
+
+    def env(self, tiny_model_dir: Path, download_dir: Path) -> dict[str, str]:
+        """The worker's settings as environment variables."""
+        return {
+            "RABBITMQ_HOST": self.rabbit.host,
+            "RABBITMQ_PORT": str(self.rabbit.port),
+            "RABBITMQ_USER": self.rabbit.user,
+            "RABBITMQ_PASS": self.rabbit.password,
+            "RABBITMQ_QUEUE": self.queue,
+            "RABBITMQ_RETRY_DELAY_SECONDS": "1",
+            "AWS_S3_ENDPOINT_URL": self.s3.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
+            "AWS_S3_REGION_NAME": self.s3.region,
+            "AWS_STORAGE_BUCKET_NAME": self.media_bucket,
+            "S3_MODELS_BUCKET": self.models_bucket,
+            "BACKEND_API_URL": self.receiver.base_url,
+            "INTERNAL_API_TOKEN": TOKEN,
+            "WEBHOOK_MAX_ATTEMPTS": "4",
+            "WEBHOOK_RETRY_BUDGET_SECONDS": "10",
+            "MODEL_ID": str(tiny_model_dir),
+            "MODEL_DEVICE": "cpu",
+            "LORA_DOWNLOAD_DIR": str(download_dir),
+            "MAX_RETRIES": "2",
+            "LOG_LEVEL": "INFO",
+        }
+
+    def publish(self, message: dict[str, Any] | bytes) -> None:
+        """Exactly as the backend's code publishes a job."""
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        with self.connection() as connection:
+            channel = connection.channel()
+            channel.queue_declare(queue=self.queue, durable=True)
+            channel.basic_publish(
+                exchange="",
+                routing_key=self.queue,
+                body=body,
+                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+            )
+
+    def connection(self) -> pika.BlockingConnection:
+        return pika.BlockingConnection(
+            pika.ConnectionParameters(
+                self.rabbit.host,
+                self.rabbit.port,
+                self.rabbit.vhost,
+                pika.PlainCredentials(self.rabbit.user, self.rabbit.password),
+            )
+        )
+
+    def queue_state(self, name: str | None = None) -> tuple[int, int]:
+        """(ready messages, consumers) of a queue."""
+        with self.connection() as connection:
+            ok = connection.channel().queue_declare(queue=name or self.queue, passive=True)
+            return ok.method.message_count, ok.method.consumer_count
+
+    def parked(self) -> list[tuple[bytes, dict[str, Any]]]:
+        """Drain the parked queue: (body, headers) of each parked message."""
+        found = []
+        with self.connection() as connection:
+            channel = connection.channel()
+            while True:
+                method, properties, body = channel.basic_get(f"{self.queue}.parked", True)
+                if method is None:
+                    return found
+                found.append((body, dict(properties.headers or {})))
+
+    def output(self, generation_id: int) -> Image.Image:
+        data = self.client.get_object(
+            Bucket=self.media_bucket, Key=f"generations/{generation_id}.png"
+        )
+        return Image.open(io.BytesIO(data["Body"].read()))
+
+
+@pytest.fixture
+def stack(rabbit: RabbitService, s3: S3Service) -> Iterator[Stack]:
+    suffix = uuid.uuid4().hex[:10]
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        region_name=s3.region,
+    )
+    models, media = f"models-{suffix}", f"media-{suffix}"
+    for bucket in (models, media):
+        client.create_bucket(Bucket=bucket)
+    with BackendReceiver(token=TOKEN) as receiver:
+        yield Stack(rabbit, s3, receiver, f"image_generation_{suffix}", models, media, client)
+
+
+@pytest.fixture
+def worker_env(
+    stack: Stack, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    env = stack.env(tiny_model_dir, tmp_path / "loras")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    return env
+
+
+@dataclass
+class RunningWorker:
+    container: Container
+    stop: threading.Event
+    thread: threading.Thread
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.container.task_source().stop_consuming()
+        self.thread.join(60)
+        self.container.task_source().close()
+        self.container.shutdown_resources()
+
+
+@pytest.fixture
+def worker(worker_env: dict[str, str]) -> Iterator[RunningWorker]:
+    """The worker's container and runner on a thread (signals are the subprocess test's)."""
+    container = build_container(load_settings(**{k.lower(): v for k, v in worker_env.items()}))
+    problem = start(container)
+    assert problem is None, problem
+    stop = threading.Event()
+    runner = container.job_runner()
+    thread = threading.Thread(target=lambda: runner.run(should_stop=stop.is_set), daemon=True)
+    thread.start()
+    running = RunningWorker(container, stop, thread)
+    yield running
+    if thread.is_alive():
+        running.shutdown()
+
+
+def backend_message(generation_id: int, **data: Any) -> dict[str, Any]:
+    payload = {
+        "generation_id": generation_id,
+        "style_id": 123,
+        "prompt": "watercolor, portrait, vintage",
+        "aspect_ratio": "1:1",
+        "seed": 42,
+        "prompt_tags": ["watercolor", "portrait", "vintage"],
+    }
+    payload.update(data)
+    return {
+        "task_id": str(uuid.uuid4()),
+        "type": "image_generation",
+        "data": payload,
+        "webhook_url": f"https://api.example.com/api/webhooks/generation/{generation_id}/status",
+    }
+
+
+def outcome_of(
+    receiver: BackendReceiver, generation_id: int, timeout: float = 60
+) -> list[RecordedRequest]:
+    return receiver.wait_for(
+        lambda records: any(
+            r.generation_id == generation_id
+            and r.kind in {"complete", "failed"}
+            and r.status == 200
+            for r in records
+        ),
+        timeout=timeout,
+    )
+
+
+def upload_tree(client: Any, bucket: str, prefix: str, folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.put_object(
+                Bucket=bucket,
+                Key=f"{prefix}{path.relative_to(folder).as_posix()}",
+                Body=path.read_bytes(),
+            )
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_backend_job_ends_as_a_signed_png_and_one_completion(
+    stack: Stack, tiny_loras: dict[str, Path]
+) -> None:
+    upload_tree(stack.client, stack.models_bucket, "styles/123/", tiny_loras["peft"])
+    stack.client.put_object(
+        Bucket=stack.media_bucket, Key="signatures/77.png", Body=solid_signature()
+    )
+    stack.publish(
+        backend_message(
+            456,
+            lora_path=f"s3://{stack.models_bucket}/styles/123/",
+            aspect_ratio="1:2",
+            signature_path=f"s3://{stack.media_bucket}/signatures/77.png",
+            signature_config={"position": "top-left", "size": "large", "opacity": 1.0},
+        )
+    )
+    records = [r for r in outcome_of(stack.receiver, 456) if r.generation_id == 456]
+
+    progress = [r.payload["progress"] for r in records if r.kind == "progress"]
+    assert [p["progress_percent"] for p in progress] == [0, 26, 50, 76, 90]
+    assert all(p["total_steps"] == 50 for p in progress)
+    (completion,) = [r for r in records if r.kind == "complete"]
+    assert records[-1] is completion  # nothing after the completion
+    assert completion.header("Authorization") == f"Bearer {TOKEN}"
+    assert completion.header("X-Request-Source") == "inference-server"
+    body = completion.payload
+    assert body["result_url"].endswith(f"/{stack.media_bucket}/generations/456.png")
+    assert body["metadata"]["width"] == 512 and body["metadata"]["height"] == 1024
+    assert body["metadata"]["seed"] == 42 and body["metadata"]["steps"] == 50
+    assert len(body["metadata"]["lora_checksum"]) == 64
+    with stack.output(456) as image:
+        assert image.size == (512, 1024)
+        # large = 35 % of 512 = 179 px wide from the 3 % margin (15 px): red, opaque.
+        assert image.convert("RGB").getpixel((60, 40)) == (255, 0, 0)
+    assert stack.queue_state() == (0, 1)
+
+
+@pytest.mark.usefixtures("worker")
+def test_missing_lora_fails_with_lora_not_found(stack: Stack) -> None:
+    stack.publish(backend_message(457, lora_path="styles/404/"))
+    records = outcome_of(stack.receiver, 457)
+    (failure,) = [r.payload for r in records if r.kind == "failed"]
+    assert failure["error_code"] == "LORA_NOT_FOUND" and failure["retry_count"] == 0
+    assert not [r for r in records if r.kind == "complete"]
+
+
+@pytest.mark.usefixtures("worker")
+def test_poison_messages_are_parked_and_reported_when_an_id_exists(stack: Stack) -> None:
+    stack.publish(b"this is not json")
+    stack.publish(backend_message(458, aspect_ratio="16:9"))
+    records = outcome_of(stack.receiver, 458)
+    (failure,) = [r.payload for r in records if r.kind == "failed"]
+    assert (
+        failure["error_code"] == "INVALID_REQUEST"
+        and "data.aspect_ratio" in failure["error_message"]
+    )
+    deadline = time.monotonic() + 10
+    parked: list[tuple[bytes, dict[str, Any]]] = []
+    while len(parked) < 2 and time.monotonic() < deadline:
+        parked += stack.parked()
+        time.sleep(0.1)
+    reasons = {body[:16]: headers["x-park-reason"] for body, headers in parked}
+    assert reasons[b"this is not json"].startswith("INVALID_REQUEST: message is not valid JSON")
+    assert len(parked) == 2
+    assert len(stack.receiver.requests) == 1  # nothing for the message without an id
+
+
+@pytest.mark.usefixtures("worker")
+def test_webhook_503_twice_is_delivered(stack: Stack) -> None:
+    stack.receiver.fail_next(2, 503, kind="complete")
+    stack.publish(backend_message(459, parameters={"steps": 4, "width": 256, "height": 256}))
+    records = outcome_of(stack.receiver, 459)
+    completions = [r for r in records if r.kind == "complete"]
+    assert [r.status for r in completions] == [503, 503, 200]
+    assert not [r for r in records if r.kind == "failed"]
+
+
+def rabbit_connections(name_fragment: str) -> list[str]:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.split("\t", 1)[0] for line in out.splitlines() if name_fragment in line]
+
+
+@pytest.mark.usefixtures("worker")
+def test_broker_connection_killed_mid_job_still_one_png_one_completion(stack: Stack) -> None:
+    if subprocess.run(["which", "rabbitmqctl"], capture_output=True, check=False).returncode:
+        pytest.skip("needs rabbitmqctl next to the broker to kill a connection")
+    stack.receiver.set_delay(0.3, kind="progress")
+    stack.publish(backend_message(460, parameters={"steps": 40, "width": 512, "height": 512}))
+    stack.receiver.wait_for(lambda rs: any(r.kind == "progress" for r in rs), timeout=30)
+    pids = rabbit_connections(f"pid {os.getpid()}")
+    assert pids, "the worker's connection was not found"
+    for pid in pids:
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "test kill"], check=True, capture_output=True
+        )
+    records = outcome_of(stack.receiver, 460)
+    time.sleep(3)  # give the redelivery time to arrive and be handled
+    completions = [r for r in stack.receiver.of_kind("complete") if r.generation_id == 460]
+    assert len(completions) == 1
+    listed = stack.client.list_objects_v2(Bucket=stack.media_bucket, Prefix="generations/460")
+    assert [o["Key"] for o in listed.get("Contents", [])].count("generations/460.png") == 1
+    assert stack.queue_state()[0] == 0
+    assert records
+
+
+def test_sigterm_mid_job_finishes_acks_and_exits(
+    stack: Stack, worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-m", "app", "worker"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        stack.publish(backend_message(461, parameters={"steps": 60, "width": 512, "height": 512}))
+        stack.receiver.wait_for(
+            lambda rs: any(r.kind == "progress" and r.generation_id == 461 for r in rs), timeout=60
+        )
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    completions = [r for r in stack.receiver.of_kind("complete") if r.generation_id == 461]
+    assert len(completions) == 1 and completions[0].status == 200
+    assert stack.queue_state() == (0, 0)  # acked, nothing left, consumer gone
+
+
+def test_worker_start_fails_fast_naming_the_broker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**os.environ, **worker_env, "RABBITMQ_PORT": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "worker"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert "cannot start: broker" in done.stderr and "RabbitMQ" in done.stderr
+    assert TOKEN not in done.stderr + done.stdout
+
+
+def test_worker_start_fails_fast_naming_a_missing_bucket(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        **worker_env,
+        "S3_MODELS_BUCKET": "no-such-bucket-here",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "worker"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert "cannot start: storage" in done.stderr and "no-such-bucket-here" in done.stderr
