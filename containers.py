@@ -22,7 +22,8 @@ from app.settings import Settings, load_settings
 from domain.job import GenerationJob
 from domain.progress import StepTimeEstimator
 from domain.request import RequestNormalizer, RequestPolicy
-from domain.runner import JobRunner, SettledGenerations
+from domain.pipeline import PipelinedRunner
+from domain.runner import SettledGenerations
 from domain.watermark import Watermarker
 
 
@@ -188,11 +189,13 @@ class Container(containers.DeclarativeContainer):
     settled_generations = providers.Singleton(SettledGenerations)
 
     job_runner = providers.Factory(
-        JobRunner,
+        PipelinedRunner,
         source=task_source,
         job=generation_job,
         normalizer=normalizer,
         settled=settled_generations,
+        io_threads=config.pipeline_io_threads,
+        lookahead=config.pipeline_lookahead,
     )
 
 

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     rabbitmq_retry_delay_seconds: int = Field(default=5, ge=1, le=3600)
     rabbitmq_heartbeat_seconds: int = Field(default=60, ge=0, le=3600)
     max_concurrent_generations: int = Field(default=10, ge=1, le=1000)
+    pipeline_io_threads: int = Field(default=4, ge=2, le=64)
+    pipeline_lookahead: int = Field(default=2, ge=1, le=64)
 
     # Object storage.
     aws_access_key_id: SecretStr | None = None

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -68,9 +68,35 @@ class JobResult:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class Inputs:
+    """What a job needs besides its request, fetched before the model runs."""
+
     lora: LoraArtifact | None
     signature: Image.Image | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job whose inputs are ready: the model's next piece of work."""
+
+    request: GenerationRequest
+    attempt: int
+    inputs: Inputs
+    started: float
+    fetched: float
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A job whose image the model produced, waiting to be signed, stored and reported."""
+
+    prepared: Prepared
+    image: Image.Image
+    began: float
+    generated: float
+
+
+_Phase = TypeVar("_Phase")
 
 
 class GenerationJob:
@@ -111,16 +137,101 @@ class GenerationJob:
 
     def run(self, request: GenerationRequest, *, attempt: int = 0) -> JobResult:
         """Run the request; ``attempt`` counts earlier deliveries that ended in a retry."""
+        prepared = self.prepare(request, attempt=attempt)
+        if isinstance(prepared, JobResult):
+            return prepared
+        rendered = self.render(prepared)
+        if isinstance(rendered, JobResult):
+            return rendered
+        return self.finish(rendered)
+
+    def prepare(self, request: GenerationRequest, *, attempt: int = 0) -> Prepared | JobResult:
+        """I/O before the model: the idempotency check and the inputs (LoRA, signature).
+
+        A JobResult when the job ends here (output already stored, or an error).
+        """
+        return self._guarded(request, attempt, lambda: self._prepare(request, attempt))
+
+    def render(self, prepared: Prepared) -> Rendered | JobResult:
+        """The model's part: denoise with progress milestones; a JobResult on error."""
+        return self._guarded(prepared.request, prepared.attempt, lambda: self._render(prepared))
+
+    def finish(self, rendered: Rendered) -> JobResult:
+        """I/O after the model: sign, encode, store, deliver the completion."""
+        prepared = rendered.prepared
+        return self._guarded(prepared.request, prepared.attempt, lambda: self._finish(rendered))
+
+    def _guarded(
+        self, request: GenerationRequest, attempt: int, phase: Callable[[], _Phase]
+    ) -> _Phase | JobResult:
+        """Run one phase; any error becomes the job's outcome (retry or reported failure)."""
         try:
-            existing = self._storage.find_output(self.output_key(request.generation_id))
-            if existing is not None:
-                return self._report_existing(request, existing)
-            return self._generate(request)
+            return phase()
         except GenerationError as exc:
             return self._fail(request, exc, attempt)
         except Exception as exc:  # pylint: disable=broad-exception-caught
             log.exception("generation %s: unexpected error", request.generation_id)
             return self._fail(request, as_generation_error(exc), attempt)
+
+    def _prepare(self, request: GenerationRequest, attempt: int) -> Prepared | JobResult:
+        started = self._clock()
+        existing = self._storage.find_output(self.output_key(request.generation_id))
+        if existing is not None:
+            return self._report_existing(request, existing)
+        inputs = self._fetch_inputs(request)
+        return Prepared(
+            request=request, attempt=attempt, inputs=inputs, started=started, fetched=self._clock()
+        )
+
+    def _render(self, prepared: Prepared) -> Rendered:
+        request = prepared.request
+        tracker = ProgressMilestones(
+            total_steps=request.steps,
+            milestones=self._milestones,
+            clock=self._clock,
+            expected_step_seconds=self._step_times.seconds_per_step(
+                width=request.width, height=request.height
+            ),
+        )
+        self._send_progress(request.generation_id, tracker.start())
+
+        def on_step(step: int, _total: int) -> None:
+            self._send_progress(request.generation_id, tracker.step(step))
+
+        began = self._clock()
+        image = self._model.generate(request, prepared.inputs.lora, on_step)
+        generated = self._clock()
+        self._step_times.record(
+            steps=request.steps,
+            seconds=generated - began,
+            width=request.width,
+            height=request.height,
+        )
+        return Rendered(prepared=prepared, image=image, began=began, generated=generated)
+
+    def _finish(self, rendered: Rendered) -> JobResult:
+        prepared = rendered.prepared
+        request = prepared.request
+        image = rendered.image
+        if request.signature is not None:
+            image = self._watermarker.stamp(image, request.signature, prepared.inputs.signature)
+        png = encode_png(image)
+        encoded = self._clock()
+        metadata = self._metadata(request, prepared.inputs.lora)
+        metadata["durations"] = {
+            "fetch_seconds": round(prepared.fetched - prepared.started, 3),
+            "queued_seconds": round(rendered.began - prepared.fetched, 3),
+            "generation_seconds": round(rendered.generated - rendered.began, 3),
+            "encode_seconds": round(encoded - rendered.generated, 3),
+        }
+        stored = self._store(request, png, metadata, prepared.started)
+        self._deliver_completion(request.generation_id, stored.url, metadata)
+        return JobResult(
+            outcome=Outcome.COMPLETED,
+            generation_id=request.generation_id,
+            result_url=stored.url,
+            metadata=metadata,
+        )
 
     def output_key(self, generation_id: int) -> str:
         """The object key of a generation's PNG, stable across redeliveries."""
@@ -145,53 +256,6 @@ class GenerationJob:
             reused=True,
         )
 
-    def _generate(self, request: GenerationRequest) -> JobResult:
-        started = self._clock()
-        inputs = self._fetch_inputs(request)
-        fetched = self._clock()
-
-        tracker = ProgressMilestones(
-            total_steps=request.steps,
-            milestones=self._milestones,
-            clock=self._clock,
-            expected_step_seconds=self._step_times.seconds_per_step(
-                width=request.width, height=request.height
-            ),
-        )
-        self._send_progress(request.generation_id, tracker.start())
-
-        def on_step(step: int, _total: int) -> None:
-            self._send_progress(request.generation_id, tracker.step(step))
-
-        image = self._model.generate(request, inputs.lora, on_step)
-        generated = self._clock()
-        self._step_times.record(
-            steps=request.steps,
-            seconds=generated - fetched,
-            width=request.width,
-            height=request.height,
-        )
-
-        if request.signature is not None:
-            image = self._watermarker.stamp(image, request.signature, inputs.signature)
-        png = encode_png(image)
-        encoded = self._clock()
-
-        metadata = self._metadata(request, inputs.lora)
-        metadata["durations"] = {
-            "fetch_seconds": round(fetched - started, 3),
-            "generation_seconds": round(generated - fetched, 3),
-            "encode_seconds": round(encoded - generated, 3),
-        }
-        stored = self._store(request, png, metadata, started)
-        self._deliver_completion(request.generation_id, stored.url, metadata)
-        return JobResult(
-            outcome=Outcome.COMPLETED,
-            generation_id=request.generation_id,
-            result_url=stored.url,
-            metadata=metadata,
-        )
-
     def _deliver_completion(
         self, generation_id: int, url: str, metadata: Mapping[str, Any]
     ) -> None:
@@ -203,10 +267,10 @@ class GenerationJob:
         except Exception as exc:
             raise NotifyError(f"completion not delivered: {type(exc).__name__}: {exc}") from exc
 
-    def _fetch_inputs(self, request: GenerationRequest) -> _Inputs:
+    def _fetch_inputs(self, request: GenerationRequest) -> Inputs:
         lora = self._storage.fetch_lora(request.lora_ref) if request.lora_ref else None
         signature = self._fetch_signature(request.signature)
-        return _Inputs(lora=lora, signature=signature)
+        return Inputs(lora=lora, signature=signature)
 
     def _fetch_signature(self, spec: SignatureSpec | None) -> Image.Image | None:
         if spec is None or spec.image_ref is None:

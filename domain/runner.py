@@ -69,6 +69,19 @@ class JobRunner:
 
     def handle(self, delivery: Delivery) -> JobResult | None:
         """Process one delivery and settle it; None when no generation ran."""
+        request = self.accept(delivery)
+        if request is None:
+            return None
+        result = self._job.run(request, attempt=delivery.attempt)
+        self.settle(delivery, result)
+        return result
+
+    def accept(self, delivery: Delivery) -> GenerationRequest | None:
+        """The request to run, or None when the delivery was settled without running one.
+
+        Settled here: a failure decided earlier (re-sent), a poison message (parked), a broker
+        redelivery of an outcome already told (acked).
+        """
         if delivery.pending_failure is not None:
             self._settle_failure(delivery, delivery.pending_failure)
             return None
@@ -79,17 +92,19 @@ class JobRunner:
             log.info("generation %s: redelivered after its outcome was told", request.generation_id)
             self._source.ack(delivery)
             return None
-        result = self._job.run(request, attempt=delivery.attempt)
+        return request
+
+    def settle(self, delivery: Delivery, result: JobResult) -> None:
+        """Ack, hand back or park the delivery according to the job's outcome."""
         reason = str(result.error) if result.error else ""
         if result.outcome in (Outcome.COMPLETED, Outcome.FAILED):
-            self._settled.add(request.generation_id)
+            self._settled.add(result.generation_id)
         if result.outcome is Outcome.RETRY:
             self._source.retry(delivery, reason, result.pending_failure)
         elif result.outcome is Outcome.REJECTED:
             self._source.park(delivery, reason)
         else:
             self._source.ack(delivery)
-        return result
 
     def _request_or_park(self, delivery: Delivery) -> GenerationRequest | None:
         try:
@@ -138,11 +153,11 @@ class JobRunner:
             try:
                 self.handle(delivery)
             except Exception as exc:  # pylint: disable=broad-exception-caught
-                self._contain(delivery, as_generation_error(exc))
+                self.contain(delivery, as_generation_error(exc))
             handled += 1
         return handled
 
-    def _contain(self, delivery: Delivery, error: GenerationError) -> None:
+    def contain(self, delivery: Delivery, error: GenerationError) -> None:
         """A bug while settling: hand the job back, but park it once the retries are spent."""
         log.exception("delivery could not be handled: %s", error)
         try:

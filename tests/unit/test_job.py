@@ -66,6 +66,7 @@ def test_completed_job_stores_png_and_reports_every_milestone(wired: Wired) -> N
         assert completion[key] == value, key
     assert set(completion["durations"]) == {
         "fetch_seconds",
+        "queued_seconds",
         "generation_seconds",
         "encode_seconds",
         "upload_seconds",

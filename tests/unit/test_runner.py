@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -9,7 +10,7 @@ from dependency_injector import providers
 
 from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, NotifyError, WebhookRejected
-from domain.runner import SettledGenerations
+from domain.runner import JobRunner, SettledGenerations
 from ports.task_source import Delivery
 from tests.unit.conftest import Wired
 
@@ -165,12 +166,27 @@ def test_a_notifier_bug_after_storing_becomes_a_retry_of_the_completion(wired: W
     assert wired.notifier.of_kind("failed") == []
 
 
-def test_stop_flag_stops_before_taking_more_work(wired: Wired) -> None:
+def test_stop_flag_stops_taking_work_and_finishes_what_was_taken(wired: Wired) -> None:
+    for generation_id in range(1, 6):
+        wired.source.put(backend_message(generation_id))
+    calls = itertools.chain([False], itertools.repeat(True))
+    handled = wired.container.job_runner().run(should_stop=lambda: next(calls))
+    assert handled == 2  # the pipeline's lookahead: received before the stop, so finished
+    assert len(wired.source) == 3
+    assert sorted(d.attempt for d in wired.source.acked) == [0, 0]
+    assert sorted(g for k, g, _ in wired.notifier.sent if k == "completed") == [1, 2]
+
+
+def test_plain_runner_takes_one_delivery_at_a_time(wired: Wired) -> None:
     wired.source.put(backend_message(1))
     wired.source.put(backend_message(2))
     calls = iter([False, True])
-    handled = wired.container.job_runner().run(should_stop=lambda: next(calls))
-    assert handled == 1 and len(wired.source) == 1
+    runner = JobRunner(
+        source=wired.source,
+        job=wired.container.generation_job(),
+        normalizer=wired.container.normalizer(),
+    )
+    assert runner.run(should_stop=lambda: next(calls)) == 1 and len(wired.source) == 1
 
 
 def test_completion_refused_for_good_parks_the_message(wired: Wired) -> None:

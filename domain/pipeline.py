@@ -1,0 +1,133 @@
+"""The worker loop that keeps the model busy: I/O before and after each generation overlaps it.
+
+Three stages, one thread for the model:
+
+- intake (I/O threads): validate the delivery, check for a stored output, fetch the LoRA and
+  signature. Up to ``lookahead`` jobs are prepared ahead of the model.
+- render (the calling thread): the model, one job at a time, in arrival order.
+- finish (I/O threads): stamp the signature, encode the PNG, upload, deliver the completion,
+  settle the delivery. At most ``finish_backlog`` jobs wait here; the model pauses beyond that.
+
+Each delivery is still settled exactly once, by whichever stage ends its job. On stop, no new
+delivery is taken; jobs already received are finished and settled before ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from domain.errors import as_generation_error
+from domain.job import GenerationJob, JobResult, Prepared, Rendered
+from domain.request import RequestNormalizer
+from domain.runner import JobRunner, SettledGenerations
+from ports.task_source import Delivery, TaskSource
+
+log = logging.getLogger(__name__)
+
+
+class PipelinedRunner(JobRunner):
+    """A JobRunner whose model never waits on storage, webhooks or PNG encoding."""
+
+    def __init__(
+        self,
+        *,
+        source: TaskSource,
+        job: GenerationJob,
+        normalizer: RequestNormalizer,
+        settled: SettledGenerations | None = None,
+        poll_seconds: float = 1.0,
+        io_threads: int = 4,
+        lookahead: int = 2,
+        finish_backlog: int = 4,
+    ) -> None:
+        super().__init__(
+            source=source,
+            job=job,
+            normalizer=normalizer,
+            settled=settled,
+            poll_seconds=poll_seconds,
+        )
+        self._io_threads = max(2, io_threads)
+        self._lookahead = max(1, lookahead)
+        self._finish_slots = threading.BoundedSemaphore(max(1, finish_backlog))
+        self._finishing = 0
+        self._finishing_changed = threading.Condition()
+
+    def run(self, *, should_stop: Callable[[], bool], stop_when_idle: bool = False) -> int:
+        """Run the pipeline until ``should_stop()`` (or idle); the number of deliveries taken."""
+        handled = 0
+        pending: deque[tuple[Delivery, Future[Prepared | None]]] = deque()
+        with ThreadPoolExecutor(self._io_threads, thread_name_prefix="job-io") as pool:
+            while True:
+                stopping = should_stop()
+                while not stopping and len(pending) < self._lookahead:
+                    wait = 0.0 if pending or stop_when_idle else self._poll_seconds
+                    delivery = self._source.receive(wait)
+                    if delivery is None:
+                        break
+                    handled += 1
+                    pending.append((delivery, pool.submit(self._intake, delivery)))
+                if not pending:
+                    if stopping:
+                        break
+                    if stop_when_idle:
+                        # Jobs still finishing may hand deliveries back; idle means none left.
+                        if not self._wait_for_finishing():
+                            break
+                    continue
+                delivery, intake = pending.popleft()
+                prepared = intake.result()
+                if prepared is not None:
+                    self._render(pool, delivery, prepared)
+        return handled
+
+    def _wait_for_finishing(self) -> bool:
+        """Wait until no job is in the finish stage; whether any was."""
+        with self._finishing_changed:
+            busy = self._finishing > 0
+            self._finishing_changed.wait_for(lambda: self._finishing == 0)
+        return busy
+
+    def _intake(self, delivery: Delivery) -> Prepared | None:
+        """Validate and fetch; None when the delivery was settled here."""
+        try:
+            request = self.accept(delivery)
+            if request is None:
+                return None
+            prepared = self._job.prepare(request, attempt=delivery.attempt)
+            if isinstance(prepared, JobResult):
+                self.settle(delivery, prepared)
+                return None
+            return prepared
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            self.contain(delivery, as_generation_error(exc))
+            return None
+
+    def _render(self, pool: ThreadPoolExecutor, delivery: Delivery, prepared: Prepared) -> None:
+        try:
+            rendered = self._job.render(prepared)
+            if isinstance(rendered, JobResult):
+                self.settle(delivery, rendered)
+                return
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            self.contain(delivery, as_generation_error(exc))
+            return
+        self._finish_slots.acquire()  # back-pressure: the model waits if uploads pile up
+        with self._finishing_changed:
+            self._finishing += 1
+        pool.submit(self._finish, delivery, rendered)
+
+    def _finish(self, delivery: Delivery, rendered: Rendered) -> None:
+        try:
+            self.settle(delivery, self._job.finish(rendered))
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            self.contain(delivery, as_generation_error(exc))
+        finally:
+            self._finish_slots.release()
+            with self._finishing_changed:
+                self._finishing -= 1
+                self._finishing_changed.notify_all()
