@@ -116,7 +116,8 @@ class PipelinedRunner(JobRunner):
         except Exception as exc:  # pylint: disable=broad-exception-caught
             self.contain(delivery, as_generation_error(exc))
             return
-        self._finish_slots.acquire()  # back-pressure: the model waits if uploads pile up
+        # Back-pressure: the model waits if uploads pile up; released by _finish.
+        self._finish_slots.acquire()  # pylint: disable=consider-using-with
         with self._finishing_changed:
             self._finishing += 1
         pool.submit(self._finish, delivery, rendered)
