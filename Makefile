@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo generate worker test test-unit test-integration lint format lock clean
+.PHONY: setup demo generate worker test test-unit test-integration bench lint format lock clean
 
 setup: $(STAMP)
 
@@ -37,9 +37,13 @@ test-unit: setup
 test-integration: setup
 	$(WITH_SERVICES) $(PY) -m pytest tests/integration
 
+# Benchmarks print ratios measured side by side in one run (this machine is shared and noisy).
+bench: setup
+	$(PY) -m bench.worker_throughput
+
 lint: setup
 	$(PY) -m black --check .
-	$(PY) -m pylint app domain ports adapters containers.py
+	$(PY) -m pylint app domain ports adapters containers.py bench
 	$(PY) -m pylint tests --disable=missing-function-docstring,missing-class-docstring,redefined-outer-name,duplicate-code
 
 format: setup

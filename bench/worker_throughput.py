@@ -1,0 +1,337 @@
+"""End-to-end throughput of the worker against the bare model, measured side by side.
+
+Real RabbitMQ, a real S3 API (moto_server), an HTTP backend that answers every webhook after
+100 ms (a backend across clouds), the tiny model with a mix of LoRAs at a step count that makes
+one job take about 0.5 s of model time. torch gets one thread (``--threads``), so the model
+behaves like a GPU: busy on its own device while the worker's I/O uses the other core.
+
+Runs, in one process and one go: the bare model called in a loop (the ceiling), the pipelined
+worker, and the serial runner (each job's I/O in line with the model). Prints jobs/s and the
+ratios to the bare model; writes bench/results/worker.json.
+
+    make bench            # or: .venv/bin/python -m bench.worker_throughput --jobs 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import multiprocessing
+import platform
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pika
+import torch
+from dependency_injector import providers
+from PIL import Image
+
+from adapters.diffusers_model import DiffusersImageModel
+from adapters.local_storage import sha256_of
+from adapters.tiny_model import build_tiny_lora, build_tiny_model
+from app.settings import load_settings
+from app.worker import start
+from containers import build_container
+from domain.request import GenerationRequest
+from domain.runner import JobRunner
+from ports.storage import LoraArtifact
+from tests.integration.backend_receiver import BackendReceiver
+from tests.integration.services import ensure_local_rabbitmq, moto_server
+
+RESULTS = Path(__file__).parent / "results" / "worker.json"
+TOKEN = "bench-token"
+
+
+def serve_backend(token: str, delay: float, ports: multiprocessing.Queue) -> None:
+    """The backend in its own process, as in production: answers every webhook after ``delay``."""
+    with BackendReceiver(token=token, delay_seconds=delay) as receiver:
+        ports.put(receiver.port)
+        threading.Event().wait()
+
+
+class CountingNotifier:
+    """Passes webhooks through and counts delivered completions (the benchmark's clock)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._lock = threading.Condition()
+        self.completed_ids: set[int] = set()
+        self.model_seconds: list[float] = []
+
+    def progress(self, generation_id: int, update: Any) -> None:
+        """Pass through."""
+        self._inner.progress(generation_id, update)
+
+    def failed(self, *args: Any) -> None:
+        """Pass through."""
+        self._inner.failed(*args)
+
+    def completed(self, generation_id: int, result_url: str, metadata: Any) -> None:
+        """Pass through, then count."""
+        self._inner.completed(generation_id, result_url, metadata)
+        with self._lock:
+            self.completed_ids.add(generation_id)
+            self.model_seconds.append(metadata["durations"]["generation_seconds"])
+            self._lock.notify_all()
+
+    def wait_for(self, ids: set[int], timeout: float) -> None:
+        """Until every id in ``ids`` was delivered."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: ids <= self.completed_ids, timeout):
+                raise TimeoutError(f"{len(ids - self.completed_ids)} jobs not completed")
+
+
+def calibrate_steps(model: DiffusersImageModel, target_seconds: float, lora: LoraArtifact) -> int:
+    """The step count at which one 512x512 job with a LoRA takes about ``target_seconds``."""
+
+    def seconds(steps: int) -> float:
+        request = job_request(0, steps)
+        began = time.perf_counter()
+        model.generate(request, lora, lambda _s, _t: None)
+        return time.perf_counter() - began
+
+    seconds(4)  # warm-up
+    per_step = (seconds(20) - seconds(4)) / 16
+    fixed = max(0.0, seconds(4) - 4 * per_step)
+    return max(2, round((target_seconds - fixed) / per_step))
+
+
+def job_request(generation_id: int, steps: int) -> GenerationRequest:
+    """The model's input for one benchmark job."""
+    return GenerationRequest(
+        generation_id=generation_id,
+        prompt="watercolor, portrait, vintage",
+        width=512,
+        height=512,
+        steps=steps,
+        guidance_scale=7.5,
+        seed=generation_id,
+    )
+
+
+def bare_loop(
+    model: DiffusersImageModel, loras: list[LoraArtifact], jobs: int, steps: int
+) -> float:
+    """Jobs per second of the model alone, LoRA switching included."""
+    began = time.perf_counter()
+    for index in range(jobs):
+        model.generate(job_request(index, steps), loras[index % len(loras)], lambda _s, _t: None)
+    return jobs / (time.perf_counter() - began)
+
+
+def message(generation_id: int, steps: int, lora_key: str, models: str, media: str) -> bytes:
+    """A job exactly as the backend publishes it."""
+    return json.dumps(
+        {
+            "task_id": str(uuid.uuid4()),
+            "type": "image_generation",
+            "data": {
+                "generation_id": generation_id,
+                "style_id": 1,
+                "lora_path": f"s3://{models}/{lora_key}",
+                "prompt": "watercolor, portrait, vintage",
+                "seed": generation_id,
+                "signature_path": f"s3://{media}/signatures/1.png",
+                "signature_config": {"position": "bottom-right", "size": "medium", "opacity": 0.7},
+                "parameters": {"steps": steps, "width": 512, "height": 512},
+            },
+        }
+    ).encode()
+
+
+def worker_run(  # pylint: disable=too-many-locals
+    *,
+    model: DiffusersImageModel,
+    env: dict[str, Any],
+    jobs: int,
+    steps: int,
+    lora_keys: list[str],
+    serial: bool,
+    first_id: int,
+) -> tuple[float, float]:
+    """Jobs per second of the whole worker on a backlog of ``jobs`` messages, and the share of
+    the wall time the model was busy."""
+    queue_name = f"bench_{uuid.uuid4().hex[:8]}"
+    settings = load_settings(**env, rabbitmq_queue=queue_name)
+    with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1")) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue=queue_name, durable=True)
+        for index in range(jobs):
+            channel.basic_publish(
+                exchange="",
+                routing_key=queue_name,
+                body=message(
+                    first_id + index,
+                    steps,
+                    lora_keys[index % len(lora_keys)],
+                    settings.s3_models_bucket,
+                    settings.aws_storage_bucket_name,
+                ),
+                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+            )
+    container = build_container(settings)
+    container.image_model.override(providers.Object(model))
+    counter = CountingNotifier(container.notifier())
+    container.notifier.override(providers.Object(counter))
+    problem = start(container)
+    if problem:
+        raise RuntimeError(problem)
+    if serial:
+        runner = JobRunner(
+            source=container.task_source(),
+            job=container.generation_job(),
+            normalizer=container.normalizer(),
+        )
+    else:
+        runner = container.job_runner()
+    stop = threading.Event()
+    ids = set(range(first_id, first_id + jobs))
+    began = time.perf_counter()
+    thread = threading.Thread(target=lambda: runner.run(should_stop=stop.is_set), daemon=True)
+    thread.start()
+    counter.wait_for(ids, timeout=jobs * 30)
+    elapsed = time.perf_counter() - began
+    busy = sum(counter.model_seconds)
+    print(
+        f"  {'serial' if serial else 'pipelined'}: model busy {busy:.2f} s of {elapsed:.2f} s"
+        f" ({busy / elapsed:.1%}), {busy / jobs:.3f} s per job inside the worker"
+    )
+    stop.set()
+    thread.join(60)
+    container.task_source().close()
+    container.shutdown_resources()
+    return jobs / elapsed, busy / elapsed
+
+
+def main() -> None:  # pylint: disable=too-many-locals
+    """Run the three measurements and print the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--loras", type=int, default=3)
+    parser.add_argument("--model-seconds", type=float, default=0.5)
+    parser.add_argument("--webhook-delay", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    if not ensure_local_rabbitmq():
+        raise SystemExit("RabbitMQ is not reachable on 127.0.0.1:5672")
+
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    backend = multiprocessing.Process(
+        target=serve_backend, args=(TOKEN, args.webhook_delay, ports), daemon=True
+    )
+    backend.start()
+    backend_url = f"http://127.0.0.1:{ports.get(timeout=30)}"
+    with tempfile.TemporaryDirectory() as scratch, moto_server() as s3:
+        root = Path(scratch)
+        model_dir = build_tiny_model(root / "tiny-sd")
+        lora_dirs = [
+            build_tiny_lora(model_dir, root / f"lora{i}", fmt="peft", seed=10 + i)
+            for i in range(args.loras)
+        ]
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3.endpoint_url,
+            aws_access_key_id=s3.access_key,
+            aws_secret_access_key=s3.secret_key,
+            region_name=s3.region,
+        )
+        models, media = "bench-models", "bench-media"
+        for bucket in (models, media):
+            client.create_bucket(Bucket=bucket)
+        lora_keys = []
+        for index, folder in enumerate(lora_dirs):
+            for path in folder.iterdir():
+                client.put_object(
+                    Bucket=models, Key=f"styles/{index}/{path.name}", Body=path.read_bytes()
+                )
+            lora_keys.append(f"styles/{index}/")
+        signature = io.BytesIO()
+        Image.new("RGBA", (200, 80), (250, 240, 220, 255)).save(signature, format="PNG")
+        client.put_object(Bucket=media, Key="signatures/1.png", Body=signature.getvalue())
+
+        model = DiffusersImageModel.load(model_id=str(model_dir), device="cpu")
+        local_loras = [
+            LoraArtifact(ref=str(p), path=str(p), checksum=sha256_of(p)) for p in lora_dirs
+        ]
+        steps = calibrate_steps(model, args.model_seconds, local_loras[0])
+        env = {
+            "storage_backend": "s3",
+            "notifier_backend": "http",
+            "task_source_backend": "rabbitmq",
+            "aws_s3_endpoint_url": s3.endpoint_url,
+            "aws_access_key_id": s3.access_key,
+            "aws_secret_access_key": s3.secret_key,
+            "aws_storage_bucket_name": media,
+            "s3_models_bucket": models,
+            "backend_api_url": backend_url,
+            "internal_api_token": TOKEN,
+            "lora_download_dir": str(root / "downloads"),
+            "model_id": str(model_dir),
+        }
+        bare = bare_loop(model, local_loras, args.jobs, steps)
+        pipelined, pipelined_busy = worker_run(
+            model=model,
+            env=env,
+            jobs=args.jobs,
+            steps=steps,
+            lora_keys=lora_keys,
+            serial=False,
+            first_id=1000,
+        )
+        serial, serial_busy = worker_run(
+            model=model,
+            env=env,
+            jobs=args.jobs,
+            steps=steps,
+            lora_keys=lora_keys,
+            serial=True,
+            first_id=2000,
+        )
+        bare_again = bare_loop(model, local_loras, args.jobs, steps)
+    backend.terminate()
+
+    ceiling = (bare + bare_again) / 2
+    results = {
+        "jobs": args.jobs,
+        "steps": steps,
+        "loras": args.loras,
+        "webhook_delay_seconds": args.webhook_delay,
+        "torch_threads": args.threads,
+        "model_seconds_per_job": round(1 / ceiling, 3),
+        "bare_jobs_per_second": [round(bare, 3), round(bare_again, 3)],
+        "pipelined_jobs_per_second": round(pipelined, 3),
+        "serial_jobs_per_second": round(serial, 3),
+        "pipelined_ratio": round(pipelined / ceiling, 3),
+        "serial_ratio": round(serial / ceiling, 3),
+        "pipelined_model_busy": round(pipelined_busy, 3),
+        "serial_model_busy": round(serial_busy, 3),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"model time per job      {1 / ceiling:.3f} s ({steps} steps, {args.loras} LoRAs)")
+    print(f"bare model              {ceiling:.3f} jobs/s (runs: {bare:.3f}, {bare_again:.3f})")
+    print(
+        f"worker, pipelined       {pipelined:.3f} jobs/s  ratio {pipelined / ceiling:.3f}"
+        f"  (model busy {pipelined_busy:.1%} of the time)"
+    )
+    print(
+        f"worker, serial          {serial:.3f} jobs/s  ratio {serial / ceiling:.3f}"
+        f"  (model busy {serial_busy:.1%} of the time)"
+    )
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
