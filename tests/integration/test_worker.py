@@ -30,6 +30,7 @@ from app.worker import start
 from containers import Container, build_container
 from tests.integration.backend_receiver import BackendReceiver, RecordedRequest
 from tests.integration.services import RabbitService, S3Service
+from tests.messages import backend_message
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-secret-token"
@@ -184,24 +185,6 @@ def worker(worker_env: dict[str, str]) -> Iterator[RunningWorker]:
     yield running
     if thread.is_alive():
         running.shutdown()
-
-
-def backend_message(generation_id: int, **data: Any) -> dict[str, Any]:
-    payload = {
-        "generation_id": generation_id,
-        "style_id": 123,
-        "prompt": "watercolor, portrait, vintage",
-        "aspect_ratio": "1:1",
-        "seed": 42,
-        "prompt_tags": ["watercolor", "portrait", "vintage"],
-    }
-    payload.update(data)
-    return {
-        "task_id": str(uuid.uuid4()),
-        "type": "image_generation",
-        "data": payload,
-        "webhook_url": f"https://api.example.com/api/webhooks/generation/{generation_id}/status",
-    }
 
 
 def outcome_of(
@@ -367,19 +350,23 @@ def test_sigterm_mid_job_finishes_acks_and_exits(
     assert stack.queue_state() == (0, 0)  # acked, nothing left, consumer gone
 
 
-def test_worker_start_fails_fast_naming_the_broker(
-    worker_env: dict[str, str], tmp_path: Path
-) -> None:
-    env = {**os.environ, **worker_env, "RABBITMQ_PORT": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
+def run_worker_cli(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m app worker`` to its exit."""
+    return subprocess.run(
         [sys.executable, "-m", "app", "worker"],
-        cwd=tmp_path,
-        env=env,
+        cwd=cwd,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_worker_start_fails_fast_naming_the_broker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    done = run_worker_cli({**worker_env, "RABBITMQ_PORT": "1"}, tmp_path)
     assert done.returncode == 3
     assert "cannot start: broker" in done.stderr and "RabbitMQ" in done.stderr
     assert TOKEN not in done.stderr + done.stdout
@@ -388,20 +375,6 @@ def test_worker_start_fails_fast_naming_the_broker(
 def test_worker_start_fails_fast_naming_a_missing_bucket(
     worker_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        **worker_env,
-        "S3_MODELS_BUCKET": "no-such-bucket-here",
-        "PYTHONPATH": str(ROOT),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "worker"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_worker_cli({**worker_env, "S3_MODELS_BUCKET": "no-such-bucket-here"}, tmp_path)
     assert done.returncode == 3
     assert "cannot start: storage" in done.stderr and "no-such-bucket-here" in done.stderr

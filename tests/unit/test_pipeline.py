@@ -13,7 +13,8 @@ from ports.image_model import StepCallback
 from ports.storage import LoraArtifact, StoredOutput
 from tests.unit.conftest import Wired
 from tests.unit.fakes import FakeImageModel, FakeStorage
-from tests.unit.test_runner import backend_message, run_all
+from tests.messages import backend_message
+from tests.unit.test_runner import run_all
 
 
 class ModelThatSignals(FakeImageModel):

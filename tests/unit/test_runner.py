@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any
 
 from dependency_injector import providers
 
@@ -12,20 +11,8 @@ from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, NotifyError, WebhookRejected
 from domain.runner import JobRunner, SettledGenerations
 from ports.task_source import Delivery
+from tests.messages import backend_message
 from tests.unit.conftest import Wired
-
-
-def backend_message(generation_id: int = 456, **data: Any) -> dict[str, Any]:
-    payload = {
-        "generation_id": generation_id,
-        "style_id": 123,
-        "prompt": "watercolor, portrait, vintage",
-        "aspect_ratio": "1:1",
-        "seed": 42,
-        "prompt_tags": ["watercolor", "portrait", "vintage"],
-    }
-    payload.update(data)
-    return {"task_id": "t-1", "type": "image_generation", "data": payload}
 
 
 def run_all(wired: Wired) -> int:
