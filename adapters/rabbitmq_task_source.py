@@ -30,7 +30,7 @@ from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from domain.errors import ErrorCode, FailureReport
 from ports.task_source import Delivery
@@ -107,10 +107,15 @@ class RabbitMQTaskSource:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Connect on the I/O thread; BrokerUnavailable if no connection within ``timeout``."""
+    def start(self, timeout: float = 15.0, *, consume: bool = True) -> None:
+        """Connect on the I/O thread; BrokerUnavailable if no connection within ``timeout``.
+
+        With ``consume=False`` the queues are declared but no delivery arrives until
+        ``start_consuming()``.
+        """
         if self._thread is not None:
             return
+        self._want_consume = consume
         self._thread = threading.Thread(target=self._run, name="rabbitmq-io", daemon=True)
         self._thread.start()
         if not self._connected.wait(timeout):
@@ -125,6 +130,18 @@ class RabbitMQTaskSource:
     def connected(self) -> bool:
         """Whether a connection to the broker is up right now."""
         return self._connected.is_set()
+
+    def start_consuming(self) -> None:
+        """Begin (or resume) taking deliveries."""
+        self._want_consume = True
+        self._call_soon(self._begin_consuming)
+
+    def _begin_consuming(self) -> None:
+        channel = self._channel
+        if self._want_consume and self._consumer_tag is None and channel is not None:
+            self._consumer_tag = channel.basic_consume(
+                queue=self.queue_name, on_message_callback=self._on_message, auto_ack=False
+            )
 
     def stop_consuming(self) -> None:
         """Take no more deliveries; those received but not handed out go back to the queue."""
@@ -218,18 +235,23 @@ class RabbitMQTaskSource:
                 correlation_id=getattr(original, "correlation_id", None),
                 headers=merged,
             )
-            try:
-                channel.basic_publish(
-                    exchange="",
-                    routing_key=target,
-                    body=delivery.body,
-                    properties=properties,
-                    mandatory=True,
-                )
-            except AMQPError as exc:
-                log.error("could not re-publish to %s (%s); requeueing as is", target, exc)
-                channel.basic_nack(tag.delivery_tag, requeue=True)
-                return
+            for last_try in (False, True):
+                try:
+                    channel.basic_publish(
+                        exchange="",
+                        routing_key=target,
+                        body=delivery.body,
+                        properties=properties,
+                        mandatory=True,
+                    )
+                    break
+                except (UnroutableError, NackError) as exc:
+                    if last_try:
+                        # Never an instant requeue (it would loop): the delivery stays
+                        # unsettled and returns to the queue when this connection closes.
+                        log.error("could not re-publish to %s (%s); left unsettled", target, exc)
+                        return
+                    self._declare(channel)  # the target queue may have been deleted
             channel.basic_ack(tag.delivery_tag)
 
         self._settle(delivery, action)
@@ -270,6 +292,15 @@ class RabbitMQTaskSource:
     def _connect(self) -> None:
         connection = pika.BlockingConnection(self._parameters)
         channel = connection.channel()
+        self._declare(channel)
+        channel.confirm_delivery()
+        channel.basic_qos(prefetch_count=self._prefetch)
+        self._epoch += 1
+        self._connection, self._channel = connection, channel
+        self._consumer_tag = None
+        self._begin_consuming()
+
+    def _declare(self, channel: BlockingChannel) -> None:
         # Exactly as the backend declares it: durable, no arguments.
         channel.queue_declare(queue=self.queue_name, durable=True)
         channel.queue_declare(queue=self.parked_queue, durable=True)
@@ -282,14 +313,6 @@ class RabbitMQTaskSource:
                 "x-dead-letter-routing-key": self.queue_name,
             },
         )
-        channel.confirm_delivery()
-        channel.basic_qos(prefetch_count=self._prefetch)
-        self._epoch += 1
-        self._connection, self._channel = connection, channel
-        if self._want_consume:
-            self._consumer_tag = channel.basic_consume(
-                queue=self.queue_name, on_message_callback=self._on_message, auto_ack=False
-            )
 
     def _run(self) -> None:
         backoff = 0.5
@@ -303,13 +326,30 @@ class RabbitMQTaskSource:
                     self._connection.process_data_events(time_limit=0.2)  # type: ignore[union-attr]
                 self._shutdown()
                 return
-            except (AMQPError, OSError) as exc:
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                # Any failure (not only AMQP's) must end in a reconnect, never a dead I/O thread.
                 self._first_error = self._first_error or exc
-                self._connected.clear()
-                self._connection, self._channel = None, None
-                log.warning("RabbitMQ connection lost (%s); reconnecting in %.1f s", exc, backoff)
+                self._drop_connection()
+                if isinstance(exc, (AMQPError, OSError)):
+                    log.warning(
+                        "RabbitMQ connection lost (%s); reconnecting in %.1fs", exc, backoff
+                    )
+                else:
+                    log.exception("RabbitMQ I/O thread failed; reconnecting in %.1fs", backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._reconnect_max)
+
+    def _drop_connection(self) -> None:
+        """Forget a broken connection: its deliveries are stale from now on."""
+        self._connected.clear()
+        self._epoch += 1  # receive() stops handing out deliveries of the dead connection
+        connection = self._connection
+        self._connection, self._channel, self._consumer_tag = None, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:  # pylint: disable=broad-exception-caught
+                log.debug("closing the broken connection failed", exc_info=True)
 
     def _shutdown(self) -> None:
         """Run the settlements already scheduled, return the rest to the queue, close."""

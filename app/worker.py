@@ -53,15 +53,17 @@ class Shutdown:
             os._exit(128 + signum)
         log.info("%s: finishing the job in flight, taking no more", name)
         self.requested.set()
+        # Not here: a handler interrupts the main thread anywhere, possibly inside a lock the
+        # callbacks need (pika's add_callback_threadsafe takes a non-reentrant one).
         for callback in self._on_first:
-            callback()  # type: ignore[operator]
+            threading.Thread(target=callback, name="shutdown", daemon=True).start()
 
 
 def start(container: Container) -> str | None:
     """Connect and load everything the worker needs; the problem in words, or None."""
     source = container.task_source()
     try:
-        source.start()
+        source.start(consume=False)
     except ConnectionError as exc:
         return f"broker: {exc}"
     storage = container.storage()
@@ -75,6 +77,8 @@ def start(container: Container) -> str | None:
         container.image_model.init()
     except GenerationError as exc:
         return f"model: {exc.message}"
+    # Only now: jobs prefetched during a long model load would sit idle, held from other workers.
+    source.start_consuming()
     return None
 
 
