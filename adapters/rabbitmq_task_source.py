@@ -10,8 +10,11 @@ dead-letter policy. A retried job is re-published, with publisher confirms, to
 ``<queue>.retry.<N>s`` (a queue of ours whose TTL dead-letters back to the main queue after N
 seconds) with its attempt count (and any decided failure) in headers; only then is the
 original acked. Poison messages are re-published to ``<queue>.parked`` with the reason in a
-header, then acked. When the connection drops, deliveries not yet settled are simply
-redelivered by the broker to a new connection; the use case's idempotency makes that harmless.
+header, then acked. Waiting for those confirms happens on the I/O thread, inside pika's
+BlockingChannel, which keeps servicing the connection (heartbeats included) while it waits; it
+is one broker round trip per retried or parked job, never per generated one. When the
+connection drops, deliveries not yet settled are simply redelivered by the broker to a new
+connection; the use case's idempotency makes that harmless.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from adapters.fonts import SignatureFonts
+from containers import Container
 from domain.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -31,14 +33,16 @@ def write_sample_signature(path: Path, text: str = "A. Rivera") -> Path:
     return path
 
 
-def load_model_or_tiny(container: object, model_id: str, report: object = print) -> str:
+def load_model_or_tiny(
+    container: Container, model_id: str, report: Callable[[str], None] = print
+) -> str:
     """Initialise the container's model from ``model_id``; if it cannot load, use the tiny model.
 
     Returns the model id in use. The fallback is said plainly: the tiny model has random weights,
     so its images show the pipeline working, not a picture.
     """
     try:
-        container.image_model.init()  # type: ignore[attr-defined]
+        container.image_model.init()
         return model_id
     except ModelError as exc:
         cause = str(exc.__cause__ or exc.message).splitlines()[0]
@@ -53,8 +57,8 @@ def load_model_or_tiny(container: object, model_id: str, report: object = print)
         " whole pipeline working, not a picture). Set MODEL_ID to an SD 1.5 folder or hub id"
         " with network access for real images."
     )
-    container.config.model_id.from_value(str(tiny))  # type: ignore[attr-defined]
-    container.image_model.init()  # type: ignore[attr-defined]
+    container.config.model_id.from_value(str(tiny))
+    container.image_model.init()
     return str(tiny)
 
 

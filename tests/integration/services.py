@@ -45,6 +45,10 @@ class RabbitService:
     vhost: str = "/"
 
 
+class ServiceUnavailable(RuntimeError):
+    """A service could not be started or reached."""
+
+
 def unavailable(what: str, why: str) -> None:
     """Fail in CI, skip elsewhere: a missing service must never pass silently in CI."""
     message = f"{what} is not reachable: {why}"
@@ -96,7 +100,7 @@ def moto_server() -> Iterator[S3Service]:
         deadline = time.monotonic() + 20
         while not port_open("127.0.0.1", port, 0.2):
             if process.poll() is not None or time.monotonic() > deadline:
-                unavailable("moto_server", f"did not start (exit code {process.poll()})")
+                raise ServiceUnavailable(f"moto_server did not start (exit code {process.poll()})")
             time.sleep(0.1)
         yield S3Service(f"http://127.0.0.1:{port}", "testing", "testing")
     finally:
@@ -125,8 +129,11 @@ def s3_service() -> Iterator[S3Service]:
             unavailable("S3 API", f"nothing listens at TEST_S3_ENDPOINT_URL={endpoint}")
         yield S3Service(endpoint, "testing", "testing")
         return
-    with moto_server() as service:
-        yield service
+    try:
+        with moto_server() as service:
+            yield service
+    except ServiceUnavailable as exc:
+        unavailable("S3 API", str(exc))
 
 
 @contextmanager
@@ -190,9 +197,13 @@ def main(argv: list[str]) -> int:
             return 1
     if env.get("TEST_S3_ENDPOINT_URL"):
         return subprocess.call(argv, env=env)
-    with moto_server() as s3:
-        env["TEST_S3_ENDPOINT_URL"] = s3.endpoint_url
-        return subprocess.call(argv, env=env)
+    try:
+        with moto_server() as s3:
+            env["TEST_S3_ENDPOINT_URL"] = s3.endpoint_url
+            return subprocess.call(argv, env=env)
+    except ServiceUnavailable as exc:
+        print(f"services: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
