@@ -177,7 +177,7 @@ class GenerationJob:
         started = self._clock()
         existing = self._storage.find_output(self.output_key(request.generation_id))
         if existing is not None:
-            return self._report_existing(request, existing)
+            return self._report_existing(request.generation_id, existing)
         inputs = self._fetch_inputs(request)
         return Prepared(
             request=request, attempt=attempt, inputs=inputs, started=started, fetched=self._clock()
@@ -233,24 +233,41 @@ class GenerationJob:
             metadata=metadata,
         )
 
+    def report_if_stored(self, generation_id: int) -> JobResult | None:
+        """The completion again when the generation's image is stored, else None.
+
+        A stored image settles the outcome: a failure decided on another copy of the message
+        (one that raced it after a dropped connection) must then never be sent.
+        """
+        existing = self._storage.find_output(self.output_key(generation_id))
+        if existing is None:
+            return None
+        return self._guarded_existing(generation_id, existing)
+
+    def _guarded_existing(self, generation_id: int, stored: StoredOutput) -> JobResult:
+        try:
+            return self._report_existing(generation_id, stored)
+        except NotifyError as exc:
+            return JobResult(outcome=Outcome.RETRY, generation_id=generation_id, error=exc)
+
     def output_key(self, generation_id: int) -> str:
         """The object key of a generation's PNG, stable across redeliveries."""
         return output_key(generation_id, self._output_prefix)
 
-    def _report_existing(self, request: GenerationRequest, stored: StoredOutput) -> JobResult:
+    def _report_existing(self, generation_id: int, stored: StoredOutput) -> JobResult:
         """The image exists, so the outcome is settled: only a completion may ever be sent."""
         try:
             metadata = json.loads(stored.metadata.get(METADATA_KEY, "{}"))
         except ValueError:
-            log.warning("generation %s: stored metadata unreadable", request.generation_id)
+            log.warning("generation %s: stored metadata unreadable", generation_id)
             metadata = {}
         if not isinstance(metadata, dict):
             metadata = {}
-        log.info("generation %s: output exists, reporting it again", request.generation_id)
-        self._deliver_completion(request.generation_id, stored.url, metadata)
+        log.info("generation %s: output exists, reporting it again", generation_id)
+        self._deliver_completion(generation_id, stored.url, metadata)
         return JobResult(
             outcome=Outcome.COMPLETED,
-            generation_id=request.generation_id,
+            generation_id=generation_id,
             result_url=stored.url,
             metadata=metadata,
             reused=True,

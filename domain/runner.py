@@ -83,7 +83,7 @@ class JobRunner:
         redelivery of an outcome already told (acked).
         """
         if delivery.pending_failure is not None:
-            self._settle_failure(delivery, delivery.pending_failure)
+            self._settle_pending_failure(delivery, delivery.pending_failure)
             return None
         request = self._request_or_park(delivery)
         if request is None:
@@ -129,9 +129,29 @@ class JobRunner:
             self._settle_failure(delivery, report)
         return None
 
+    def _settle_pending_failure(self, delivery: Delivery, report: FailureReport) -> None:
+        """Send a failure decided earlier, unless the image got stored meanwhile.
+
+        After a dropped connection, the broker redelivers the original message while the copy
+        carrying the failure is also queued; whichever stores the image first wins.
+        """
+        if not report.poison:
+            try:
+                stored = self._job.report_if_stored(report.generation_id)
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                log.warning("generation %s: cannot check storage: %s", report.generation_id, exc)
+                self._source.retry(delivery, f"storage unreachable: {exc}", report)
+                return
+            if stored is not None:
+                self.settle(delivery, stored)
+                return
+        self._settle_failure(delivery, report)
+
     def _settle_failure(self, delivery: Delivery, report: FailureReport) -> None:
         reason = f"{report.code.value}: {report.message}"
         outcome = self._job.deliver_failure(report)
+        if outcome is Outcome.FAILED:
+            self._settled.add(report.generation_id)
         if outcome is Outcome.RETRY:
             # The backend is unreachable; keep the message so the failure is told later.
             self._source.retry(delivery, reason, report)

@@ -58,13 +58,14 @@ class FakeImageModel:
 
 @dataclass
 class FakeStorage:
-    """Objects in dicts; ``fail_puts``/``fail_fetches`` raise the given errors first."""
+    """Objects in dicts; ``fail_puts``/``fail_fetches``/``fail_finds`` raise the given errors first."""
 
     loras: dict[str, bytes] = field(default_factory=dict)
     signatures: dict[str, bytes] = field(default_factory=dict)
     outputs: dict[str, tuple[bytes, dict[str, str]]] = field(default_factory=dict)
     fail_puts: list[GenerationError] = field(default_factory=list)
     fail_fetches: list[GenerationError] = field(default_factory=list)
+    fail_finds: list[GenerationError] = field(default_factory=list)
     fetched: list[str] = field(default_factory=list)
     puts: list[str] = field(default_factory=list)
 
@@ -83,6 +84,8 @@ class FakeStorage:
         return self.signatures[ref]
 
     def find_output(self, key: str) -> StoredOutput | None:
+        if self.fail_finds:
+            raise self.fail_finds.pop(0)
         if key not in self.outputs:
             return None
         return StoredOutput(key=key, url=f"https://cdn.test/{key}", metadata=self.outputs[key][1])

@@ -8,7 +8,15 @@ import json
 from dependency_injector import providers
 
 from adapters.memory_task_source import InMemoryTaskSource
-from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, NotifyError, WebhookRejected
+from domain.errors import (
+    ErrorCode,
+    FailureReport,
+    GpuOutOfMemory,
+    LoraInvalid,
+    NotifyError,
+    StorageError,
+    WebhookRejected,
+)
 from domain.runner import JobRunner, SettledGenerations
 from ports.task_source import Delivery
 from tests.messages import backend_message
@@ -220,3 +228,39 @@ def test_settled_generations_forget_the_oldest() -> None:
     for generation_id in (1, 2, 3):
         settled.add(generation_id)
     assert 1 not in settled and 2 in settled and 3 in settled
+
+
+def test_a_pending_failure_yields_to_an_image_stored_by_a_racing_copy(wired: Wired) -> None:
+    # A dropped connection left two copies: the original (redelivered, it completed) and the
+    # retry copy carrying a failure decided earlier. The stored image settles the outcome.
+    runner = wired.container.job_runner()
+    body = json.dumps(backend_message(91)).encode()
+    runner.handle(Delivery(body=body, redelivered=True))
+    report = FailureReport(generation_id=91, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
+    runner.handle(Delivery(body=body, attempt=3, pending_failure=report))
+    assert wired.notifier.of_kind("failed") == []
+    assert wired.notifier.kinds().count("completed") == 2  # told again, never contradicted
+    assert len(wired.source.acked) == 2 and len(wired.model.calls) == 1
+
+
+def test_a_pending_failure_waits_while_storage_cannot_be_checked(wired: Wired) -> None:
+    runner = wired.container.job_runner()
+    report = FailureReport(generation_id=92, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
+    wired.storage.fail_finds.append(StorageError("endpoint unreachable"))
+    runner.handle(
+        Delivery(body=json.dumps(backend_message(92)).encode(), attempt=3, pending_failure=report)
+    )
+    ((_, reason),) = wired.source.retried
+    assert "storage unreachable" in reason
+    assert wired.notifier.sent == [] and wired.source.acked == []
+
+
+def test_the_original_redelivered_after_its_told_failure_does_not_run(wired: Wired) -> None:
+    # The copy told the failure first; the redelivered original must not add a completion.
+    runner = wired.container.job_runner()
+    body = json.dumps(backend_message(93)).encode()
+    report = FailureReport(generation_id=93, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
+    runner.handle(Delivery(body=body, attempt=3, pending_failure=report))
+    runner.handle(Delivery(body=body, redelivered=True))
+    assert wired.model.calls == [] and wired.notifier.kinds() == ["failed"]
+    assert len(wired.source.acked) == 2
