@@ -1,0 +1,100 @@
+"""Job ids on log records: set by ``job_context``, per thread, carried across thread hand-offs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from domain.log_context import (
+    JobContext,
+    JobContextFilter,
+    carry_job_context,
+    current_job,
+    job_context,
+)
+
+
+class Recorder(logging.Handler):
+    """Keeps the records that passed its filters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.addFilter(JobContextFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def ids(self) -> list[tuple[object, object, str]]:
+        return [(r.generation_id, r.task_id, r.getMessage()) for r in self.records]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    logger = logging.getLogger("tests.log_context")
+    handler = Recorder()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+
+
+LOG = logging.getLogger("tests.log_context")
+
+
+def test_outside_a_job_the_ids_are_none(recorder: Recorder) -> None:
+    assert current_job() is None
+    LOG.info("idle")
+    assert recorder.ids() == [(None, None, "idle")]
+
+
+def test_job_context_stamps_the_ids_and_restores_them_even_on_error(recorder: Recorder) -> None:
+    with pytest.raises(RuntimeError):
+        with job_context(generation_id=456, task_id="t-1") as context:
+            assert context == JobContext(456, "t-1") and current_job() == context
+            LOG.info("inside")
+            raise RuntimeError("boom")
+    LOG.info("after")
+    assert recorder.ids() == [(456, "t-1", "inside"), (None, None, "after")]
+    assert current_job() is None
+
+
+def test_a_nested_context_keeps_the_outer_ids_it_does_not_set(recorder: Recorder) -> None:
+    with job_context(task_id="t-9"):
+        with job_context(generation_id=7):
+            LOG.info("nested")
+        LOG.info("outer")
+    assert recorder.ids() == [(7, "t-9", "nested"), (None, "t-9", "outer")]
+
+
+def test_each_thread_sees_only_its_own_job(recorder: Recorder) -> None:
+    barrier = threading.Barrier(2)
+
+    def work(generation_id: int) -> None:
+        with job_context(generation_id=generation_id, task_id=f"task-{generation_id}"):
+            barrier.wait()  # both threads are inside their job at once
+            LOG.info("working on %d", generation_id)
+            barrier.wait()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(recorder.ids()) == [(1, "task-1", "working on 1"), (2, "task-2", "working on 2")]
+
+
+def test_carry_job_context_hands_the_ids_to_a_pool_thread(recorder: Recorder) -> None:
+    with ThreadPoolExecutor(1) as pool, job_context(generation_id=42, task_id="t-42"):
+        pool.submit(carry_job_context(LOG.info), "carried").result()
+        pool.submit(LOG.info, "not carried").result()
+    assert recorder.ids() == [(42, "t-42", "carried"), (None, None, "not carried")]
+
+
+def test_an_explicit_extra_id_wins_over_the_context(recorder: Recorder) -> None:
+    with job_context(generation_id=1, task_id="t-1"):
+        LOG.info("poison", extra={"generation_id": 99})
+    assert recorder.ids() == [(99, "t-1", "poison")]
