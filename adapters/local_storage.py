@@ -1,36 +1,32 @@
 """Storage on a local folder laid out like S3: ``<root>/<bucket>/<key>``.
 
 Used by the demo and by ``generate``; ``s3://bucket/key`` references map to the same layout, so
-a job written for S3 runs unchanged against files on disk.
+a job written for S3 runs unchanged against files on disk. LoRAs are used where they lie (no
+copy, so no disk cache); their checksum is remembered while the files' size and mtime stay the
+same, so a style used by every job is not re-hashed for each one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
+from adapters.lora_disk_cache import sha256_of
+from adapters.lora_files import PEFT_CONFIG, PEFT_WEIGHTS
 from domain.errors import InvalidRequest, LoraInvalid, LoraNotFound, SignatureInvalid, StorageError
 from ports.storage import LoraArtifact, StoredOutput
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
+__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "LocalStorage", "sha256_of"]
 
+MAX_REMEMBERED_CHECKSUMS = 256
+"""LoRAs whose checksum is remembered (one small tuple each)."""
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (names and contents, in name order)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+_Signature = tuple[tuple[str, int, int, int], ...]
 
 
 class LocalStorage:
@@ -48,6 +44,8 @@ class LocalStorage:
         self._models_bucket = models_bucket
         self._media_bucket = media_bucket
         self._output_bucket = output_bucket
+        self._lock = threading.Lock()
+        self._checksums: OrderedDict[Path, tuple[_Signature, str]] = OrderedDict()
 
     def path_of(self, ref: str, default_bucket: str) -> Path:
         """Where ``s3://bucket/key`` or a bare key in ``default_bucket`` lives under the root."""
@@ -69,9 +67,25 @@ class LocalStorage:
         elif not path.is_file():
             raise LoraNotFound(f"no LoRA at {ref!r}")
         try:
-            return LoraArtifact(ref=ref, path=str(path), checksum=sha256_of(path))
+            return LoraArtifact(ref=ref, path=str(path), checksum=self._checksum(path))
         except OSError as exc:
             raise StorageError(f"cannot read LoRA {ref!r}: {exc}") from exc
+
+    def _checksum(self, path: Path) -> str:
+        """``sha256_of`` the LoRA, reused while its files' names, sizes and mtimes are unchanged."""
+        signature = _signature(path)
+        with self._lock:
+            remembered = self._checksums.get(path)
+            if remembered is not None and remembered[0] == signature:
+                self._checksums.move_to_end(path)
+                return remembered[1]
+        checksum = sha256_of(path)
+        with self._lock:
+            self._checksums[path] = (signature, checksum)
+            self._checksums.move_to_end(path)
+            while len(self._checksums) > MAX_REMEMBERED_CHECKSUMS:
+                self._checksums.popitem(last=False)
+        return checksum
 
     def fetch_signature(self, ref: str) -> bytes:
         """The signature image's bytes."""
@@ -108,6 +122,18 @@ class LocalStorage:
     @staticmethod
     def _metadata_path(path: Path) -> Path:
         return path.with_name(path.name + ".metadata.json")
+
+
+def _signature(path: Path) -> _Signature:
+    """What changes when a file or folder's content may have: each file's name, size, mtime."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    signature = []
+    for file in files:
+        stat = file.stat()
+        signature.append(
+            (file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        )
+    return tuple(signature)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -1,21 +1,18 @@
 """Storage on S3 or an S3-compatible server (MinIO) through boto3.
 
-LoRAs are downloaded once per object version into a local folder (named after bucket, key and
-ETag, written under a temporary name and renamed when complete), so a redelivered job or the next
-job of the same style reuses the file. Outputs are PNGs with their metadata in a JSON sidecar,
-because S3 user metadata is limited to 2 KB of ASCII.
+LoRAs go through a ``LoraDiskCache`` keyed by bucket, key and ETag: every fetch costs one HEAD
+(or one listing for a PEFT folder) to learn the current version, and a download only when that
+version is not on disk yet, so a changed object is fetched again and a warm style costs nothing
+more. Pickle formats, non-safetensors files and oversized LoRAs are refused before any download.
+Outputs are PNGs with their metadata in a JSON sidecar, because S3 user metadata is limited to
+2 KB of ASCII.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.local_storage import PEFT_CONFIG, PEFT_WEIGHTS, sha256_of
+from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache
+from adapters.lora_files import DEFAULT_MAX_BYTES, PEFT_CONFIG, PEFT_WEIGHTS, check_lora_file_name
 from domain.errors import (
     GenerationError,
     InvalidRequest,
@@ -98,11 +96,14 @@ class _Object:
 
 
 class S3Storage:
-    """Implements ``Storage`` on S3; raises LORA_NOT_FOUND, SIGNATURE_INVALID or STORAGE_ERROR.
+    """Implements ``Storage`` on S3; raises LORA_NOT_FOUND, LORA_INVALID, SIGNATURE_INVALID or
+    STORAGE_ERROR.
 
-    ``client`` comes from ``make_s3_client``; ``download_dir`` holds the downloaded LoRAs.
-    ``public_base_url`` (a CDN, or a MinIO public URL) wins over the endpoint's or AWS's URL in
-    ``result_url``; ``max_signature_bytes`` bounds a signature image before it is read.
+    ``client`` comes from ``make_s3_client``; ``lora_cache`` holds the downloaded LoRAs (shared
+    with the metrics, which read its ``stats``). ``max_lora_bytes`` refuses a larger LoRA
+    before it is downloaded. ``public_base_url`` (a CDN, or a MinIO public URL) wins over the
+    endpoint's or AWS's URL in ``result_url``; ``max_signature_bytes`` bounds a signature image
+    before it is read.
     """
 
     def __init__(
@@ -112,7 +113,8 @@ class S3Storage:
         models_bucket: str,
         media_bucket: str,
         output_bucket: str,
-        download_dir: str | os.PathLike,
+        lora_cache: LoraDiskCache,
+        max_lora_bytes: int = DEFAULT_MAX_BYTES,
         public_base_url: str | None = None,
         endpoint_url: str | None = None,
         region: str = "us-east-1",
@@ -122,12 +124,12 @@ class S3Storage:
         self._models_bucket = models_bucket
         self._media_bucket = media_bucket
         self._output_bucket = output_bucket
-        self.download_dir = Path(download_dir)
+        self.lora_cache = lora_cache
+        self._max_lora_bytes = max_lora_bytes
         self._public_base_url = public_base_url
         self._endpoint_url = endpoint_url
         self._region = region
         self._max_signature_bytes = max_signature_bytes
-        self._checksums: dict[Path, str] = {}
 
     # -- references ---------------------------------------------------------------------------
 
@@ -145,31 +147,40 @@ class S3Storage:
     # -- LoRAs --------------------------------------------------------------------------------
 
     def fetch_lora(self, ref: str) -> LoraArtifact:
-        """Download (or reuse) the ``.safetensors`` file or PEFT folder at ``ref``."""
+        """The ``.safetensors`` file or PEFT folder at ``ref``, from the disk cache if current."""
         bucket, key = self.parse_ref(ref, self._models_bucket)
         try:
             if key.endswith("/"):
-                path = self._fetch_folder(ref, bucket, key)
+                cached = self._fetch_folder(ref, bucket, key)
             else:
                 head = self._head_or_none(bucket, key)
                 if head is not None:
-                    path = self._fetch_file(bucket, key, head["ETag"])
+                    cached = self._fetch_file(ref, bucket, key, head)
                 else:
-                    path = self._fetch_folder(ref, bucket, key + "/")
-            return LoraArtifact(ref=ref, path=str(path), checksum=self._checksum(path))
+                    cached = self._fetch_folder(ref, bucket, key + "/")
         except (ClientError, BotoCoreError) as exc:
             raise _mapped(
                 exc, f"LoRA {ref!r}", not_found=LoraNotFound(f"no LoRA at {ref!r}")
             ) from exc
         except OSError as exc:
             raise StorageError(f"cannot store LoRA {ref!r} locally: {exc}") from exc
+        if cached.hit:
+            log.debug("LoRA %s served from the disk cache", ref)
+        return LoraArtifact(ref=ref, path=str(cached.path), checksum=cached.checksum)
 
-    def _fetch_file(self, bucket: str, key: str, etag: str) -> Path:
-        obj = _Object(key=key, name=key.rsplit("/", 1)[-1], etag=etag)
-        name = _cache_name(bucket, key, [obj])
-        return self._cached(name, lambda target: self._download(bucket, obj, target), folder=False)
+    def _fetch_file(self, ref: str, bucket: str, key: str, head: Mapping[str, Any]) -> CachedLora:
+        name = key.rsplit("/", 1)[-1]
+        check_lora_file_name(name)
+        self._check_size(ref, int(head.get("ContentLength", 0)))
+        obj = _Object(key=key, name=name, etag=head["ETag"])
+        return self.lora_cache.fetch(
+            LoraCacheKey.of(f"s3://{bucket}/{key}", [(obj.name, obj.etag)]),
+            lambda target: self._download(bucket, obj, target),
+            name=name,
+            folder=False,
+        )
 
-    def _fetch_folder(self, ref: str, bucket: str, prefix: str) -> Path:
+    def _fetch_folder(self, ref: str, bucket: str, prefix: str) -> CachedLora:
         objects = list(self._list_folder(bucket, prefix))
         if not objects:
             raise LoraNotFound(f"no LoRA at {ref!r}")
@@ -177,7 +188,7 @@ class S3Storage:
         if PEFT_WEIGHTS not in names or PEFT_CONFIG not in names:
             raise LoraInvalid(f"LoRA folder {ref!r} must hold {PEFT_CONFIG} and {PEFT_WEIGHTS}")
         wanted = [
-            obj
+            (obj, size)
             for obj, size in objects
             if obj.name in (PEFT_WEIGHTS, PEFT_CONFIG)
             or (
@@ -185,12 +196,23 @@ class S3Storage:
                 and size <= MAX_EXTRA_TEXT_BYTES
             )
         ]
+        self._check_size(ref, sum(size for _, size in wanted))
 
         def fill(target: Path) -> None:
-            for obj in wanted:
+            for obj, _ in wanted:
                 self._download(bucket, obj, target / obj.name)
 
-        return self._cached(_cache_name(bucket, prefix, wanted), fill, folder=True)
+        return self.lora_cache.fetch(
+            LoraCacheKey.of(f"s3://{bucket}/{prefix}", [(o.name, o.etag) for o, _ in wanted]),
+            fill,
+            name=prefix.rstrip("/").rsplit("/", 1)[-1],
+            folder=True,
+        )
+
+    def _check_size(self, ref: str, size: int) -> None:
+        """Refuse a LoRA larger than ``max_lora_bytes`` before downloading any of it."""
+        if size > self._max_lora_bytes:
+            raise LoraInvalid(f"LoRA {ref!r} is {size} bytes; the limit is {self._max_lora_bytes}")
 
     def _list_folder(self, bucket: str, prefix: str) -> Iterable[tuple[_Object, int]]:
         """The files directly in the folder (sub-folders are not part of a PEFT adapter)."""
@@ -201,62 +223,26 @@ class S3Storage:
                 if name and "/" not in name:
                     yield _Object(key=item["Key"], name=name, etag=item["ETag"]), item["Size"]
 
-    def _cached(self, name: str, fill: Callable[[Path], None], *, folder: bool) -> Path:
-        """The download called ``name``, made by ``fill`` into a temporary path if absent.
-
-        The one place that decides between reuse and download (where a size cap would go); a
-        final name only ever holds a complete download.
-        """
-        final = self.download_dir / name
-        if final.exists():
-            log.debug("LoRA cache hit: %s", final)
-            return final
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        if folder:
-            temporary = Path(
-                tempfile.mkdtemp(dir=self.download_dir, prefix=f".{name}.", suffix=".part")
-            )
-        else:
-            handle, temporary_name = tempfile.mkstemp(
-                dir=self.download_dir, prefix=f".{name}.", suffix=".part"
-            )
-            os.close(handle)
-            temporary = Path(temporary_name)
-        try:
-            fill(temporary)
-            try:
-                os.replace(temporary, final)
-            except OSError:
-                if not (folder and final.is_dir()):
-                    raise
-                # Another thread finished the same folder first; its copy is as good as ours.
-                shutil.rmtree(temporary, ignore_errors=True)
-        except BaseException:
-            if temporary.is_dir():
-                shutil.rmtree(temporary, ignore_errors=True)
-            else:
-                temporary.unlink(missing_ok=True)
-            raise
-        return final
-
     def _download(self, bucket: str, obj: _Object, target: Path) -> None:
-        """Stream one object version to ``target``; a newer version fails with 412 (retryable)."""
+        """Stream one object version to ``target``; a newer version fails with 412 (retryable).
+
+        The byte count is capped again while streaming, in case the listing understated it.
+        """
         log.info("downloading s3://%s/%s", bucket, obj.key)
         response = self._client.get_object(Bucket=bucket, Key=obj.key, IfMatch=obj.etag)
         body = response["Body"]
+        written = 0
         try:
             with target.open("wb") as stream:
                 for chunk in body.iter_chunks(DOWNLOAD_CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > self._max_lora_bytes:
+                        raise LoraInvalid(
+                            f"s3://{bucket}/{obj.key} exceeds the {self._max_lora_bytes}-byte limit"
+                        )
                     stream.write(chunk)
         finally:
             body.close()
-
-    def _checksum(self, path: Path) -> str:
-        """``sha256_of`` the download; computed once, since a name holds one object version."""
-        checksum = self._checksums.get(path)
-        if checksum is None:
-            checksum = self._checksums[path] = sha256_of(path)
-        return checksum
 
     # -- signatures ---------------------------------------------------------------------------
 
@@ -361,15 +347,6 @@ class S3Storage:
             if _error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise
-
-
-def _cache_name(bucket: str, key: str, objects: Iterable[_Object]) -> str:
-    """A file name unique to the object versions, keeping the key's last part (and suffix)."""
-    digest = hashlib.sha256(f"{bucket}\0{key}".encode())
-    for obj in sorted(objects, key=lambda o: o.name):
-        digest.update(f"\0{obj.name}\0{obj.etag}".encode())
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", key.rstrip("/").rsplit("/", 1)[-1])[-80:]
-    return f"{digest.hexdigest()[:32]}-{readable}"
 
 
 def _error_code(exc: ClientError) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from adapters import local_storage
 from adapters.local_storage import LocalStorage, sha256_of
 from domain.errors import ErrorCode, InvalidRequest, LoraInvalid, LoraNotFound, SignatureInvalid
 
@@ -42,6 +44,48 @@ def test_peft_folder_checksum_covers_names_and_contents(
     put(tmp_path, "models/styles/2/adapter_model.safetensors", b"b")
     second = storage.fetch_lora("styles/2/")
     assert first.checksum != second.checksum
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every path LocalStorage hashes."""
+    seen: list[Path] = []
+
+    def counting(path: Path) -> str:
+        seen.append(path)
+        return sha256_of(path)
+
+    monkeypatch.setattr(local_storage, "sha256_of", counting)
+    return seen
+
+
+def test_checksum_is_remembered_until_the_file_changes(
+    storage: LocalStorage, tmp_path: Path, hashed: list[Path]
+) -> None:
+    path = put(tmp_path, "models/styles/1.safetensors", b"weights")
+    first = storage.fetch_lora("styles/1.safetensors")
+    assert storage.fetch_lora("styles/1.safetensors") == first
+    assert storage.fetch_lora("s3://models/styles/1.safetensors").checksum == first.checksum
+    assert hashed == [path]
+    path.write_bytes(b"new weights")
+    changed = storage.fetch_lora("styles/1.safetensors")
+    assert len(hashed) == 2 and changed.checksum == sha256_of(path) != first.checksum
+
+
+def test_folder_checksum_is_remembered_until_a_file_changes(
+    storage: LocalStorage, tmp_path: Path, hashed: list[Path]
+) -> None:
+    put(tmp_path, "models/styles/2/adapter_config.json", b"{}")
+    weights = put(tmp_path, "models/styles/2/adapter_model.safetensors", b"a")
+    first = storage.fetch_lora("styles/2/")
+    assert storage.fetch_lora("styles/2/").checksum == first.checksum and len(hashed) == 1
+    weights.write_bytes(b"b")  # same size: the new mtime tells
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert storage.fetch_lora("styles/2/").checksum != first.checksum and len(hashed) == 2
+    put(tmp_path, "models/styles/2/README.md", b"# style")
+    storage.fetch_lora("styles/2/")
+    assert len(hashed) == 3
 
 
 def test_missing_lora_and_incomplete_folder(storage: LocalStorage, tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from botocore.stub import Stubber
 from urllib3.exceptions import ProtocolError
 
 from adapters.local_storage import LocalStorage, sha256_of
+from adapters.lora_disk_cache import LoraDiskCache
 from adapters.s3_storage import S3Storage, make_s3_client
 from domain.errors import (
     ErrorCode,
@@ -82,14 +85,21 @@ def storage(client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path) -> S3S
 
 
 def make_storage(
-    client: Any, buckets: Buckets, s3: S3Service, download_dir: Path, **kwargs: Any
+    client: Any,
+    buckets: Buckets,
+    s3: S3Service,
+    download_dir: Path,
+    cache_bytes: int = 1 << 30,
+    protect_seconds: float = 600.0,
+    **kwargs: Any,
 ) -> S3Storage:
+    cache = LoraDiskCache(root=download_dir, max_bytes=cache_bytes, protect_seconds=protect_seconds)
     return S3Storage(
         client=client,
         models_bucket=buckets.models,
         media_bucket=buckets.media,
         output_bucket=buckets.output,
-        download_dir=download_dir,
+        lora_cache=cache,
         endpoint_url=s3.endpoint_url,
         region=s3.region,
         **kwargs,
@@ -147,8 +157,8 @@ def test_lora_file_by_uri_and_by_bare_key(
     by_key = storage.fetch_lora("styles/1/style.safetensors")
     assert by_uri.path == by_key.path and by_key.ref == "styles/1/style.safetensors"
     assert Path(by_uri.path).read_bytes() == data
-    assert Path(by_uri.path).suffix == ".safetensors"
-    assert Path(by_uri.path).parent == storage.download_dir
+    assert Path(by_uri.path).name == "style.safetensors"
+    assert Path(by_uri.path).parent.parent == storage.lora_cache.root
     on_disk = tmp_path / "same.safetensors"
     on_disk.write_bytes(data)
     assert by_uri.checksum == by_key.checksum == sha256_of(on_disk)
@@ -183,7 +193,7 @@ def test_folder_without_config_is_invalid(storage: S3Storage, admin: Any, bucket
     with pytest.raises(LoraInvalid, match="adapter_config.json") as caught:
         storage.fetch_lora("styles/3")
     assert caught.value.code is ErrorCode.LORA_INVALID
-    assert everything_in(storage.download_dir) == []
+    assert everything_in(storage.lora_cache.root) == []
 
 
 @pytest.mark.parametrize(
@@ -210,12 +220,12 @@ def test_same_version_is_downloaded_once_and_a_new_version_again(
     storage: S3Storage, admin: Any, client: Any, buckets: Buckets, s3: S3Service
 ) -> None:
     admin.put_object(Bucket=buckets.models, Key="styles/4.safetensors", Body=b"version-1")
-    gets = calls_of(client, "GetObject")
+    gets, heads = calls_of(client, "GetObject"), calls_of(client, "HeadObject")
     first = storage.fetch_lora("styles/4.safetensors")
     again = storage.fetch_lora("styles/4.safetensors")
-    restarted = make_storage(client, buckets, s3, storage.download_dir)
+    restarted = make_storage(client, buckets, s3, storage.lora_cache.root)
     after_restart = restarted.fetch_lora("styles/4.safetensors")
-    assert len(gets) == 1
+    assert len(gets) == 1 and len(heads) == 3, "every fetch asks for the version, once"
     assert first == again == after_restart
 
     admin.put_object(Bucket=buckets.models, Key="styles/4.safetensors", Body=b"version-2")
@@ -250,11 +260,13 @@ def test_interrupted_download_leaves_no_file_and_is_retryable(
     payload = bytes(range(256)) * 12_000  # about 3 MiB: several download chunks
     admin.put_object(Bucket=buckets.models, Key="styles/5.safetensors", Body=payload)
     admin.put_object(Bucket=buckets.models, Key="styles/5/adapter_model.safetensors", Body=payload)
-    admin.put_object(Bucket=buckets.models, Key="styles/5/adapter_config.json", Body=payload[:9])
+    admin.put_object(Bucket=buckets.models, Key="styles/5/adapter_config.json", Body=payload)
     partial_sizes: list[int] = []
 
     def record_partial() -> None:
-        partial_sizes.extend(p.stat().st_size for p in everything_in(storage.download_dir))
+        partial_sizes.extend(
+            p.stat().st_size for p in everything_in(storage.lora_cache.root) if p.is_file()
+        )
 
     def drop_connection(parsed: dict[str, Any], **_: Any) -> None:
         data = parsed["Body"].read()
@@ -266,7 +278,7 @@ def test_interrupted_download_leaves_no_file_and_is_retryable(
         storage.fetch_lora(ref)
     assert caught.value.retryable
     assert any(size > 0 for size in partial_sizes), "the failure should come mid-download"
-    assert everything_in(storage.download_dir) == []
+    assert everything_in(storage.lora_cache.root) == []
 
     client.meta.events.unregister("after-call.s3.GetObject", drop_connection)
     assert Path(storage.fetch_lora(ref).path).exists()
@@ -285,8 +297,124 @@ def test_object_replaced_during_download_is_retryable(
     with pytest.raises(StorageError, match="changed") as caught:
         storage.fetch_lora("styles/6.safetensors")
     assert caught.value.retryable
-    assert everything_in(storage.download_dir) == []
+    assert everything_in(storage.lora_cache.root) == []
     assert Path(storage.fetch_lora("styles/6.safetensors").path).read_bytes() == b"new"
+
+
+def test_a_cache_hit_costs_one_head_or_listing_and_no_download(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets
+) -> None:
+    admin.put_object(Bucket=buckets.models, Key="styles/7.safetensors", Body=b"w" * 100)
+    put_peft(admin, buckets.models, "styles/8/")
+    storage.fetch_lora("styles/7.safetensors")
+    storage.fetch_lora("styles/8/")
+    heads, gets = calls_of(client, "HeadObject"), calls_of(client, "GetObject")
+    listings = calls_of(client, "ListObjectsV2")
+    file_hit, folder_hit = storage.fetch_lora("styles/7.safetensors"), storage.fetch_lora(
+        "styles/8/"
+    )
+    assert (len(heads), len(listings), gets) == (1, 1, [])
+    assert Path(file_hit.path).read_bytes() == b"w" * 100 and Path(folder_hit.path).is_dir()
+    stats = storage.lora_cache.stats
+    assert (stats.hits, stats.misses, stats.entries) == (2, 2, 2)
+
+
+def test_least_recently_used_loras_are_evicted_by_bytes(
+    client: Any, admin: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
+) -> None:
+    storage = make_storage(client, buckets, s3, tmp_path / "c", cache_bytes=2500, protect_seconds=0)
+    for number in range(3):
+        key = f"styles/e{number}.safetensors"
+        admin.put_object(Bucket=buckets.models, Key=key, Body=bytes([number]) * 1000)
+    gets = calls_of(client, "GetObject")
+    first = storage.fetch_lora("styles/e0.safetensors")
+    second = storage.fetch_lora("styles/e1.safetensors")
+    storage.fetch_lora("styles/e0.safetensors")  # e0 is now more recent than e1
+    third = storage.fetch_lora("styles/e2.safetensors")
+    assert Path(first.path).exists() and Path(third.path).exists()
+    assert not Path(second.path).exists()
+    assert storage.lora_cache.stats.evictions == 1 and storage.lora_cache.stats.bytes == 2000
+    assert storage.fetch_lora("styles/e1.safetensors") == second
+    assert [call["Key"] for call in gets] == [
+        "styles/e0.safetensors",
+        "styles/e1.safetensors",
+        "styles/e2.safetensors",
+        "styles/e1.safetensors",
+    ]
+
+
+@pytest.mark.parametrize("ref", ["styles/big.safetensors", "styles/big/", "styles/big"])
+def test_an_oversize_lora_is_refused_before_download(
+    client: Any, admin: Any, buckets: Buckets, s3: S3Service, tmp_path: Path, ref: str
+) -> None:
+    admin.put_object(Bucket=buckets.models, Key="styles/big.safetensors", Body=b"x" * 5000)
+    admin.put_object(
+        Bucket=buckets.models, Key="styles/big/adapter_model.safetensors", Body=b"x" * 5000
+    )
+    admin.put_object(Bucket=buckets.models, Key="styles/big/adapter_config.json", Body=b"{}")
+    storage = make_storage(client, buckets, s3, tmp_path / "c", max_lora_bytes=4096)
+    gets = calls_of(client, "GetObject")
+    with pytest.raises(LoraInvalid, match=r"is 50\d\d bytes; the limit is 4096") as caught:
+        storage.fetch_lora(ref)
+    assert not caught.value.retryable
+    assert not gets and everything_in(storage.lora_cache.root) == []
+
+
+def test_a_download_longer_than_announced_is_cut_at_the_limit(
+    client: Any, admin: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
+) -> None:
+    admin.put_object(Bucket=buckets.models, Key="styles/grow.safetensors", Body=b"x" * 1000)
+    storage = make_storage(client, buckets, s3, tmp_path / "c", max_lora_bytes=1500)
+
+    def inflate(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["Body"].close()
+        parsed["Body"] = StreamingBody(io.BytesIO(b"x" * 3000), 3000)
+
+    client.meta.events.register("after-call.s3.GetObject", inflate)
+    with pytest.raises(LoraInvalid, match="exceeds the 1500-byte limit"):
+        storage.fetch_lora("styles/grow.safetensors")
+    assert everything_in(storage.lora_cache.root) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("style.ckpt", "pickle formats"),
+        ("style.bin", "pickle formats"),
+        ("style.PT", "pickle formats"),
+        ("style.zip", "only .safetensors LoRA files are accepted"),
+    ],
+)
+def test_non_safetensors_keys_are_refused_before_download(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets, name: str, match: str
+) -> None:
+    admin.put_object(Bucket=buckets.models, Key=f"styles/{name}", Body=b"cos\nsystem\n")
+    gets = calls_of(client, "GetObject")
+    with pytest.raises(LoraInvalid, match=match):
+        storage.fetch_lora(f"styles/{name}")
+    assert not gets and everything_in(storage.lora_cache.root) == []
+
+
+def test_concurrent_fetches_of_one_lora_download_it_once(
+    storage: S3Storage, admin: Any, client: Any, buckets: Buckets
+) -> None:
+    payload = bytes(range(256)) * 8_000  # 2 MB: long enough for the fetches to overlap
+    admin.put_object(Bucket=buckets.models, Key="styles/hot.safetensors", Body=payload)
+    gets = calls_of(client, "GetObject")
+    start = threading.Barrier(6)
+    paths: list[str] = []
+
+    def fetch() -> None:
+        start.wait()
+        paths.append(storage.fetch_lora("styles/hot.safetensors").path)
+
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(paths) == 6 and len(set(paths)) == 1 and len(gets) == 1
+    assert Path(paths[0]).read_bytes() == payload
 
 
 def test_signature_bytes_missing_and_too_large(
@@ -366,7 +494,7 @@ def test_output_without_a_readable_sidecar_keeps_the_header_metadata(
     assert found is not None and dict(found.metadata) == {"generation-id": "9"}
 
 
-def test_result_url_in_the_three_modes() -> None:
+def test_result_url_in_the_three_modes(tmp_path: Path) -> None:
     client = make_s3_client(
         endpoint_url=None, region="eu-west-3", access_key_id="k", secret_access_key="s"
     )
@@ -375,7 +503,7 @@ def test_result_url_in_the_three_modes() -> None:
         "models_bucket": "m",
         "media_bucket": "m",
         "output_bucket": "out",
-        "download_dir": "unused",
+        "lora_cache": LoraDiskCache(root=tmp_path, max_bytes=0),
         "region": "eu-west-3",
     }
     key = "generations/a b/é#1.png"
@@ -439,7 +567,7 @@ def test_unreachable_endpoint_is_a_fast_retryable_storage_error(
         models_bucket="models",
         media_bucket="media",
         output_bucket="output",
-        download_dir=tmp_path,
+        lora_cache=LoraDiskCache(root=tmp_path, max_bytes=1 << 20),
         endpoint_url=endpoint,
     )
     started = time.monotonic()
@@ -488,7 +616,7 @@ def test_service_errors_become_storage_errors(
         models_bucket="models",
         media_bucket="media",
         output_bucket="output",
-        download_dir=tmp_path,
+        lora_cache=LoraDiskCache(root=tmp_path, max_bytes=1 << 20),
     )
     with Stubber(client) as stubber:
         for operation in ("head_object", "get_object", "head_object", "put_object", "head_bucket"):
