@@ -1,41 +1,61 @@
 """ImageModel on diffusers' StableDiffusionPipeline (SD 1.5 in production, a tiny model in tests).
 
-CUDA when present (fp16, SDPA), fp32 on the CPU. Seeds drive a CPU generator so the same seed
-gives the same initial noise on every device. LoRAs are read as safetensors only: a single file
-in the diffusers or kohya key layout, or a PEFT folder (``adapter_config.json`` +
-``adapter_model.safetensors``), which ``load_lora_weights`` would silently ignore and is
-therefore injected through peft directly.
+CUDA when present (fp16, SDPA), fp32 on the CPU. Seeds drive CPU generators, one per image, so
+the same seed gives the same initial noise on every device and in any batch. LoRAs stay loaded
+between jobs in a ``LoraAdapterCache``; a batch may mix LoRAs, each sample routed through its
+own adapter by peft's mixed-batch forward. A CUDA out-of-memory error splits the batch in halves
+down to single images before an image fails with GPU_OOM.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import json
 import logging
 import threading
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import logging as diffusers_logging
-from peft import LoraConfig, set_peft_model_state_dict
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from transformers.utils import logging as transformers_logging
 
-from domain.errors import GenerationError, GpuOutOfMemory, LoraInvalid, ModelError
-from domain.request import GenerationRequest
-from ports.image_model import StepCallback
+from adapters.gpu_tuning import GpuTuning, apply_tuning
+from adapters.lora_adapters import (
+    BASE_ADAPTER,
+    DEFAULT_CAPACITY,
+    DEFAULT_HOTSWAP_MAX_RANK,
+    LoraAdapterCache,
+    LoraCheck,
+    adapters_of,
+    forget_frames,
+    is_cuda_oom,
+    per_sample_adapters,
+    release_memory,
+)
+from adapters.lora_files import DEFAULT_MAX_BYTES as DEFAULT_LORA_MAX_BYTES
+from adapters.lora_files import DEFAULT_MAX_RANK as DEFAULT_LORA_MAX_RANK
+from adapters.lora_files import LoraValidator
+from domain.errors import GenerationError, GpuOutOfMemory, ModelError
+from domain.request import BatchKey, GenerationRequest, batch_key
+from ports.image_model import BatchItem, StepCallback
 from ports.storage import LoraArtifact
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
-PEFT_PREFIX = "base_model.model."
+DEFAULT_MAX_BATCH_SIZE = 4
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "DiffusersImageModel",
+    "is_cuda_oom",
+    "plan_batches",
+    "release_memory",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,14 +72,151 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
-class DiffusersImageModel:
-    """Implements ``ImageModel``; one generation at a time (the pipeline is stateful)."""
+def load_pipeline(
+    *, model_id: str, device: str, dtype: str, cache_dir: str | None, local_files_only: bool
+) -> StableDiffusionPipeline:
+    """The pipeline with DPM-Solver++ (2M) and SDPA, on its device; MODEL_ERROR if it cannot."""
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    if device == "auto" and target.type == "cpu":
+        log.warning("no CUDA device visible: generating on the CPU in float32 (slow)")
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_id,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+    except Exception as exc:
+        raise ModelError(f"cannot load MODEL_ID={model_id!r}: {exc}") from exc
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    if target.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    pipe.to(target)
+    pipe.set_progress_bar_config(disable=True)
+    log.info("model %s loaded on %s as %s", model_id, target, torch_dtype)
+    return pipe
 
-    def __init__(self, pipeline: StableDiffusionPipeline, *, model_id: str) -> None:
+
+class _Progress:
+    """One item's step callback: monotonic across OOM retries, and never fatal to the batch."""
+
+    def __init__(self, on_step: StepCallback, generation_id: int) -> None:
+        self._on_step = on_step
+        self._generation_id = generation_id
+        self._reported = 0
+        self._failed = False
+
+    def __call__(self, step: int, total: int) -> None:
+        if step <= self._reported:  # a retry after an OOM replays steps already reported
+            return
+        self._reported = step
+        try:
+            self._on_step(step, total)
+        except Exception:  # pylint: disable=broad-exception-caught
+            if not self._failed:  # progress never fails an image, nor the others of its batch
+                self._failed = True
+                log.exception("progress callback of generation %s failed", self._generation_id)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """An item of a batch as the model runs it."""
+
+    request: GenerationRequest
+    lora: LoraArtifact | None
+    progress: _Progress
+
+
+@dataclass
+class _Plan:
+    """Items planned into one pipeline call."""
+
+    key: BatchKey
+    indices: list[int] = field(default_factory=list)
+    loras: dict[str, float] = field(default_factory=dict)  # checksum -> scale
+    has_base: bool = False
+
+
+def plan_batches(
+    items: Sequence[BatchItem], *, max_size: int, max_loras: int, mixed: bool
+) -> list[list[int]]:
+    """Group item indices into pipeline calls, first fit, keeping each call's items in order.
+
+    A call holds at most ``max_size`` items sharing one ``batch_key``. With ``mixed`` it holds
+    up to ``max_loras`` distinct LoRAs and base-model items together, a LoRA at one scale only
+    (an adapter has one scale); without, one LoRA at one scale, or only base-model items.
+    """
+    plans: list[_Plan] = []
+    for index, item in enumerate(items):
+        key = batch_key(item.request)
+        lora = item.lora
+        scale = item.request.lora_scale
+        for plan in plans:
+            if plan.key != key or len(plan.indices) >= max_size:
+                continue
+            if lora is None:
+                fits = mixed or not plan.loras
+            elif lora.checksum in plan.loras:
+                fits = plan.loras[lora.checksum] == scale
+            elif mixed:
+                fits = len(plan.loras) < max_loras
+            else:
+                fits = not plan.loras and not plan.has_base
+            if fits:
+                break
+        else:
+            plan = _Plan(key=key)
+            plans.append(plan)
+        plan.indices.append(index)
+        if lora is None:
+            plan.has_base = True
+        else:
+            plan.loras[lora.checksum] = scale
+    return [plan.indices for plan in plans]
+
+
+class DiffusersImageModel:
+    """Implements ``ImageModel``; one pipeline call at a time (the pipeline is stateful)."""
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        *,
+        model_id: str,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        adapter_cache_size: int = DEFAULT_CAPACITY,
+        mixed_lora_batches: bool = True,
+        lora_hotswap: bool = False,
+        hotswap_max_rank: int = DEFAULT_HOTSWAP_MAX_RANK,
+        lora_validator: LoraCheck | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1; got {max_batch_size}")
         self._pipe = pipeline
         self._model_id = model_id
         self._lock = threading.Lock()
-        self._loaded = 0
+        self._max_batch_size = max_batch_size
+        self._adapters = LoraAdapterCache(
+            pipeline,
+            capacity=adapter_cache_size,
+            validator=lora_validator,
+            hotswap=lora_hotswap,
+            hotswap_max_rank=hotswap_max_rank,
+        )
+        # One fixed slot cannot hold two LoRAs at once: hot-swap batches one LoRA per call.
+        self._mixed = mixed_lora_batches and not lora_hotswap
 
     @classmethod
     def load(
@@ -70,39 +227,46 @@ class DiffusersImageModel:
         dtype: str = "auto",
         cache_dir: str | None = None,
         local_files_only: bool = False,
+        tuning: GpuTuning | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        adapter_cache_size: int = DEFAULT_CAPACITY,
+        mixed_lora_batches: bool = True,
+        hotswap_max_rank: int = DEFAULT_HOTSWAP_MAX_RANK,
+        lora_max_bytes: int = DEFAULT_LORA_MAX_BYTES,
+        lora_max_rank: int = DEFAULT_LORA_MAX_RANK,
     ) -> DiffusersImageModel:
-        """Load the pipeline from a hub id or a local diffusers folder; MODEL_ERROR if it cannot."""
-        target = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, target)
-        if device == "auto" and target.type == "cpu":
-            log.warning("no CUDA device visible: generating on the CPU in float32 (slow)")
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model_id,
-                dtype=torch_dtype,
-                use_safetensors=True,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-            )
-        except Exception as exc:
-            raise ModelError(f"cannot load MODEL_ID={model_id!r}: {exc}") from exc
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+        """Load the pipeline from a hub id or a local diffusers folder; MODEL_ERROR if it cannot.
+
+        ``tuning`` applies the GPU speed-ups; with ``compile_unet`` LoRAs are hot-swapped into
+        one slot, so that switching them never recompiles the UNet. Every LoRA is validated
+        against this model's layers, ``lora_max_bytes`` and ``lora_max_rank`` before it loads.
+        """
+        pipe = load_pipeline(
+            model_id=model_id,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
         )
-        pipe.unet.set_attn_processor(AttnProcessor2_0())
-        pipe.vae.set_attn_processor(AttnProcessor2_0())
-        if target.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        pipe.to(target)
-        pipe.set_progress_bar_config(disable=True)
-        log.info("model %s loaded on %s as %s", model_id, target, torch_dtype)
-        return cls(pipe, model_id=model_id)
+        if tuning is not None:
+            applied = apply_tuning(pipe, tuning)
+            log.info("GPU tuning applied: %s", ", ".join(applied) or "nothing")
+        # torch.compile is lazy: the hot-swap slot created here is in the first compiled graph.
+        return cls(
+            pipe,
+            model_id=model_id,
+            max_batch_size=max_batch_size,
+            adapter_cache_size=adapter_cache_size,
+            mixed_lora_batches=mixed_lora_batches,
+            lora_hotswap=tuning is not None and tuning.compile_unet,
+            hotswap_max_rank=hotswap_max_rank,
+            lora_validator=LoraValidator(
+                unet=pipe.unet,
+                text_encoder=pipe.text_encoder,
+                max_bytes=lora_max_bytes,
+                max_rank=lora_max_rank,
+            ).validate,
+        )
 
     @property
     def name(self) -> str:
@@ -114,6 +278,16 @@ class DiffusersImageModel:
         """The underlying pipeline (for benchmarks and tuning)."""
         return self._pipe
 
+    @property
+    def max_batch_size(self) -> int:
+        """The most items one pipeline call runs together."""
+        return self._max_batch_size
+
+    @property
+    def adapter_cache(self) -> LoraAdapterCache:
+        """The LoRAs kept loaded between jobs (its ``stats`` may be read from any thread)."""
+        return self._adapters
+
     def generate(
         self,
         request: GenerationRequest,
@@ -121,168 +295,154 @@ class DiffusersImageModel:
         on_step: StepCallback,
     ) -> Image.Image:
         """Generate one image; LORA_INVALID, GPU_OOM or MODEL_ERROR on failure."""
+        (outcome,) = self.generate_batch([BatchItem(request=request, lora=lora, on_step=on_step)])
+        if isinstance(outcome, GenerationError):
+            raise outcome
+        return outcome
+
+    def generate_batch(self, items: Sequence[BatchItem]) -> list[Image.Image | GenerationError]:
+        """One image, or the error that ended that item alone, per item and in order.
+
+        Items are grouped by ``batch_key`` and run ``max_batch_size`` at a time; each item's
+        image equals its single run within float tolerance. MODEL_ERROR is raised only when the
+        model is closed.
+        """
+        jobs = [
+            _Job(
+                request=item.request,
+                lora=item.lora,
+                progress=_Progress(item.on_step, item.request.generation_id),
+            )
+            for item in items
+        ]
+        results: dict[int, Image.Image | GenerationError] = {}
         with self._lock:
             if self._pipe is None:
                 raise ModelError("the model has been closed")
-            adapter = self._load_lora(lora, request.lora_scale) if lora else None
-            try:
-                return self._run(request, on_step)
-            finally:
-                if adapter is not None:
-                    self._discard(adapter)
+            plans = plan_batches(
+                items,
+                max_size=self._max_batch_size,
+                max_loras=self._adapters.max_active,
+                mixed=self._mixed,
+            )
+            for indices in plans:
+                outcomes = self._run_splitting([jobs[index] for index in indices])
+                results.update(zip(indices, outcomes))
+        return [results[index] for index in range(len(jobs))]
 
-    def _run(self, request: GenerationRequest, on_step: StepCallback) -> Image.Image:
-        total = request.steps
+    def _run_splitting(self, jobs: list[_Job]) -> list[Image.Image | GenerationError]:
+        """Run ``jobs``; on a CUDA OOM, retry them in halves, down to single images."""
+        outcome = self._attempt(jobs)
+        if outcome is not None:
+            return outcome
+        if len(jobs) == 1:
+            request = jobs[0].request
+            return [
+                GpuOutOfMemory(
+                    f"GPU out of memory at {request.width}x{request.height},"
+                    f" {request.steps} steps, even alone"
+                )
+            ]
+        half = (len(jobs) + 1) // 2
+        log.warning("GPU out of memory on a batch of %d: retrying it in halves", len(jobs))
+        return self._run_splitting(jobs[:half]) + self._run_splitting(jobs[half:])
+
+    def _attempt(self, jobs: list[_Job]) -> list[Image.Image | GenerationError] | None:
+        """The outcome per job, or None after a CUDA OOM (memory released by then)."""
+        try:
+            return self._run(jobs)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            if not is_cuda_oom(exc):
+                log.exception("generation of a batch of %d failed", len(jobs))
+                forget_frames(exc)
+                message = f"generation failed: {type(exc).__name__}: {exc}"
+                return [ModelError(message) for _ in jobs]
+            # Nothing may keep the failed call's tensors: the traceback's frames hold them.
+            forget_frames(exc)
+        release_memory()
+        return None
+
+    def _run(self, jobs: list[_Job]) -> list[Image.Image | GenerationError]:
+        """Activate the jobs' adapters and run one pipeline call; LoRA failures stay per job."""
+        outcome: dict[str, str | GenerationError] = self._adapters.activate_mixed(
+            [(job.lora, job.request.lora_scale) for job in jobs if job.lora is not None]
+        )
+        results: list[Image.Image | GenerationError | None] = [None] * len(jobs)
+        live: list[int] = []
+        names: list[str] = []
+        for index, job in enumerate(jobs):
+            adapter = outcome[job.lora.checksum] if job.lora is not None else BASE_ADAPTER
+            if isinstance(adapter, GenerationError):
+                results[index] = adapter
+            else:
+                live.append(index)
+                names.append(adapter)
+        if live:
+            images = self._call_routed([jobs[index] for index in live], names)
+            if len(images) != len(live):
+                raise RuntimeError(f"the pipeline gave {len(images)} images for {len(live)}")
+            for index, image in zip(live, images):
+                results[index] = image
+        return [result for result in results if result is not None]
+
+    def _call_routed(self, jobs: list[_Job], names: list[str]) -> list[Image.Image]:
+        """One pipeline call with sample i through adapter ``names[i]``."""
+        distinct = set(names)
+        if distinct == {BASE_ADAPTER}:
+            self._adapters.deactivate()
+            return self._denoise(jobs)
+        if len(distinct) == 1:  # one LoRA for all: the active adapter, plain forward
+            return self._denoise(jobs)
+        pipe = self._pipe
+        guided = jobs[0].request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        # With guidance the pipeline runs the UNet on [unconditional..., conditional...].
+        routes: list[tuple[torch.nn.Module, Sequence[str]]] = [
+            (pipe.unet, names * 2 if guided else names)
+        ]
+        if distinct & set(adapters_of(pipe.text_encoder)):
+            routes.append((pipe.text_encoder, names))
+        with per_sample_adapters(routes):
+            return self._denoise(jobs)
+
+    def _denoise(self, jobs: list[_Job]) -> list[Image.Image]:
+        """The pipeline call for jobs sharing a batch key, with the adapters already set."""
+        first = jobs[0].request
+        total = first.steps
 
         def step_end(
             _pipe: Any, step_index: int, _timestep: Any, callback_kwargs: dict[str, Any]
         ) -> dict[str, Any]:
-            on_step(step_index + 1, total)
+            for job in jobs:
+                job.progress(step_index + 1, total)
             return callback_kwargs
 
-        generator = torch.Generator("cpu").manual_seed(request.seed)
+        generators = [torch.Generator("cpu").manual_seed(job.request.seed) for job in jobs]
         try:
             with torch.inference_mode():
                 output = self._pipe(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    width=request.width,
-                    height=request.height,
-                    num_inference_steps=request.steps,
-                    guidance_scale=request.guidance_scale,
-                    generator=generator,
+                    prompt=[job.request.prompt for job in jobs],
+                    negative_prompt=[job.request.negative_prompt or "" for job in jobs],
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
                     callback_on_step_end=step_end,
                     output_type="pil",
                 )
-        except torch.cuda.OutOfMemoryError as exc:
-            release_memory()
-            raise GpuOutOfMemory(f"GPU out of memory at {request.width}x{request.height}") from exc
-        except GenerationError:
-            raise
-        except Exception as exc:
-            if is_cuda_oom(exc):
-                release_memory()
-                raise GpuOutOfMemory(f"GPU out of memory: {exc}") from exc
-            raise ModelError(f"generation failed: {type(exc).__name__}: {exc}") from exc
-        return output.images[0]
+        finally:
+            self._forget_scheduler_state()
+        return list(output.images)
 
-    def _load_lora(self, lora: LoraArtifact, scale: float) -> str:
-        """Load a LoRA as a fresh adapter and activate it at ``scale``; its adapter name."""
-        self._loaded += 1
-        name = f"lora_{self._loaded}"
-        path = Path(lora.path)
-        try:
-            if path.is_dir():
-                self._load_peft_folder(path, name)
-            else:
-                self._load_single_file(path, name)
-            if name not in self._pipe.get_list_adapters().get("unet", []):
-                raise LoraInvalid(f"LoRA {lora.ref!r} has no weights for this model's UNet")
-            self._pipe.set_adapters([name], adapter_weights=[scale])
-        except GenerationError:
-            self._discard(name)
-            raise
-        except Exception as exc:
-            self._discard(name)
-            if is_cuda_oom(exc):
-                release_memory()
-                raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}") from exc
-            raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
-        return name
-
-    def _discard(self, name: str) -> None:
-        """Remove an adapter; a failure here must not mask the job's own result."""
-        try:
-            if name in {a for names in self._pipe.get_list_adapters().values() for a in names}:
-                self._pipe.delete_adapters(name)
-        except Exception:  # pylint: disable=broad-exception-caught
-            log.exception("adapter %s could not be removed", name)
-
-    def _load_single_file(self, path: Path, name: str) -> None:
-        check_safetensors(path)
-        # By path, not as a tensor dict: the diffusers layout keeps lora_alpha in the file's
-        # metadata, which a dict would drop (alpha would silently become the rank).
-        self._pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-
-    def _load_peft_folder(self, path: Path, name: str) -> None:
-        config_path = path / "adapter_config.json"
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise LoraInvalid(f"{config_path.name} is not readable JSON: {exc}") from exc
-        if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
-            raise LoraInvalid(f"{config_path.name} does not describe a PEFT LoRA")
-        # Every LoRA field of the file counts (use_rslora, alpha_pattern, rank_pattern...);
-        # dropout is a training-time setting and initialisation is overwritten by the weights.
-        known = {field.name for field in dataclasses.fields(LoraConfig)}
-        fields = {k: v for k, v in raw.items() if k in known}
-        config = LoraConfig(**{**fields, "lora_dropout": 0.0, "init_lora_weights": False})
-        state = {
-            key.removeprefix(PEFT_PREFIX).removeprefix("unet."): value
-            for key, value in read_safetensors(path / "adapter_model.safetensors").items()
-        }
-        self._pipe.unet.add_adapter(config, adapter_name=name)
-        result = set_peft_model_state_dict(self._pipe.unet, state, adapter_name=name)
-        unexpected = list(getattr(result, "unexpected_keys", None) or [])
-        if unexpected:
-            raise LoraInvalid(
-                f"PEFT adapter has {len(unexpected)} tensors for layers this model lacks,"
-                f" e.g. {unexpected[0]!r}"
-            )
-        # Layers the config targets but the file leaves out would keep uninitialised weights.
-        missing = [
-            key
-            for key in getattr(result, "missing_keys", None) or []
-            if ".lora_" in key and f".{name}." in key
-        ]
-        if missing:
-            raise LoraInvalid(
-                f"PEFT adapter lacks {len(missing)} tensors its config targets,"
-                f" e.g. {missing[0]!r}"
-            )
+    def _forget_scheduler_state(self) -> None:
+        """Multistep schedulers keep the last model outputs (batch-sized tensors) between calls."""
+        outputs = getattr(self._pipe.scheduler, "model_outputs", None)
+        if isinstance(outputs, list):
+            self._pipe.scheduler.model_outputs = [None] * len(outputs)
 
     def close(self) -> None:
         """Drop the pipeline (after any generation in flight) and give its memory back."""
         with self._lock:
             self._pipe = None  # type: ignore[assignment]
+            self._adapters.close()
         release_memory()
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse anything but a readable safetensors file, without ever unpickling it."""
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise LoraInvalid(
-            f"{path.name}: pickle formats (.bin/.ckpt/.pt/.pth) are refused; use .safetensors"
-        )
-    if suffix != ".safetensors":
-        raise LoraInvalid(f"{path.name}: only .safetensors LoRA files are accepted")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if not list(handle.keys()):
-                raise LoraInvalid(f"{path.name} holds no tensors")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraInvalid(f"{path.name} is not a valid safetensors file: {exc}") from exc
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checked safetensors file."""
-    check_safetensors(path)
-    return load_file(str(path))
-
-
-def is_cuda_oom(exc: BaseException) -> bool:
-    """CUDA allocation failures that do not arrive as ``torch.cuda.OutOfMemoryError``."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
-    )
-
-
-def release_memory() -> None:
-    """Collect garbage and return cached CUDA blocks to the driver."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -105,6 +105,17 @@ class GenerationRequest:
     style_id: int | None = None
 
 
+BatchKey = tuple[int, int, int, float, str]
+
+
+def batch_key(request: GenerationRequest) -> BatchKey:
+    """What jobs must share to run in one model call: size, steps, guidance and scheduler.
+
+    Prompts, negative prompts, seeds and LoRAs may differ within a batch.
+    """
+    return (request.width, request.height, request.steps, request.guidance_scale, request.scheduler)
+
+
 def output_key(generation_id: int, prefix: str = "generations/") -> str:
     """The object key for a generation's PNG: ``generations/<id>.png``."""
     return f"{prefix}{generation_id}.png"

@@ -88,10 +88,13 @@ def test_each_lora_layout_changes_the_image(
     base = pixels(model.generate(request(), None, ignore_steps))
     styled = pixels(model.generate(request(), artifact(tiny_loras[layout]), ignore_steps))
     assert np.abs(styled - base).mean() > 2.0, f"{layout} LoRA left the image unchanged"
-    # Unloaded after the job: the base model is back exactly.
+    # The adapter stays loaded for the next job, yet a base-model job is the base model exactly.
     after = pixels(model.generate(request(), None, ignore_steps))
     assert np.array_equal(after, base)
-    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+    hits = model.adapter_cache.stats.hits
+    again = pixels(model.generate(request(), artifact(tiny_loras[layout]), ignore_steps))
+    assert model.adapter_cache.stats.hits == hits + 1
+    assert np.array_equal(again, styled)
 
 
 def test_the_three_layouts_are_the_same_style(
@@ -176,9 +179,10 @@ def test_lora_for_another_model_is_lora_invalid(model: DiffusersImageModel, tmp_
         },
         str(alien),
     )
+    before = model.pipeline.get_list_adapters().get("unet", [])
     with pytest.raises(LoraInvalid):
         model.generate(request(), artifact(alien), ignore_steps)
-    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+    assert model.pipeline.get_list_adapters().get("unet", []) == before  # nothing of it stays
     model.generate(request(steps=2), None, ignore_steps)  # still serves
 
 
@@ -205,9 +209,10 @@ def test_peft_folder_missing_tensors_its_config_targets_is_refused(
     weights = folder / "adapter_model.safetensors"
     kept = {k: v for k, v in load_file(str(weights)).items() if ".to_k." not in k}
     save_file(kept, str(weights))
+    before = model.pipeline.get_list_adapters().get("unet", [])
     with pytest.raises(LoraInvalid, match="lacks .* tensors its config targets"):
         model.generate(request(), artifact(folder), ignore_steps)
-    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
+    assert model.pipeline.get_list_adapters().get("unet", []) == before
 
 
 def test_peft_config_is_read_whole_rslora_changes_the_scaling(
@@ -230,37 +235,60 @@ def test_peft_config_is_read_whole_rslora_changes_the_scaling(
 
 def test_oom_while_loading_a_lora_is_gpu_oom_not_lora_invalid(
     model: DiffusersImageModel,
-    tiny_loras: dict[str, Path],
+    tiny_model_dir: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from adapters.tiny_model import build_tiny_lora  # pylint: disable=import-outside-toplevel
+
+    unseen = build_tiny_lora(
+        tiny_model_dir, tmp_path / "unseen.safetensors", fmt="diffusers", seed=77
+    )
+    before = model.pipeline.get_list_adapters().get("unet", [])
+
     def no_memory(*_args: object, **_kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
 
-    monkeypatch.setattr(model.pipeline, "load_lora_weights", no_memory)
+    monkeypatch.setattr(model.pipeline, "load_lora_into_unet", no_memory)
     with pytest.raises(GpuOutOfMemory) as caught:
-        model.generate(request(), artifact(tiny_loras["diffusers"]), ignore_steps)
+        model.generate(request(), artifact(unseen), ignore_steps)
     assert caught.value.retryable and caught.value.code is ErrorCode.GPU_OOM
+    assert model.pipeline.get_list_adapters().get("unet", []) == before
 
 
-def test_oom_while_denoising_is_gpu_oom_and_the_adapter_is_removed(
-    model: DiffusersImageModel,
-    tiny_loras: dict[str, Path],
-    monkeypatch: pytest.MonkeyPatch,
+def test_oom_while_denoising_is_gpu_oom_and_the_model_still_serves(
+    model: DiffusersImageModel, tiny_loras: dict[str, Path]
 ) -> None:
-    def no_memory(step: int, _total: int) -> None:
-        if step == 2:
+    calls = 0
+
+    def no_memory(*_args: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with pytest.raises(GpuOutOfMemory):
-        model.generate(request(), artifact(tiny_loras["peft"]), no_memory)
-    assert model.pipeline.get_list_adapters() in ({}, {"unet": []})
-
-    def broken_delete(_name: object) -> None:
-        raise RuntimeError("adapter bookkeeping broke")
-
-    monkeypatch.setattr(model.pipeline, "delete_adapters", broken_delete)
+    hook = model.pipeline.unet.register_forward_pre_hook(no_memory)
+    try:
+        with pytest.raises(GpuOutOfMemory) as caught:
+            model.generate(request(), artifact(tiny_loras["peft"]), ignore_steps)
+    finally:
+        hook.remove()
+    assert caught.value.retryable and caught.value.__cause__ is None
     image = model.generate(request(steps=2), artifact(tiny_loras["peft"]), ignore_steps)
-    assert image.size == (256, 256)  # a cleanup failure does not cost the finished image
+    assert image.size == (256, 256)
+
+
+def test_a_failing_progress_callback_does_not_fail_the_image(
+    model: DiffusersImageModel,
+) -> None:
+    seen: list[int] = []
+
+    def broken(step: int, _total: int) -> None:
+        seen.append(step)
+        raise ValueError("progress sink broke")
+
+    image = model.generate(request(steps=3), None, broken)
+    assert image.size == (256, 256) and seen == [1, 2, 3]
 
 
 def test_closed_model_refuses_work(tiny_model_dir: Path) -> None:

@@ -1,0 +1,44 @@
+"""Telemetry: what the worker tells its operators (Prometheus in production, nothing in tests).
+
+Events are pushed here as they happen; gauges that can be read at any time (queue depth, cache
+sizes, GPU memory) are pulled by the metrics adapter itself and never pass through the domain.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Telemetry(Protocol):
+    """Receives the worker's events; implementations must be thread-safe and never raise."""
+
+    def job_started(self) -> None:
+        """A delivery became a job the worker is working on (jobs in flight +1)."""
+
+    def job_finished(self, *, outcome: str, error_code: str | None, seconds: float) -> None:
+        """A job ended (jobs in flight -1): ``outcome`` is completed/failed/retry/rejected,
+        ``error_code`` the ErrorCode value when it did not complete, ``seconds`` the time from
+        intake to its settlement."""
+
+    def images_generated(self, *, count: int, steps: int, seconds: float) -> None:
+        """One model call produced ``count`` images of ``steps`` denoising steps in ``seconds``."""
+
+    def webhook_attempt(self, *, kind: str, ok: bool) -> None:
+        """One HTTP attempt of a webhook (progress/completed/failed) and whether it was accepted."""
+
+
+class NoTelemetry:
+    """Telemetry that records nothing: the default where no metrics are served."""
+
+    def job_started(self) -> None:
+        """Nothing to record."""
+
+    def job_finished(self, *, outcome: str, error_code: str | None, seconds: float) -> None:
+        """Nothing to record."""
+
+    def images_generated(self, *, count: int, steps: int, seconds: float) -> None:
+        """Nothing to record."""
+
+    def webhook_attempt(self, *, kind: str, ok: bool) -> None:
+        """Nothing to record."""
