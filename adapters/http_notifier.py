@@ -33,6 +33,7 @@ from requests.adapters import HTTPAdapter
 
 from domain.errors import ErrorCode, NotifyError, WebhookRejected
 from domain.progress import ProgressUpdate
+from ports.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ PROGRESS_PATH = "/api/webhooks/inference/progress"
 COMPLETE_PATH = "/api/webhooks/inference/complete"
 FAILED_PATH = "/api/webhooks/inference/failed"
 REQUEST_SOURCE = "inference-server"
+WEBHOOK_KINDS = {PROGRESS_PATH: "progress", COMPLETE_PATH: "completed", FAILED_PATH: "failed"}
 """Value of ``X-Request-Source``; the backend answers 403 to anything else."""
 SECRET_PREFIX = "whsec_"
 """A signing secret starting with this prefix carries a base64-encoded key (Standard Webhooks)."""
@@ -101,8 +103,9 @@ class HttpNotifier:
     ``Retry-After`` of a 429/503 capped by ``backoff_max_seconds``. They give up with
     ``NotifyError`` after ``max_attempts`` or when the next wait would pass
     ``retry_budget_seconds`` (measured with ``clock``); any other non-2xx (4xx, an unexpected
-    redirect) raises ``WebhookRejected`` at once. ``sleep``, ``clock`` and ``rng`` are injectable
-    for tests. Redirects are never followed, so the token goes nowhere but ``base_url``.
+    redirect) raises ``WebhookRejected`` at once. Every HTTP attempt is reported to ``telemetry``.
+    ``sleep``, ``clock`` and ``rng`` are injectable for tests. Redirects are never followed, so
+    the token goes nowhere but ``base_url``.
 
     ``progress`` never blocks or raises: one daemon thread sends the newest pending update per
     generation, once. Once a generation's outcome is being reported its queued progress is dropped,
@@ -125,6 +128,7 @@ class HttpNotifier:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if urlsplit(base_url).scheme not in {"http", "https"} or not urlsplit(base_url).netloc:
             raise ValueError(f"base_url must be an http(s) URL, got {_display_url(base_url)!r}")
@@ -149,6 +153,7 @@ class HttpNotifier:
         self._sleep = sleep
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        self._telemetry = telemetry if telemetry is not None else NoTelemetry()
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -334,14 +339,21 @@ class HttpNotifier:
             headers["webhook-signature"] = sign(
                 self._signing_key, message.message_id, timestamp, message.body
             )
-        return self._session.request(
-            message.method,
-            self._base_url + message.path,
-            data=message.body,
-            headers=headers,
-            timeout=self._timeout,
-            allow_redirects=False,
-        )
+        kind = WEBHOOK_KINDS.get(message.path, message.path)
+        try:
+            response = self._session.request(
+                message.method,
+                self._base_url + message.path,
+                data=message.body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except Exception:
+            self._telemetry.webhook_attempt(kind=kind, ok=False)
+            raise
+        self._telemetry.webhook_attempt(kind=kind, ok=200 <= response.status_code < 300)
+        return response
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform over [0, min(max, base * 2**attempt)]."""

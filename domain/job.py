@@ -29,9 +29,10 @@ from domain.progress import (
 )
 from domain.request import GenerationRequest, SignatureSpec, output_key
 from domain.watermark import Watermarker
-from ports.image_model import ImageModel
+from ports.image_model import BatchItem, ImageModel, StepCallback
 from ports.notifier import Notifier
 from ports.storage import LoraArtifact, Storage, StoredOutput
+from ports.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class GenerationJob:
         max_retries: int = DEFAULT_MAX_RETRIES,
         output_prefix: str = "generations/",
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._model = model
         self._storage = storage
@@ -129,6 +131,17 @@ class GenerationJob:
         self._max_retries = max_retries
         self._output_prefix = output_prefix
         self._clock = clock
+        self._telemetry = telemetry if telemetry is not None else NoTelemetry()
+
+    @property
+    def max_batch_size(self) -> int:
+        """The most jobs the model runs in one call."""
+        return max(1, self._model.max_batch_size)
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """Where the job's events go (the runner reports job starts and ends there too)."""
+        return self._telemetry
 
     @property
     def max_retries(self) -> int:
@@ -155,6 +168,48 @@ class GenerationJob:
     def render(self, prepared: Prepared) -> Rendered | JobResult:
         """The model's part: denoise with progress milestones; a JobResult on error."""
         return self._guarded(prepared.request, prepared.attempt, lambda: self._render(prepared))
+
+    def render_batch(self, batch: Sequence[Prepared]) -> list[Rendered | JobResult]:
+        """The model's part for jobs sharing ``batch_key``: one model call, one result each.
+
+        An error of one item ends that job alone; an error of the whole call ends every job
+        of the batch (each according to its own attempt count).
+        """
+        if len(batch) == 1:
+            return [self.render(batch[0])]
+        items = [
+            BatchItem(
+                request=prepared.request,
+                lora=prepared.inputs.lora,
+                on_step=self._progress_reporter(prepared.request),
+            )
+            for prepared in batch
+        ]
+        began = self._clock()
+        try:
+            outputs = self._model.generate_batch(items)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            error = as_generation_error(exc)
+            return [self._fail(p.request, error, p.attempt) for p in batch]
+        generated = self._clock()
+        head = batch[0].request
+        self._step_times.record(
+            steps=head.steps, seconds=generated - began, width=head.width, height=head.height
+        )
+        results: list[Rendered | JobResult] = []
+        for prepared, output in zip(batch, outputs, strict=True):
+            if isinstance(output, Image.Image):
+                results.append(
+                    Rendered(prepared=prepared, image=output, began=began, generated=generated)
+                )
+            else:
+                results.append(self._fail(prepared.request, output, prepared.attempt))
+        images = sum(isinstance(result, Rendered) for result in results)
+        if images:
+            self._telemetry.images_generated(
+                count=images, steps=head.steps, seconds=generated - began
+            )
+        return results
 
     def finish(self, rendered: Rendered) -> JobResult:
         """I/O after the model: sign, encode, store, deliver the completion."""
@@ -185,6 +240,21 @@ class GenerationJob:
 
     def _render(self, prepared: Prepared) -> Rendered:
         request = prepared.request
+        on_step = self._progress_reporter(request)
+        began = self._clock()
+        image = self._model.generate(request, prepared.inputs.lora, on_step)
+        generated = self._clock()
+        self._step_times.record(
+            steps=request.steps,
+            seconds=generated - began,
+            width=request.width,
+            height=request.height,
+        )
+        self._telemetry.images_generated(count=1, steps=request.steps, seconds=generated - began)
+        return Rendered(prepared=prepared, image=image, began=began, generated=generated)
+
+    def _progress_reporter(self, request: GenerationRequest) -> StepCallback:
+        """Send the start milestone now; the callback sends the others as steps complete."""
         tracker = ProgressMilestones(
             total_steps=request.steps,
             milestones=self._milestones,
@@ -198,16 +268,7 @@ class GenerationJob:
         def on_step(step: int, _total: int) -> None:
             self._send_progress(request.generation_id, tracker.step(step))
 
-        began = self._clock()
-        image = self._model.generate(request, prepared.inputs.lora, on_step)
-        generated = self._clock()
-        self._step_times.record(
-            steps=request.steps,
-            seconds=generated - began,
-            width=request.width,
-            height=request.height,
-        )
-        return Rendered(prepared=prepared, image=image, began=began, generated=generated)
+        return on_step
 
     def _finish(self, rendered: Rendered) -> JobResult:
         prepared = rendered.prepared

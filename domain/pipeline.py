@@ -4,7 +4,8 @@ Three stages, one thread for the model:
 
 - intake (I/O threads): validate the delivery, check for a stored output, fetch the LoRA and
   signature. Up to ``lookahead`` jobs are prepared ahead of the model.
-- render (the calling thread): the model, one job at a time, in arrival order.
+- render (the calling thread): the model, one call at a time, in arrival order; a call takes the
+  next job plus up to ``max_batch_size - 1`` already-prepared jobs that share its ``batch_key``.
 - finish (I/O threads): stamp the signature, encode the PNG, upload, deliver the completion,
   settle the delivery. At most ``finish_backlog`` jobs wait here; the model pauses beyond that.
 
@@ -22,7 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from domain.errors import as_generation_error
 from domain.job import GenerationJob, JobResult, Prepared, Rendered
-from domain.request import RequestNormalizer
+from domain.log_context import job_context
+from domain.messages import peek_generation_id
+from domain.request import RequestNormalizer, batch_key
 from domain.runner import JobRunner, SettledGenerations
 from ports.task_source import Delivery, TaskSource
 
@@ -43,6 +46,7 @@ class PipelinedRunner(JobRunner):
         io_threads: int = 4,
         lookahead: int = 2,
         finish_backlog: int = 4,
+        max_batch_size: int = 1,
     ) -> None:
         super().__init__(
             source=source,
@@ -51,18 +55,30 @@ class PipelinedRunner(JobRunner):
             settled=settled,
             poll_seconds=poll_seconds,
         )
+        self._batch = max(1, min(max_batch_size, job.max_batch_size))
         self._io_threads = max(2, io_threads)
-        self._lookahead = max(1, lookahead)
-        self._finish_slots = threading.BoundedSemaphore(max(1, finish_backlog))
+        # A batch is drawn from jobs already prepared, so look ahead at least a batch's worth.
+        self._lookahead = max(1, lookahead, self._batch)
+        self._finish_slots = threading.BoundedSemaphore(max(1, finish_backlog, self._batch))
         self._finishing = 0
         self._finishing_changed = threading.Condition()
 
-    def run(self, *, should_stop: Callable[[], bool], stop_when_idle: bool = False) -> int:
-        """Run the pipeline until ``should_stop()`` (or idle); the number of deliveries taken."""
+    def run(
+        self,
+        *,
+        should_stop: Callable[[], bool],
+        stop_when_idle: bool = False,
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> int:
+        """Run the pipeline until ``should_stop()`` (or idle); the number of deliveries taken.
+
+        ``heartbeat`` is called on every turn of the loop (the liveness probe watches it).
+        """
         handled = 0
         pending: deque[tuple[Delivery, Future[Prepared | None]]] = deque()
         with ThreadPoolExecutor(self._io_threads, thread_name_prefix="job-io") as pool:
             while True:
+                heartbeat()
                 stopping = should_stop()
                 while not stopping and len(pending) < self._lookahead:
                     wait = 0.0 if pending or stop_when_idle else self._poll_seconds
@@ -82,8 +98,31 @@ class PipelinedRunner(JobRunner):
                 delivery, intake = pending.popleft()
                 prepared = intake.result()
                 if prepared is not None:
-                    self._render(pool, delivery, prepared)
+                    self._render(pool, [(delivery, prepared), *self._companions(prepared, pending)])
         return handled
+
+    def _companions(
+        self, head: Prepared, pending: deque[tuple[Delivery, Future[Prepared | None]]]
+    ) -> list[tuple[Delivery, Prepared]]:
+        """Prepared jobs that can share the head's model call, taken out of ``pending``.
+
+        Only jobs whose intake is already done are taken: the model never waits to fill a batch.
+        """
+        companions: list[tuple[Delivery, Prepared]] = []
+        if self._batch == 1:
+            return companions
+        key = batch_key(head.request)
+        for entry in list(pending):
+            if len(companions) + 1 >= self._batch:
+                break
+            delivery, intake = entry
+            if not intake.done() or intake.exception() is not None:
+                continue
+            prepared = intake.result()
+            if prepared is not None and batch_key(prepared.request) == key:
+                pending.remove(entry)
+                companions.append((delivery, prepared))
+        return companions
 
     def _wait_for_finishing(self) -> bool:
         """Wait until no job is in the finish stage; whether any was."""
@@ -94,22 +133,52 @@ class PipelinedRunner(JobRunner):
 
     def _intake(self, delivery: Delivery) -> Prepared | None:
         """Validate and fetch; None when the delivery was settled here."""
-        try:
-            request = self.accept(delivery)
-            if request is None:
+        with job_context(generation_id=peek_generation_id(delivery.body)):
+            try:
+                request = self.accept(delivery)
+                if request is None:
+                    return None
+                with job_context(generation_id=request.generation_id, task_id=request.task_id):
+                    prepared = self._job.prepare(request, attempt=delivery.attempt)
+                    if isinstance(prepared, JobResult):
+                        self.settle(delivery, prepared)
+                        return None
+                    return prepared
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                self.contain(delivery, as_generation_error(exc))
                 return None
-            prepared = self._job.prepare(request, attempt=delivery.attempt)
-            if isinstance(prepared, JobResult):
-                self.settle(delivery, prepared)
-                return None
-            return prepared
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            self.contain(delivery, as_generation_error(exc))
-            return None
 
-    def _render(self, pool: ThreadPoolExecutor, delivery: Delivery, prepared: Prepared) -> None:
+    def _render(self, pool: ThreadPoolExecutor, batch: list[tuple[Delivery, Prepared]]) -> None:
+        """One model call for the batch; each job then settles or moves on to the finish stage."""
+        requests = [prepared.request for _, prepared in batch]
+        head = requests[0] if len(requests) == 1 else None
+        with job_context(
+            generation_id=head.generation_id if head else None,
+            task_id=head.task_id if head else None,
+        ):
+            if head is None:
+                log.info(
+                    "batch of %d: generations %s",
+                    len(requests),
+                    [request.generation_id for request in requests],
+                    extra={"generation_ids": [request.generation_id for request in requests]},
+                )
+            try:
+                results = self._job.render_batch([prepared for _, prepared in batch])
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                for delivery, _ in batch:
+                    self.contain(delivery, as_generation_error(exc))
+                return
+        for (delivery, prepared), rendered in zip(batch, results, strict=True):
+            with job_context(
+                generation_id=prepared.request.generation_id, task_id=prepared.request.task_id
+            ):
+                self._after_render(pool, delivery, rendered)
+
+    def _after_render(
+        self, pool: ThreadPoolExecutor, delivery: Delivery, rendered: Rendered | JobResult
+    ) -> None:
         try:
-            rendered = self._job.render(prepared)
             if isinstance(rendered, JobResult):
                 self.settle(delivery, rendered)
                 return
@@ -123,8 +192,10 @@ class PipelinedRunner(JobRunner):
         pool.submit(self._finish, delivery, rendered)
 
     def _finish(self, delivery: Delivery, rendered: Rendered) -> None:
+        request = rendered.prepared.request
         try:
-            self.settle(delivery, self._job.finish(rendered))
+            with job_context(generation_id=request.generation_id, task_id=request.task_id):
+                self.settle(delivery, self._job.finish(rendered))
         except Exception as exc:  # pylint: disable=broad-exception-caught
             self.contain(delivery, as_generation_error(exc))
         finally:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 from domain.errors import FailureReport, GenerationError, InvalidRequest, as_generation_error
 from domain.job import GenerationJob, JobResult, Outcome
+from domain.log_context import job_context
 from domain.messages import parse_message, peek_generation_id
 from domain.request import GenerationRequest, RequestNormalizer
 from ports.task_source import Delivery, TaskSource
@@ -60,21 +62,28 @@ class JobRunner:
         normalizer: RequestNormalizer,
         settled: SettledGenerations | None = None,
         poll_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._job = job
         self._normalizer = normalizer
         self._settled = settled if settled is not None else SettledGenerations()
         self._poll_seconds = poll_seconds
+        self._clock = clock
+        self._telemetry = job.telemetry
+        self._in_flight: dict[int, float] = {}
+        self._in_flight_lock = threading.Lock()
 
     def handle(self, delivery: Delivery) -> JobResult | None:
         """Process one delivery and settle it; None when no generation ran."""
-        request = self.accept(delivery)
-        if request is None:
-            return None
-        result = self._job.run(request, attempt=delivery.attempt)
-        self.settle(delivery, result)
-        return result
+        with job_context(generation_id=peek_generation_id(delivery.body)):
+            request = self.accept(delivery)
+            if request is None:
+                return None
+            with job_context(generation_id=request.generation_id, task_id=request.task_id):
+                result = self._job.run(request, attempt=delivery.attempt)
+                self.settle(delivery, result)
+                return result
 
     def accept(self, delivery: Delivery) -> GenerationRequest | None:
         """The request to run, or None when the delivery was settled without running one.
@@ -92,13 +101,31 @@ class JobRunner:
             log.info("generation %s: redelivered after its outcome was told", request.generation_id)
             self._source.ack(delivery)
             return None
+        self._job_started(delivery)
         return request
+
+    def _job_started(self, delivery: Delivery) -> None:
+        with self._in_flight_lock:
+            self._in_flight[id(delivery)] = self._clock()
+        self._telemetry.job_started()
+
+    def _job_ended(self, delivery: Delivery, outcome: str, error: GenerationError | None) -> None:
+        """Report the end of a job that ``accept`` started; nothing for other deliveries."""
+        with self._in_flight_lock:
+            began = self._in_flight.pop(id(delivery), None)
+        if began is not None:
+            self._telemetry.job_finished(
+                outcome=outcome,
+                error_code=error.code.value if error is not None else None,
+                seconds=self._clock() - began,
+            )
 
     def settle(self, delivery: Delivery, result: JobResult) -> None:
         """Ack, hand back or park the delivery according to the job's outcome."""
         reason = str(result.error) if result.error else ""
         if result.outcome in (Outcome.COMPLETED, Outcome.FAILED):
             self._settled.add(result.generation_id)
+        self._job_ended(delivery, result.outcome.value, result.error)
         if result.outcome is Outcome.RETRY:
             self._source.retry(delivery, reason, result.pending_failure)
         elif result.outcome is Outcome.REJECTED:
@@ -150,6 +177,12 @@ class JobRunner:
     def _settle_failure(self, delivery: Delivery, report: FailureReport) -> None:
         reason = f"{report.code.value}: {report.message}"
         outcome = self._job.deliver_failure(report)
+        if outcome is not Outcome.RETRY:
+            # A failure that waits for the backend counts once, when it is told (or refused).
+            self._telemetry.job_started()
+            self._telemetry.job_finished(
+                outcome=outcome.value, error_code=report.code.value, seconds=0.0
+            )
         if outcome is Outcome.FAILED:
             self._settled.add(report.generation_id)
         if outcome is Outcome.RETRY:
@@ -160,11 +193,21 @@ class JobRunner:
         else:
             self._source.ack(delivery)
 
-    def run(self, *, should_stop: Callable[[], bool], stop_when_idle: bool = False) -> int:
-        """Handle deliveries until ``should_stop()`` (or the source is idle); return the count."""
+    def run(
+        self,
+        *,
+        should_stop: Callable[[], bool],
+        stop_when_idle: bool = False,
+        heartbeat: Callable[[], None] = lambda: None,
+    ) -> int:
+        """Handle deliveries until ``should_stop()`` (or the source is idle); return the count.
+
+        ``heartbeat`` is called on every turn of the loop (the liveness probe watches it).
+        """
         handled = 0
         timeout = 0.0 if stop_when_idle else self._poll_seconds
         while not should_stop():
+            heartbeat()
             delivery = self._source.receive(timeout)
             if delivery is None:
                 if stop_when_idle:
@@ -182,8 +225,10 @@ class JobRunner:
         log.exception("delivery could not be handled: %s", error)
         try:
             if delivery.attempt >= self._job.max_retries:
+                self._job_ended(delivery, Outcome.REJECTED.value, error)
                 self._source.park(delivery, str(error))
             else:
+                self._job_ended(delivery, Outcome.RETRY.value, error)
                 self._source.retry(delivery, str(error), delivery.pending_failure)
         except Exception:  # pylint: disable=broad-exception-caught
             log.exception("delivery could not be settled; the source will redeliver it")

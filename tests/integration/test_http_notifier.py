@@ -29,6 +29,8 @@ from domain.errors import ErrorCode, NotifyError, WebhookRejected
 from domain.progress import ProgressUpdate
 from ports.notifier import Notifier
 from tests.integration.backend_receiver import BackendReceiver, RecordedRequest
+from tests.integration.services import free_port
+from tests.unit.fakes import FakeTelemetry
 
 TOKEN = "tok-7f3a9c1e-very-secret"
 SEED = 1234
@@ -625,3 +627,32 @@ def test_a_new_run_of_a_finished_generation_reports_progress_again() -> None:
             notifier.close()
     (progress,) = receiver.of_kind("progress")
     assert progress.payload["progress"]["current_step"] == 0
+
+
+def test_every_http_attempt_is_reported_to_telemetry(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    telemetry = FakeTelemetry()
+    notifier = make_notifier(telemetry=telemetry)
+    receiver.fail_next(2, 503, kind="complete")
+    notifier.completed(8, "https://cdn/8.png", {"seed": 1})
+    receiver.fail_next(1, 401, kind="failed")
+    with pytest.raises(WebhookRejected):
+        notifier.failed(9, ErrorCode.LORA_INVALID, "bad", 0)
+    assert telemetry.of("webhook") == [
+        {"kind": "completed", "ok": False},
+        {"kind": "completed", "ok": False},
+        {"kind": "completed", "ok": True},
+        {"kind": "failed", "ok": False},
+    ]
+
+
+def test_a_connection_error_is_a_failed_attempt(make_notifier: NotifierFactory) -> None:
+    telemetry = FakeTelemetry()
+    port = free_port()
+    notifier = make_notifier(
+        base_url=f"http://127.0.0.1:{port}", telemetry=telemetry, max_attempts=2
+    )
+    with pytest.raises(NotifyError):
+        notifier.completed(10, "https://cdn/10.png", {})
+    assert telemetry.of("webhook") == [{"kind": "completed", "ok": False}] * 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ from PIL import Image
 from domain.errors import ErrorCode, GenerationError, LoraNotFound, SignatureInvalid
 from domain.progress import ProgressUpdate
 from domain.request import GenerationRequest
-from ports.image_model import StepCallback
+from ports.image_model import BatchItem, StepCallback
 from ports.storage import LoraArtifact, StoredOutput
 
 
@@ -38,10 +38,37 @@ class FakeImageModel:
     color: tuple[int, int, int] = (0, 0, 0)
     fail_with: list[GenerationError | Exception] = field(default_factory=list)
     calls: list[tuple[GenerationRequest, LoraArtifact | None]] = field(default_factory=list)
+    batch_limit: int = 1
+    batches: list[list[int]] = field(default_factory=list)
+    """Generation ids of each ``generate_batch`` call."""
+    item_errors: dict[int, GenerationError] = field(default_factory=dict)
+    """Per generation id: the error ``generate_batch`` returns in that item's slot."""
 
     @property
     def name(self) -> str:
         return "fake/sd15"
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_limit
+
+    def generate_batch(self, items: Sequence[BatchItem]) -> list[Image.Image | GenerationError]:
+        self.batches.append([item.request.generation_id for item in items])
+        for item in items:
+            self.calls.append((item.request, item.lora))
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        steps = items[0].request.steps
+        for step in range(1, steps + 1):
+            if self.clock is not None:
+                self.clock.advance(self.seconds_per_step)
+            for item in items:
+                item.on_step(step, steps)
+        return [
+            self.item_errors.get(item.request.generation_id)
+            or Image.new("RGB", (item.request.width, item.request.height), self.color)
+            for item in items
+        ]
 
     def generate(
         self, request: GenerationRequest, lora: LoraArtifact | None, on_step: StepCallback
@@ -58,7 +85,7 @@ class FakeImageModel:
 
 @dataclass
 class FakeStorage:
-    """Objects in dicts; ``fail_puts``/``fail_fetches``/``fail_finds`` raise the given errors first."""
+    """Objects in dicts; ``fail_puts``, ``fail_fetches``, ``fail_finds`` raise errors first."""
 
     loras: dict[str, bytes] = field(default_factory=dict)
     signatures: dict[str, bytes] = field(default_factory=dict)
@@ -140,3 +167,27 @@ class FakeNotifier:
 
     def of_kind(self, kind: str) -> list[Any]:
         return [payload for k, _, payload in self.sent if k == kind]
+
+
+@dataclass
+class FakeTelemetry:
+    """Records the events the domain reports."""
+
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def job_started(self) -> None:
+        self.events.append(("started", {}))
+
+    def job_finished(self, *, outcome: str, error_code: str | None, seconds: float) -> None:
+        self.events.append(
+            ("finished", {"outcome": outcome, "error_code": error_code, "seconds": seconds})
+        )
+
+    def images_generated(self, *, count: int, steps: int, seconds: float) -> None:
+        self.events.append(("images", {"count": count, "steps": steps, "seconds": seconds}))
+
+    def webhook_attempt(self, *, kind: str, ok: bool) -> None:
+        self.events.append(("webhook", {"kind": kind, "ok": ok}))
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [payload for event, payload in self.events if event == name]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Mapping
 
 from dependency_injector import providers
 from PIL import Image
 
+from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid
 from domain.request import GenerationRequest
 from ports.image_model import StepCallback
 from ports.storage import LoraArtifact, StoredOutput
@@ -92,3 +95,90 @@ def test_every_delivery_is_settled_once_under_mixed_outcomes(wired: Wired) -> No
     assert len(wired.source.parked) == 2
     assert sorted(g for k, g, _ in wired.notifier.sent if k == "completed") == [1, 3, 5]
     assert sorted(g for k, g, _ in wired.notifier.sent if k == "failed") == [2, 4]
+
+
+class SlowFirstIntake(FakeStorage):
+    """The first job's intake takes a while, so the jobs behind it are prepared by then."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__()
+        self.first = first
+
+    def find_output(self, key: str) -> StoredOutput | None:
+        if key.endswith(f"/{self.first}.png"):
+            time.sleep(0.3)
+        return super().find_output(key)
+
+
+def batching(wired: Wired, limit: int, first: int) -> None:
+    wired.model.batch_limit = limit
+    wired.container.job_runner.add_kwargs(max_batch_size=limit)
+    wired.storage = SlowFirstIntake(first)
+    wired.container.storage.override(providers.Object(wired.storage))
+
+
+def test_jobs_that_share_size_and_steps_run_in_one_model_call(wired: Wired) -> None:
+    batching(wired, 4, first=1)
+    for generation_id in range(1, 6):
+        wired.source.put(backend_message(generation_id))
+    assert run_all(wired) == 5
+    assert wired.model.batches[0] == [1, 2, 3, 4]
+    assert sorted(request.generation_id for request, _ in wired.model.calls) == [1, 2, 3, 4, 5]
+    assert len(wired.notifier.of_kind("completed")) == 5 and len(wired.source.acked) == 5
+    assert len(wired.storage.outputs) == 5
+
+
+def test_a_batch_never_mixes_sizes_and_never_exceeds_the_limit(wired: Wired) -> None:
+    batching(wired, 2, first=1)
+    sizes = {1: "1:1", 2: "2:1", 3: "1:1", 4: "2:1", 5: "1:1", 6: "1:1"}
+    for generation_id, ratio in sizes.items():
+        wired.source.put(backend_message(generation_id, aspect_ratio=ratio))
+    run_all(wired)
+    for batch in wired.model.batches:
+        assert len(batch) <= 2
+        assert len({sizes[i] for i in batch}) == 1
+    assert len(wired.source.acked) == 6
+
+
+def test_each_job_of_a_batch_gets_its_own_progress_and_completion(wired: Wired) -> None:
+    batching(wired, 4, first=11)
+    for generation_id in (11, 12, 13):
+        wired.source.put(backend_message(generation_id))
+    run_all(wired)
+    for generation_id in (11, 12, 13):
+        percents = [
+            payload.progress_percent
+            for kind, gid, payload in wired.notifier.sent
+            if kind == "progress" and gid == generation_id
+        ]
+        assert percents[0] == 0 and percents == sorted(percents) and len(percents) > 2
+    completed = {gid for kind, gid, _ in wired.notifier.sent if kind == "completed"}
+    assert completed == {11, 12, 13}
+
+
+def test_one_item_failing_in_a_batch_fails_that_job_alone(wired: Wired) -> None:
+    batching(wired, 4, first=21)
+    wired.model.item_errors[22] = LoraInvalid("not for this model")
+    for generation_id in (21, 22, 23):
+        wired.source.put(backend_message(generation_id))
+    run_all(wired)
+    assert wired.model.batches[0] == [21, 22, 23]
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure["code"] is ErrorCode.LORA_INVALID
+    assert [gid for kind, gid, _ in wired.notifier.sent if kind == "failed"] == [22]
+    assert {gid for kind, gid, _ in wired.notifier.sent if kind == "completed"} == {21, 23}
+    assert len(wired.source.acked) == 3
+
+
+def test_a_whole_batch_failing_hands_every_job_back(wired: Wired) -> None:
+    batching(wired, 4, first=31)
+    wired.model.fail_with.append(GpuOutOfMemory("out of memory"))
+    for generation_id in (31, 32, 33):
+        wired.source.put(backend_message(generation_id))
+    run_all(wired)
+    assert wired.model.batches[0] == [31, 32, 33]
+    retried = sorted(json.loads(d.body)["data"]["generation_id"] for d, _ in wired.source.retried)
+    assert retried == [31, 32, 33]
+    # Handed back, then generated on the next delivery.
+    completed = {gid for kind, gid, _ in wired.notifier.sent if kind == "completed"}
+    assert completed == {31, 32, 33}
