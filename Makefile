@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo generate worker test test-unit test-integration bench lint format lock clean
+.PHONY: setup demo generate worker test test-unit test-integration bench bench-gpu lint format lock clean
 
 setup: $(STAMP)
 
@@ -41,10 +41,15 @@ test-integration: setup
 bench: setup
 	$(PY) -m bench.worker_throughput
 
+# On a machine with a CUDA GPU: plain diffusers fp16 against the tuned adapter (bench/results/gpu.json).
+bench-gpu: setup
+	$(PY) -m bench.gpu
+
 lint: setup
 	$(PY) -m black --check .
 	$(PY) -m pylint app domain ports adapters containers.py bench
 	$(PY) -m pylint tests --disable=missing-function-docstring,missing-class-docstring,redefined-outer-name,duplicate-code
+	$(VENV)/bin/hadolint Dockerfile
 
 format: setup
 	$(PY) -m black .

@@ -13,15 +13,18 @@ from dependency_injector import containers, providers
 
 from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
+from adapters.gpu_monitor import GpuMonitor
 from adapters.http_notifier import HttpNotifier
 from adapters.local_storage import LocalStorage
+from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
 from adapters.rabbitmq_task_source import RabbitMQTaskSource
 from adapters.s3_storage import S3Storage, make_s3_client
+from app.metrics import PrometheusTelemetry
 from app.settings import Settings, load_settings
 from domain.job import GenerationJob
 from domain.progress import StepTimeEstimator
-from domain.request import RequestNormalizer, RequestPolicy
+from domain.request import ASPECT_RATIOS, RequestNormalizer, RequestPolicy
 from domain.pipeline import PipelinedRunner
 from domain.runner import SettledGenerations
 from domain.watermark import Watermarker
@@ -29,26 +32,30 @@ from domain.watermark import Watermarker
 
 def init_image_model(
     *,
-    model_id: str,
-    device: str,
-    dtype: str,
-    cache_dir: str | None,
     cuda_visible_devices: str | None,
+    tuning: dict[str, object],
+    warmup: bool,
+    **options: object,
 ) -> Iterator[object]:
-    """Load the diffusers model (a Resource: released on shutdown)."""
+    """Load the diffusers model, tuned and warmed up (a Resource: released on shutdown).
+
+    ``options`` are ``DiffusersImageModel.load``'s keyword arguments; ``tuning`` the fields of
+    ``GpuTuning``. The warm-up (compilation, cuDNN autotuning) runs on CUDA only.
+    """
     if cuda_visible_devices is not None:
         # CUDA reads it once, when torch first initialises it; a value from .env must be
         # exported before that moment to have any effect.
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     # Imported here so that building the container (and the unit tests) never imports torch.
-    from adapters.diffusers_model import (  # pylint: disable=import-outside-toplevel
-        DiffusersImageModel,
-    )
+    # pylint: disable=import-outside-toplevel
+    from adapters.diffusers_model import DiffusersImageModel
+    from adapters.gpu_tuning import GpuTuning, warm_up
 
-    model = DiffusersImageModel.load(
-        model_id=model_id, device=device, dtype=dtype, cache_dir=cache_dir
-    )
+    model = DiffusersImageModel.load(tuning=GpuTuning(**tuning), **options)  # type: ignore[arg-type]
     try:
+        if warmup and model.pipeline.device.type == "cuda":
+            width, height = ASPECT_RATIOS["1:1"]  # the shape most jobs run at
+            warm_up(model, width=width, height=height, steps=2)
         yield model
     finally:
         model.close()
@@ -61,6 +68,15 @@ def init_http_notifier(**kwargs: object) -> Iterator[HttpNotifier]:
         yield notifier
     finally:
         notifier.close()
+
+
+def init_gpu_monitor(*, visible_devices: str | None) -> Iterator[GpuMonitor]:
+    """NVML, started lazily at the first sample (a Resource: shut down with the worker)."""
+    monitor = GpuMonitor(visible_devices=visible_devices)
+    try:
+        yield monitor
+    finally:
+        monitor.close()
 
 
 def secret(value: object) -> str | None:
@@ -83,6 +99,19 @@ class Container(containers.DeclarativeContainer):
         dtype=config.model_dtype,
         cache_dir=config.model_cache_dir,
         cuda_visible_devices=config.cuda_visible_devices,
+        tuning=providers.Dict(
+            channels_last=config.model_channels_last,
+            fuse_qkv=config.model_fuse_qkv,
+            compile_unet=config.model_compile,
+            compile_mode=config.model_compile_mode,
+        ),
+        warmup=config.model_warmup,
+        max_batch_size=config.max_batch_size,
+        adapter_cache_size=config.lora_adapter_cache_size,
+        mixed_lora_batches=config.mixed_lora_batches,
+        hotswap_max_rank=config.lora_hotswap_max_rank,
+        lora_max_bytes=config.lora_max_bytes,
+        lora_max_rank=config.lora_max_rank,
     )
 
     s3_client = providers.Singleton(
@@ -94,6 +123,13 @@ class Container(containers.DeclarativeContainer):
         max_attempts=config.s3_max_attempts,
     )
 
+    lora_disk_cache = providers.Singleton(
+        LoraDiskCache,
+        root=config.lora_cache_dir,
+        max_bytes=config.lora_cache_max_bytes,
+        protect_seconds=config.lora_cache_protect_seconds,
+    )
+
     storage = providers.Selector(
         config.storage_backend,
         s3=providers.Singleton(
@@ -102,7 +138,8 @@ class Container(containers.DeclarativeContainer):
             models_bucket=config.s3_models_bucket,
             media_bucket=config.aws_storage_bucket_name,
             output_bucket=config.output_bucket,
-            download_dir=config.lora_download_dir,
+            lora_cache=lora_disk_cache,
+            max_lora_bytes=config.lora_max_bytes,
             public_base_url=config.s3_public_base_url,
             endpoint_url=config.aws_s3_endpoint_url,
             region=config.aws_s3_region_name,
@@ -117,6 +154,15 @@ class Container(containers.DeclarativeContainer):
         ),
     )
 
+    gpu_monitor = providers.Resource(init_gpu_monitor, visible_devices=config.cuda_visible_devices)
+
+    telemetry = providers.Singleton(
+        PrometheusTelemetry,
+        info=providers.Dict(
+            model=config.model_id, device=config.model_device, queue=config.rabbitmq_queue
+        ),
+    )
+
     notifier = providers.Selector(
         config.notifier_backend,
         http=providers.Resource(
@@ -127,6 +173,7 @@ class Container(containers.DeclarativeContainer):
             max_attempts=config.webhook_max_attempts,
             retry_budget_seconds=config.webhook_retry_budget_seconds,
             signing_secret=providers.Callable(secret, config.webhook_signing_secret),
+            telemetry=telemetry,
         ),
         console=providers.Singleton(ConsoleNotifier),
     )
@@ -184,6 +231,7 @@ class Container(containers.DeclarativeContainer):
         milestones=config.progress_milestones,
         max_retries=config.max_retries,
         output_prefix=config.s3_output_prefix,
+        telemetry=telemetry,
     )
 
     settled_generations = providers.Singleton(SettledGenerations)
@@ -196,6 +244,7 @@ class Container(containers.DeclarativeContainer):
         settled=settled_generations,
         io_threads=config.pipeline_io_threads,
         lookahead=config.pipeline_lookahead,
+        max_batch_size=config.max_batch_size,
     )
 
 

@@ -76,6 +76,7 @@ class RabbitMQTaskSource:
         heartbeat_seconds: int = 60,
         reconnect_max_seconds: float = 30.0,
         connection_name: str | None = None,
+        depth_refresh_seconds: float = 5.0,
     ) -> None:
         self._parameters = pika.ConnectionParameters(
             host=host,
@@ -107,6 +108,9 @@ class RabbitMQTaskSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._first_error: BaseException | None = None
+        self._depth: int | None = None
+        self._depth_checked = 0.0
+        self._depth_refresh = depth_refresh_seconds
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -133,6 +137,12 @@ class RabbitMQTaskSource:
     def connected(self) -> bool:
         """Whether a connection to the broker is up right now."""
         return self._connected.is_set()
+
+    @property
+    def queue_depth(self) -> int | None:
+        """Messages ready in the queue at the last passive declare (every few seconds, on the
+        I/O thread); None while disconnected. Prefetched and in-flight jobs are not counted."""
+        return self._depth if self._connected.is_set() else None
 
     def start_consuming(self) -> None:
         """Begin (or resume) taking deliveries."""
@@ -327,6 +337,7 @@ class RabbitMQTaskSource:
                 log.info("connected to RabbitMQ, consuming %s", self.queue_name)
                 while not self._stop.is_set():
                     self._connection.process_data_events(time_limit=0.2)  # type: ignore[union-attr]
+                    self._refresh_depth()
                 self._shutdown()
                 return
             except Exception as exc:  # pylint: disable=broad-exception-caught
@@ -342,9 +353,20 @@ class RabbitMQTaskSource:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self._reconnect_max)
 
+    def _refresh_depth(self) -> None:
+        """Count the ready messages with a passive declare, at most every few seconds."""
+        channel = self._channel
+        now = time.monotonic()
+        if channel is None or now - self._depth_checked < self._depth_refresh:
+            return
+        self._depth_checked = now
+        frame = channel.queue_declare(queue=self.queue_name, passive=True)
+        self._depth = frame.method.message_count
+
     def _drop_connection(self) -> None:
         """Forget a broken connection: its deliveries are stale from now on."""
         self._connected.clear()
+        self._depth, self._depth_checked = None, 0.0
         self._epoch += 1  # receive() stops handing out deliveries of the dead connection
         connection = self._connection
         self._connection, self._channel, self._consumer_tag = None, None, None

@@ -1,23 +1,36 @@
-"""``python -m app``: ``demo``, ``generate`` and ``worker``."""
+"""``python -m app``: ``demo``, ``generate``, ``worker``, ``submit`` and ``health``.
+
+``health`` runs as the container's HEALTHCHECK every few seconds, so this module imports only
+what every command needs; the model-side modules (the container, torch through the adapters)
+are imported inside the commands that use them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
-from urllib.request import url2pathname
+from urllib.request import ProxyHandler, build_opener, url2pathname
 
-from app.demo import copy_into, load_model_or_tiny, write_sample_signature
-from app.logging_setup import configure_logging
-from app.settings import Settings, SettingsError, load_settings
-from containers import Container, build_container
-from domain.job import JobResult, Outcome
+from app.logging_setup import LogFormat, configure_logging
+from app.settings import Settings, SettingsError, load_settings, secret_values
 from domain.request import ASPECT_RATIOS, SIGNATURE_POSITIONS, SIGNATURE_SIZES
+
+if TYPE_CHECKING:
+    from containers import Container
+    from domain.job import JobResult
+
+EXIT_UNHEALTHY = 1
+"""``health``'s status when not OK (Docker reads 1 as unhealthy; 2 is reserved there)."""
+EXIT_BAD_SETTINGS = 2
 
 EMBEDDED = {
     "storage_backend": "local",
@@ -47,24 +60,30 @@ def _run_one(container: Container, message: dict[str, Any]) -> JobResult | None:
 
 
 def _local_path(result: JobResult | None) -> Path | None:
+    from domain.job import Outcome  # pylint: disable=import-outside-toplevel
+
     if result is None or result.outcome is not Outcome.COMPLETED or not result.result_url:
         return None
     return Path(url2pathname(urlparse(result.result_url).path))
 
 
 def _embedded_container(settings: Settings, storage_root: Path) -> Container:
+    from containers import build_container  # pylint: disable=import-outside-toplevel
+
     embedded = settings.model_copy(update={**EMBEDDED, "local_storage_dir": str(storage_root)})
     return build_container(embedded)
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """One sample job, as the backend would send it, through the embedded adapters."""
+    from app import demo  # pylint: disable=import-outside-toplevel
+
     storage_root = Path(args.output_dir).resolve() / "storage"
     container = _embedded_container(settings, storage_root)
-    model_id = load_model_or_tiny(container, settings.model_id)
+    model_id = demo.load_model_or_tiny(container, settings.model_id)
     try:
-        signature = write_sample_signature(storage_root / "signature-source.png")
-        signature_ref = copy_into(
+        signature = demo.write_sample_signature(storage_root / "signature-source.png")
+        signature_ref = demo.copy_into(
             signature, storage_root, settings.aws_storage_bucket_name, "signatures/demo.png"
         )
         lora_ref = None
@@ -76,11 +95,10 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
             with tempfile.TemporaryDirectory() as scratch:
                 lora = build_tiny_lora(model_id, Path(scratch) / "style", fmt="peft")
-                lora_ref = copy_into(lora, storage_root, settings.s3_models_bucket, "styles/1")
-        generation_id = args.generation_id
+                lora_ref = demo.copy_into(lora, storage_root, settings.s3_models_bucket, "styles/1")
         message = _message(
             {
-                "generation_id": generation_id,
+                "generation_id": args.generation_id,
                 "style_id": 1,
                 "lora_path": lora_ref,
                 "prompt": "watercolor, portrait, vintage",
@@ -92,7 +110,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             }
         )
         if args.fresh:
-            key = container.generation_job().output_key(generation_id)
+            key = container.generation_job().output_key(args.generation_id)
             container.storage().path_of(key, settings.output_bucket).unlink(missing_ok=True)
         path = _local_path(_run_one(container, message))
     finally:
@@ -106,6 +124,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     """One job from flags to a PNG."""
+    from app.demo import copy_into  # pylint: disable=import-outside-toplevel
+
     with tempfile.TemporaryDirectory(prefix="generate-") as scratch:
         storage_root = Path(scratch)
         container = _embedded_container(settings, storage_root)
@@ -161,6 +181,117 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
+def submit_message(args: argparse.Namespace, generation_id: int) -> dict[str, Any]:
+    """The queue message for ``submit``: the backend's code shape (``data.parameters`` too when
+    steps, guidance or an explicit size are given, as the backend's docs show it)."""
+    data: dict[str, Any] = {
+        "generation_id": generation_id,
+        "style_id": args.style_id,
+        "prompt": args.prompt,
+        "prompt_tags": args.tag or [],
+        "aspect_ratio": args.aspect_ratio,
+        "seed": args.seed,
+        "signature_config": {
+            "position": args.position,
+            "size": args.size,
+            "opacity": args.opacity,
+        },
+    }
+    optional = {
+        "lora_path": args.lora_path,
+        "signature_path": args.signature_path,
+        "negative_prompt": args.negative_prompt,
+        "artist_name": args.artist_name,
+    }
+    data.update({key: value for key, value in optional.items() if value is not None})
+    parameters = {
+        key: value
+        for key, value in (
+            ("width", args.width),
+            ("height", args.height),
+            ("steps", args.steps),
+            ("cfg_scale", args.cfg_scale),
+        )
+        if value is not None
+    }
+    if parameters:
+        data["parameters"] = parameters
+    return _message(data)
+
+
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    """Publish jobs exactly as the backend does; print each message (one JSON line each)."""
+    import pika  # pylint: disable=import-outside-toplevel
+    from pika.exceptions import AMQPError  # pylint: disable=import-outside-toplevel
+
+    first_id = args.generation_id or random.randint(1_000_000, 2**31 - args.count)
+    parameters = pika.ConnectionParameters(
+        host=settings.rabbitmq_host,
+        port=settings.rabbitmq_port,
+        virtual_host=settings.rabbitmq_vhost,
+        credentials=pika.PlainCredentials(
+            settings.rabbitmq_user, settings.rabbitmq_pass.get_secret_value()
+        ),
+        connection_attempts=1,
+        socket_timeout=args.timeout,
+        blocked_connection_timeout=args.timeout,
+    )
+    where = f"{settings.rabbitmq_host}:{settings.rabbitmq_port}"
+    try:
+        connection = pika.BlockingConnection(parameters)
+    except (AMQPError, OSError) as exc:
+        print(f"submit: RabbitMQ at {where} is not reachable: {exc!r}", file=sys.stderr)
+        return 1
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for offset in range(args.count):
+            message = submit_message(args, first_id + offset)
+            # As the backend's code does before every publish: durable, no arguments.
+            channel.queue_declare(queue=settings.rabbitmq_queue, durable=True)
+            channel.basic_publish(
+                exchange="",
+                routing_key=settings.rabbitmq_queue,
+                body=json.dumps(message),
+                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+                mandatory=True,
+            )
+            print(json.dumps(message), flush=True)
+    except AMQPError as exc:
+        print(f"submit: publishing to {settings.rabbitmq_queue!r} failed: {exc!r}", file=sys.stderr)
+        return 1
+    finally:
+        if connection.is_open:
+            connection.close()
+    return 0
+
+
+def probe(url: str, timeout: float) -> tuple[bool, str]:
+    """GET ``url`` (no proxy); ``(status is 200, body)``; an unreachable URL gives a JSON error."""
+    opener = build_opener(ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status == 200, response.read().decode("utf-8", "replace").strip()
+    except HTTPError as exc:
+        return False, exc.read().decode("utf-8", "replace").strip()
+    except (URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, json.dumps({"error": f"{url} did not answer: {reason}"})
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """The container's HEALTHCHECK: /readyz (or /healthz with --live) of the local worker."""
+    port = args.port if args.port is not None else settings.metrics_port
+    host = args.host or settings.metrics_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    path = "/healthz" if args.live else "/readyz"
+    ok, body = probe(f"http://{host}:{port}{path}", args.timeout)
+    print(body)
+    return 0 if ok else EXIT_UNHEALTHY
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
@@ -199,17 +330,70 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=cmd_generate)
 
     worker = commands.add_parser("worker", help="consume jobs from RabbitMQ")
-    worker.set_defaults(handler=cmd_worker)
+    worker.set_defaults(handler=cmd_worker, log_format="json")
+
+    _add_submit(commands)
+    _add_health(commands)
     return parser
 
 
+def _add_submit(commands: Any) -> None:
+    submit = commands.add_parser(
+        "submit", help="publish a job to RabbitMQ exactly as the backend does"
+    )
+    submit.add_argument("--prompt", default="watercolor, portrait, vintage")
+    submit.add_argument("--tag", action="append", help="a prompt tag (repeatable)")
+    submit.add_argument("--negative-prompt")
+    submit.add_argument("--generation-id", type=int, help="default: a random id")
+    submit.add_argument("--style-id", type=int, default=1)
+    submit.add_argument("--lora-path", help="s3://bucket/key or a key in S3_MODELS_BUCKET")
+    submit.add_argument("--signature-path", help="s3://bucket/key or a key in the media bucket")
+    submit.add_argument("--artist-name", help="text signature when there is no image")
+    submit.add_argument("--aspect-ratio", choices=sorted(ASPECT_RATIOS), default="1:1")
+    submit.add_argument("--width", type=int)
+    submit.add_argument("--height", type=int)
+    submit.add_argument("--steps", type=int)
+    submit.add_argument("--cfg-scale", type=float)
+    submit.add_argument("--seed", type=int, help="default: none, the worker picks one")
+    submit.add_argument("--position", choices=SIGNATURE_POSITIONS, default="bottom-right")
+    submit.add_argument("--size", choices=sorted(SIGNATURE_SIZES), default="medium")
+    submit.add_argument("--opacity", type=float, default=0.7)
+    submit.add_argument(
+        "--count", type=positive_int, default=1, help="publish this many jobs (consecutive ids)"
+    )
+    submit.add_argument("--timeout", type=float, default=10.0, help="broker timeout (seconds)")
+    submit.set_defaults(handler=cmd_submit)
+
+
+def _add_health(commands: Any) -> None:
+    health = commands.add_parser(
+        "health", help="exit 0 when the local worker is ready (the container's HEALTHCHECK)"
+    )
+    health.add_argument(
+        "--live", action="store_true", help="ask /healthz (alive) instead of /readyz (ready)"
+    )
+    health.add_argument("--host", help="default: METRICS_HOST, or 127.0.0.1 when it is 0.0.0.0")
+    health.add_argument("--port", type=int, help="default: METRICS_PORT")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    health.set_defaults(handler=cmd_health, bad_settings_status=EXIT_UNHEALTHY)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, read settings (failing fast on a bad one), run the command."""
+    """Parse, read settings (failing fast on a bad one), set up logging, run the command."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    return args.handler(settings, args)
+        return int(getattr(args, "bad_settings_status", EXIT_BAD_SETTINGS))
+    log_format: LogFormat = settings.log_format or getattr(args, "log_format", "text")
+    configure_logging(settings.log_level, fmt=log_format, secrets=secret_values(settings))
+    return int(args.handler(settings, args))

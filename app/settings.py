@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(default=10, ge=1, le=1000)
     pipeline_io_threads: int = Field(default=4, ge=2, le=64)
     pipeline_lookahead: int = Field(default=2, ge=1, le=64)
+    max_batch_size: int = Field(default=4, ge=1, le=64)
 
     # Object storage.
     aws_access_key_id: SecretStr | None = None
@@ -65,7 +66,11 @@ class Settings(BaseSettings):
     s3_output_prefix: str = "generations/"
     s3_public_base_url: str | None = None
     s3_max_attempts: int = Field(default=5, ge=1, le=20)
-    lora_download_dir: str = ".cache/loras"
+    lora_cache_dir: str = ".cache/loras"
+    lora_cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
+    lora_cache_protect_seconds: float = Field(default=600.0, ge=0)
+    lora_max_bytes: int = Field(default=512 * 1024**2, ge=1)
+    lora_max_rank: int = Field(default=256, ge=1, le=4096)
 
     # Backend webhooks.
     backend_api_url: str = "http://localhost:8000"
@@ -82,6 +87,16 @@ class Settings(BaseSettings):
     model_cache_dir: str | None = None
     cuda_visible_devices: str | None = None
     lora_scale: float = Field(default=RequestPolicy.lora_scale, ge=0.0, le=2.0)
+    model_channels_last: bool = True
+    model_fuse_qkv: bool = True
+    model_compile: bool = False
+    model_compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "max-autotune-no-cudagraphs"
+    model_warmup: bool = True
+    lora_adapter_cache_size: int = Field(default=8, ge=1, le=256)
+    mixed_lora_batches: bool = True
+    lora_hotswap_max_rank: int = Field(default=32, ge=1, le=4096)
 
     # Request policy (defaults are the domain's: one source for each number).
     default_steps: int = Field(default=RequestPolicy.default_steps, ge=1, le=500)
@@ -108,12 +123,24 @@ class Settings(BaseSettings):
     task_source_backend: Literal["rabbitmq", "memory"] = "rabbitmq"
     local_storage_dir: str = "output/storage"
 
+    # Operations: metrics and health endpoints, logs.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    health_stale_after_seconds: float = Field(default=300.0, gt=0, le=86400)
+    health_startup_grace_seconds: float = Field(default=1800.0, ge=0, le=86400)
+    readiness_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] | None = None
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("progress_milestones", mode="before")
     @classmethod
@@ -131,6 +158,18 @@ class Settings(BaseSettings):
     def output_bucket(self) -> str:
         """Where PNGs go: S3_OUTPUT_BUCKET, else the media bucket."""
         return self.s3_output_bucket or self.aws_storage_bucket_name
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """The values of the secret settings (for the log redactor); unset ones are left out."""
+    values = []
+    for name in sorted(SECRET_SETTINGS):
+        value = getattr(settings, name.lower(), None)
+        getter = getattr(value, "get_secret_value", None)
+        plain = getter() if getter is not None else value
+        if plain:
+            values.append(str(plain))
+    return values
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -12,9 +12,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
-from app.settings import Settings
+from app.logging_setup import SecretRedactor
+from app.ops_server import Liveness, OpsServer, Readiness
+from app.settings import Settings, secret_values
 from containers import Container, build_container
 from domain.errors import GenerationError
 
@@ -37,9 +40,9 @@ def favour_the_model_thread() -> None:
 class Shutdown:
     """Signal handling: the first signal asks for a graceful stop, the second exits."""
 
-    def __init__(self, on_first: list[object]) -> None:
+    def __init__(self, on_first: list[Callable[[], object]]) -> None:
         self.requested = threading.Event()
-        self._on_first = on_first
+        self.on_first = on_first
 
     def install(self) -> None:
         """Handle SIGTERM and SIGINT (main thread only)."""
@@ -55,7 +58,7 @@ class Shutdown:
         self.requested.set()
         # Not here: a handler interrupts the main thread anywhere, possibly inside a lock the
         # callbacks need (pika's add_callback_threadsafe takes a non-reentrant one).
-        for callback in self._on_first:
+        for callback in self.on_first:
             threading.Thread(target=callback, name="shutdown", daemon=True).start()
 
 
@@ -86,24 +89,113 @@ def run_worker(settings: Settings, container: Container | None = None) -> int:
     """Run until a signal; the process exit status."""
     container = container or build_container(settings)
     favour_the_model_thread()
+    telemetry = container.telemetry()
+    liveness = Liveness(
+        stale_after_seconds=settings.health_stale_after_seconds,
+        startup_grace_seconds=settings.health_startup_grace_seconds,
+    )
+    readiness = Readiness(timeout_seconds=settings.readiness_timeout_seconds)
+    ops = OpsServer(
+        registry=telemetry.registry,
+        liveness=liveness,
+        readiness=readiness,
+        host=settings.metrics_host,
+        port=settings.metrics_port,
+        redact=SecretRedactor(secret_values(settings)).redact,
+    )
+    # Checks before the server: an empty readiness would answer "ready" while the model loads.
+    shutdown = Shutdown(on_first=[])
+    model_loaded = threading.Event()
+    watch(container, readiness, model_loaded, shutdown)
+    try:
+        ops.start()
+    except OSError as exc:
+        address = f"{settings.metrics_host}:{settings.metrics_port}"
+        print(f"worker: cannot start: metrics: {address}: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    try:
+        return _serve(settings, container, liveness, shutdown, model_loaded)
+    finally:
+        ops.close()
+        readiness.close()
+
+
+def _serve(
+    settings: Settings,
+    container: Container,
+    liveness: Liveness,
+    shutdown: Shutdown,
+    model_loaded: threading.Event,
+) -> int:
     problem = start(container)
     if problem is not None:
         print(f"worker: cannot start: {problem}", file=sys.stderr)
         container.task_source().close()
         container.shutdown_resources()
         return EXIT_STARTUP_FAILED
+    model_loaded.set()
     source = container.task_source()
-    shutdown = Shutdown(on_first=[source.stop_consuming])
+    adapter_cache = getattr(container.image_model(), "adapter_cache", None)
+    if adapter_cache is not None:
+        container.telemetry().watch_lora_cache("adapter", lambda: adapter_cache.stats)
+    shutdown.on_first.append(source.stop_consuming)
     shutdown.install()
     log.info(
-        "worker ready: queue %s, prefetch %d",
+        "worker ready: queue %s, prefetch %d, batches up to %d",
         settings.rabbitmq_queue,
         settings.max_concurrent_generations,
+        settings.max_batch_size,
     )
     try:
-        handled = container.job_runner().run(should_stop=shutdown.requested.is_set)
+        handled = container.job_runner().run(
+            should_stop=shutdown.requested.is_set, heartbeat=liveness.heartbeat
+        )
     finally:
         source.close()
         container.shutdown_resources()
     log.info("worker stopped after %d deliveries", handled)
     return 0
+
+
+def watch(
+    container: Container,
+    readiness: Readiness,
+    model_loaded: threading.Event,
+    shutdown: Shutdown,
+) -> None:
+    """Readiness checks and scrape-time metric sources for what the container holds."""
+    telemetry = container.telemetry()
+    source = container.task_source()
+    storage = container.storage()
+    readiness.add(
+        "model", lambda: (model_loaded.is_set(), "loaded" if model_loaded.is_set() else "loading")
+    )
+    connected = getattr(source, "connected", None)
+    if connected is not None:
+        readiness.add(
+            "broker",
+            lambda: (source.connected, "connected" if source.connected else "disconnected"),
+        )
+        telemetry.watch_queue_depth(lambda: source.queue_depth)
+    check_buckets = getattr(storage, "check_buckets", None)
+    if check_buckets is not None:
+        readiness.add("storage", lambda: _storage_reachable(check_buckets))
+    readiness.add(
+        "accepting",
+        lambda: (
+            not shutdown.requested.is_set(),
+            "stopping" if shutdown.requested.is_set() else "taking jobs",
+        ),
+    )
+    lora_cache = getattr(storage, "lora_cache", None)
+    if lora_cache is not None:
+        telemetry.watch_lora_cache("disk", lambda: lora_cache.stats)
+    telemetry.watch_gpus(container.gpu_monitor().sample)
+
+
+def _storage_reachable(check_buckets: Callable[[], None]) -> tuple[bool, str]:
+    try:
+        check_buckets()
+    except GenerationError as exc:
+        return False, exc.message
+    return True, "buckets reachable"

@@ -146,3 +146,28 @@ def test_stop_consuming_returns_prefetched_deliveries_and_close_returns_unsettle
     source.ack(taken)
     source.close()
     assert ready(rabbit, queue_name) == 4
+
+
+def test_queue_depth_counts_ready_messages_without_consuming(
+    rabbit: RabbitService, queue_name: str
+) -> None:
+    task_source = RabbitMQTaskSource(
+        host=rabbit.host,
+        port=rabbit.port,
+        user=rabbit.user,
+        password=rabbit.password,
+        vhost=rabbit.vhost,
+        queue_name=queue_name,
+        depth_refresh_seconds=0.1,
+    )
+    publish_as_backend(rabbit, queue_name, [b"{}"] * 3)
+    task_source.start(consume=False)
+    try:
+        deadline = time.monotonic() + 5
+        while task_source.queue_depth != 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert task_source.queue_depth == 3
+        assert ready(rabbit, queue_name) == 3  # a passive declare takes nothing
+    finally:
+        task_source.close()
+    assert task_source.queue_depth is None

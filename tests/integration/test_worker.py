@@ -6,6 +6,7 @@ persistent, application/json).
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -23,13 +24,16 @@ from typing import Any
 import boto3
 import pika
 import pytest
+import requests
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import load_settings
 from app.worker import start
 from containers import Container, build_container
 from tests.integration.backend_receiver import BackendReceiver, RecordedRequest
-from tests.integration.services import RabbitService, S3Service
+from tests.integration.services import RabbitService, S3Service, free_port
+from tests.integration.tcp_proxy import TcpProxy
 from tests.messages import backend_message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,9 +81,10 @@ class Stack:
             "WEBHOOK_RETRY_BUDGET_SECONDS": "10",
             "MODEL_ID": str(tiny_model_dir),
             "MODEL_DEVICE": "cpu",
-            "LORA_DOWNLOAD_DIR": str(download_dir),
+            "LORA_CACHE_DIR": str(download_dir),
             "MAX_RETRIES": "2",
             "LOG_LEVEL": "INFO",
+            "METRICS_PORT": str(free_port()),
         }
 
     def publish(self, message: dict[str, Any] | bytes) -> None:
@@ -378,3 +383,118 @@ def test_worker_start_fails_fast_naming_a_missing_bucket(
     done = run_worker_cli({**worker_env, "S3_MODELS_BUCKET": "no-such-bucket-here"}, tmp_path)
     assert done.returncode == 3
     assert "cannot start: storage" in done.stderr and "no-such-bucket-here" in done.stderr
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus exposition, or None when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def poll(url: str, want: int, timeout: float = 90) -> requests.Response:
+    """GET ``url`` until it answers ``want``; the last response."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = requests.get(url, timeout=5)
+            if response.status_code == want or time.monotonic() > deadline:
+                return response
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def test_operations_of_a_running_worker(  # pylint: disable=too-many-locals,too-many-statements
+    stack: Stack, worker_env: dict[str, str], tiny_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    """Metrics move by the right amounts, readiness follows the broker, logs are JSON with ids
+    and no secret, all from ``python -m app worker`` as the container runs it."""
+    upload_tree(stack.client, stack.models_bucket, "styles/9/", tiny_loras["peft"])
+    signing_secret = "whsec_" + base64.b64encode(b"operations-test-signing-key").decode()
+    port = free_port()
+    with TcpProxy(stack.rabbit.host, stack.rabbit.port) as proxy:
+        env = {
+            **os.environ,
+            **worker_env,
+            "RABBITMQ_PORT": str(proxy.port),
+            "RABBITMQ_HOST": "127.0.0.1",
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": str(port),
+            "WEBHOOK_SIGNING_SECRET": signing_secret,
+            "PYTHONPATH": str(ROOT),
+        }
+        log_path = tmp_path / "worker.log"
+        with log_path.open("w", encoding="utf-8") as log_file:
+            process = subprocess.Popen(  # pylint: disable=consider-using-with
+                [sys.executable, "-m", "app", "worker"],
+                cwd=tmp_path,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            ready = poll(f"{base}/readyz", 200)
+            assert ready.status_code == 200, ready.text
+            assert set(ready.json()["checks"]) == {"model", "broker", "storage", "accepting"}
+            assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+
+            task_ids = {}
+            for generation_id in (470, 471):
+                message = backend_message(
+                    generation_id,
+                    lora_path=f"s3://{stack.models_bucket}/styles/9/",
+                    parameters={"steps": 4, "width": 256, "height": 256},
+                )
+                task_ids[generation_id] = message["task_id"]
+                stack.publish(message)
+                outcome_of(stack.receiver, generation_id)
+            time.sleep(0.5)  # the settlement (ack, job end) follows the completion webhook
+            text = requests.get(f"{base}/metrics", timeout=5).text
+            assert metric(text, "stylelicense_jobs_total", outcome="completed") == 2
+            assert metric(text, "stylelicense_images_generated_total") == 2
+            assert metric(text, "stylelicense_denoising_steps_total") == 8
+            assert metric(text, "stylelicense_generation_seconds_count") == 2
+            assert metric(text, "stylelicense_jobs_in_flight") == 0
+            completions = metric(text, "stylelicense_webhook_attempts_total", kind="completed")
+            assert completions == 2
+            assert metric(text, "stylelicense_webhook_failures_total", kind="completed") in (
+                0,
+                None,
+            )
+            # The first job downloaded and loaded the LoRA; the second found it in both caches.
+            for level in ("disk", "adapter"):
+                assert metric(text, "stylelicense_lora_cache_misses_total", level=level) == 1
+                assert metric(text, "stylelicense_lora_cache_hits_total", level=level) == 1
+            assert metric(text, "stylelicense_queue_depth") == 0
+            assert metric(text, "stylelicense_gpu_memory_used_bytes") is None  # no GPU: absent
+
+            proxy.cut()
+            down = poll(f"{base}/readyz", 503, timeout=30)
+            assert down.status_code == 503
+            assert down.json()["checks"]["broker"]["ok"] is False
+            assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+            proxy.restore()
+            assert poll(f"{base}/readyz", 200, timeout=60).status_code == 200
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+    assert process.returncode == 0
+    output = log_path.read_text(encoding="utf-8")
+    assert TOKEN not in output and signing_secret not in output
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert records, "the worker logged nothing"
+    for generation_id, task_id in task_ids.items():
+        about = [r for r in records if f"generation {generation_id}:" in r["message"]]
+        assert about, f"no log line about generation {generation_id}"
+        for record in about:
+            assert record["generation_id"] == generation_id, record
+            assert record["task_id"] == task_id, record

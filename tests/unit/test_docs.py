@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from app.metrics import METRICS
 from app.settings import Settings, load_settings
 from domain.errors import ErrorCode
 
@@ -24,6 +25,12 @@ def test_every_setting_is_documented(name: str) -> None:
 def test_every_error_code_is_documented(code: ErrorCode) -> None:
     retryable = "yes" if code.retryable else "no"
     assert f"| `{code.value}` | {retryable} |" in README
+
+
+@pytest.mark.parametrize("metric", [metric.name for metric in METRICS])
+def test_every_metric_is_in_the_operations_section(metric: str) -> None:
+    operations = README.split("## Operations", 1)[1]
+    assert f"| `{metric}` |" in operations
 
 
 def test_env_example_loads_as_the_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,0 +1,313 @@
+"""The Dockerfile, .dockerignore and docker-compose.yml, read against what they must do.
+
+No Docker engine runs here, so the files are parsed and checked: the compose file against the
+official Compose Specification schema, the Dockerfile instruction by instruction.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema.validators import validator_for
+
+from adapters.fonts import DEJAVU_CANDIDATES
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = dict(Settings.model_fields)
+NOT_SETTINGS = {"PATH", "HF_HOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "DEBIAN_FRONTEND"}
+"""Environment variables of the image that are not the worker's settings."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    stage: int
+    keyword: str
+    args: str
+
+
+def dockerfile() -> list[Instruction]:
+    """The Dockerfile's instructions (continuations joined, comments dropped), by stage."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue  # also inside a continued instruction, as Docker reads it
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        current += line
+        if current.strip():
+            logical.append(current.strip())
+        current = ""
+    instructions, stage = [], -1
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        instructions.append(Instruction(stage, keyword, args.strip()))
+    return instructions
+
+
+def args_of(instructions: list[Instruction]) -> dict[str, str]:
+    """ARG defaults, for resolving ``${NAME}`` in FROM and RUN lines."""
+    found = {}
+    for instruction in instructions:
+        if instruction.keyword == "ARG" and "=" in instruction.args:
+            name, _, value = instruction.args.partition("=")
+            found[name.strip()] = value.strip()
+    return found
+
+
+def resolve(text: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), m.group(0)), text)
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+def env_of(stage: list[Instruction]) -> dict[str, str]:
+    found = {}
+    for instruction in stage:
+        if instruction.keyword == "ENV":
+            for pair in shlex.split(instruction.args):
+                name, _, value = pair.partition("=")
+                found[name] = value
+    return found
+
+
+def exec_form(args: str) -> list[str]:
+    parsed = json.loads(args)
+    assert isinstance(parsed, list), f"not the exec form: {args}"
+    return parsed
+
+
+def constraints_pin(package: str) -> str:
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line.lower().startswith(f"{package}=="):
+            return line.split("==", 1)[1].strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as ``10m`` or ``1m30s``."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[Instruction]:
+    return dockerfile()
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+def test_multi_stage_the_runtime_takes_only_the_built_venv(
+    instructions: list[Instruction],
+) -> None:
+    froms = [i for i in instructions if i.keyword == "FROM"]
+    assert len(froms) >= 2 and froms[0].args.endswith(" AS build")
+    copies = [i.args for i in final_stage(instructions) if i.keyword == "COPY"]
+    assert copies == ["--from=build /opt/venv /opt/venv"]
+    assert "/opt/venv/bin" in env_of(final_stage(instructions))["PATH"]
+
+
+def test_cuda_base_and_torch_build_match_and_torch_is_the_projects_pin(
+    instructions: list[Instruction],
+) -> None:
+    variables = args_of(instructions)
+    bases = [resolve(i.args.split()[0], variables) for i in instructions if i.keyword == "FROM"]
+    assert len(set(bases)) == 1, "builder and runtime must share the base (the venv's Python)"
+    match = re.fullmatch(
+        r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(base|runtime|cudnn-runtime)-ubuntu[\d.]+", bases[0]
+    )
+    assert match, bases[0]
+    index = variables["TORCH_INDEX_URL"]
+    assert index == f"https://download.pytorch.org/whl/cu{match.group(1)}{match.group(2)}"
+    assert variables["TORCH_VERSION"] == constraints_pin("torch")
+    runs = " ".join(resolve(i.args, variables) for i in instructions if i.keyword == "RUN")
+    assert f'--index-url "{index}" "torch=={constraints_pin("torch")}"' in runs
+    assert "-c constraints.txt" in runs and "+cu" in runs  # the rest pinned; CUDA torch checked
+
+
+def test_runs_as_a_non_root_user(instructions: list[Instruction]) -> None:
+    users = [i.args for i in final_stage(instructions) if i.keyword == "USER"]
+    assert users, "the runtime stage has no USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0") and user.isdigit() and int(user) >= 1000
+
+
+def test_healthcheck_stopsignal_port_and_command(instructions: list[Instruction]) -> None:
+    stage = final_stage(instructions)
+    by_keyword = {i.keyword: i.args for i in stage}
+    health = by_keyword["HEALTHCHECK"]
+    options, _, command = health.partition("CMD")
+    assert exec_form(command.strip()) == ["python", "-m", "app", "health"]
+    assert re.search(r"--start-period=\d+m", options), "the model load needs a start period"
+    assert by_keyword["STOPSIGNAL"] == "SIGTERM"
+    assert by_keyword["EXPOSE"] == env_of(stage)["METRICS_PORT"] == "9100"
+    assert exec_form(by_keyword["CMD"]) == ["python", "-m", "app", "worker"]
+    entrypoint = exec_form(by_keyword["ENTRYPOINT"])
+    assert entrypoint in ([], ["/usr/bin/tini", "--"])
+
+
+def test_dejavu_fonts_where_the_signature_code_looks(instructions: list[Instruction]) -> None:
+    stage = final_stage(instructions)
+    installs = " ".join(i.args for i in stage if i.keyword == "RUN")
+    assert re.search(r"apt-get install [^&]*\bfonts-dejavu-core\b", installs)
+    font = env_of(stage).get("SIGNATURE_FONT_PATH", DEJAVU_CANDIDATES[0])
+    assert font in DEJAVU_CANDIDATES
+
+
+def test_model_and_lora_caches_are_volumes_owned_by_the_user(
+    instructions: list[Instruction],
+) -> None:
+    stage = final_stage(instructions)
+    env = env_of(stage)
+    volumes = [v for i in stage if i.keyword == "VOLUME" for v in exec_form(i.args)]
+    lora_dir = env["LORA_CACHE_DIR"]
+    assert env["HF_HOME"] in volumes
+    assert any(lora_dir == v or lora_dir.startswith(v.rstrip("/") + "/") for v in volumes)
+    runs = " ".join(i.args for i in stage if i.keyword == "RUN")
+    user = [i.args for i in stage if i.keyword == "USER"][-1]
+    for volume in volumes:
+        assert re.search(rf"chown -R {re.escape(user)} [^&]*{re.escape(volume)}", runs), volume
+
+
+def test_the_images_environment_names_are_real_settings(instructions: list[Instruction]) -> None:
+    for name in env_of(final_stage(instructions)):
+        if name not in NOT_SETTINGS:
+            assert name.lower() in SETTINGS, f"{name} is not a setting"
+
+
+# --- .dockerignore ------------------------------------------------------------------------------
+
+
+def ignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rules, enough for these patterns: last match wins, ``!`` re-includes, a
+    pattern matches a path or any folder above it, ``**/`` matches at any depth."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!")
+        options = [pattern] + ([pattern[3:]] if pattern.startswith("**/") else [])
+        hit = any(
+            fnmatch.fnmatchcase(candidate, option)
+            or (option.startswith("**/") and fnmatch.fnmatchcase(candidate, "*/" + option[3:]))
+            for candidate in candidates
+            for option in options
+        )
+        if hit:
+            result = not negate
+    return result
+
+
+def test_dockerignore_keeps_secrets_and_clutter_out_but_not_what_the_image_needs(
+    instructions: list[Instruction],
+) -> None:
+    patterns = ignore_patterns()
+    for path in (
+        ".git/config",
+        ".venv/bin/python",
+        ".env",
+        "tests/conftest.py",
+        "output/x.png",
+        ".cache/tiny-sd/unet",
+        "app/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v",
+        "styles/lora.safetensors",
+        "model.ckpt",
+    ):
+        assert ignored(path, patterns), f"{path} would be sent to the build"
+    assert not ignored(".env.example", patterns)
+    sources = [
+        source
+        for i in instructions
+        if i.keyword == "COPY" and not i.args.startswith("--from")
+        for source in i.args.split()[:-1]
+    ]
+    assert "app" in sources and "constraints.txt" in sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not ignored(source, patterns), f"{source} is copied but ignored"
+        for file in (ROOT / source).rglob("*.py") if (ROOT / source).is_dir() else []:
+            relative = file.relative_to(ROOT).as_posix()
+            assert "__pycache__" in relative or not ignored(relative, patterns), relative
+
+
+# --- docker-compose.yml -------------------------------------------------------------------------
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text(encoding="utf-8"))
+    validator = validator_for(schema)(schema)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, errors
+    broken = dict(compose, services={**compose["services"], "bad": {"stop_grace": "1m"}})
+    assert list(validator.iter_errors(broken)), "the schema check must be able to fail"
+
+
+def test_rabbitmq_with_management_and_minio_with_the_buckets(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    rabbit = services["rabbitmq"]
+    assert re.fullmatch(r"rabbitmq:3[.\d]*-management", rabbit["image"])
+    assert {"5672:5672", "15672:15672"} <= set(rabbit["ports"])
+    assert "healthcheck" in rabbit and "healthcheck" in services["minio"]
+    init = services["minio-init"]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    env = init["environment"]
+    media = SETTINGS["aws_storage_bucket_name"].default
+    models = SETTINGS["s3_models_bucket"].default
+    assert env["MEDIA_BUCKET"].endswith(f":-{media}}}") and env["MODELS_BUCKET"].endswith(
+        f":-{models}}}"
+    )
+    script = "\n".join(init["command"])
+    assert 'mc mb --ignore-existing "local/$$MEDIA_BUCKET" "local/$$MODELS_BUCKET"' in script
+
+
+def test_the_worker_gets_a_gpu_and_a_cpu_fallback_profile(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gpu, cpu = services["worker"], services["worker-cpu"]
+    assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "deploy" not in cpu and cpu["environment"]["MODEL_DEVICE"] == "cpu"
+    for worker in (gpu, cpu):
+        assert worker["build"]["context"] == "."
+        assert worker["env_file"][0]["path"] == ".env"
+        assert "9100:9100" in worker["ports"]
+        assert seconds(worker["stop_grace_period"]) >= 300
+        assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+        assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        assert worker["environment"]["RABBITMQ_HOST"] == "rabbitmq"
+        assert worker["environment"]["AWS_S3_ENDPOINT_URL"] == "http://minio:9000"
+        for name in worker["environment"]:
+            assert name.lower() in SETTINGS, f"{name} is not a setting"
