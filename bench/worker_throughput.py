@@ -225,6 +225,12 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
     parser.add_argument("--model-seconds", type=float, default=0.5)
     parser.add_argument("--webhook-delay", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="MAX_BATCH_SIZE of the worker; 1 compares pipelining alone with the one-job loop",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -283,8 +289,9 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
             "s3_models_bucket": models,
             "backend_api_url": backend_url,
             "internal_api_token": TOKEN,
-            "lora_download_dir": str(root / "downloads"),
+            "lora_cache_dir": str(root / "downloads"),
             "model_id": str(model_dir),
+            "max_batch_size": args.batch,
         }
         # Interleaved, so drift of a shared machine hits every contender alike.
         bares, pipelineds, busies = [], [], []
@@ -324,6 +331,7 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
         "loras": args.loras,
         "webhook_delay_seconds": args.webhook_delay,
         "torch_threads": args.threads,
+        "max_batch_size": args.batch,
         "model_seconds_per_job": round(1 / ceiling, 3),
         "rounds": args.rounds,
         "bare_jobs_per_second": [round(rate, 3) for rate in bares],
