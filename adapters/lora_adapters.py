@@ -94,6 +94,25 @@ class ParsedLora:
     """Its largest layer rank (from the validator's layout)."""
 
     @property
+    def uniform(self) -> bool:
+        """One rank and one alpha for every layer.
+
+        peft's hot-swap copies weights but neither ``alpha_pattern`` nor ``rank_pattern``, so
+        only such a LoRA may be swapped into the slot in place; another becomes the slot.
+        """
+        if self.network_alphas and len(set(self.network_alphas.values())) > 1:
+            return False
+        for key, value in (self.metadata or {}).items():
+            if key.endswith(("alpha_pattern", "rank_pattern")) and value:
+                return False
+        ranks = {
+            tensor.shape[0]
+            for key, tensor in self.state_dict.items()
+            if key.endswith(("lora_A.weight", "lora.down.weight", "lora_down.weight"))
+        }
+        return len(ranks) <= 1
+
+    @property
     def has_text_encoder(self) -> bool:
         """Whether it adapts the text encoder too."""
         return any(key.startswith("text_encoder.") for key in self.state_dict)
@@ -584,7 +603,7 @@ class LoraAdapterCache:
         self._in_slot = None
         failure: str | None = None
         try:
-            fits = parsed.rank <= self._slot_rank
+            fits = parsed.rank <= self._slot_rank and parsed.uniform
             if fits:
                 try:
                     self._hotswap_unet(parsed)

@@ -441,3 +441,28 @@ def test_hotswap_a_config_the_slot_cannot_match_still_renders_right(
             assert_close(render(model, lora), render(reference, lora))
     assert "becomes the hot-swap slot itself" in caplog.text
     assert list(model.pipeline.unet.peft_config) == [HOTSWAP_SLOT]
+
+
+def with_alpha_pattern(source: LoraArtifact, dest: Path) -> LoraArtifact:
+    """A copy of a PEFT LoRA whose first target layer has its own alpha (an ``alpha_pattern``)."""
+    shutil.copytree(source.path, dest)
+    config_path = dest / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    with safe_open(str(dest / "adapter_model.safetensors"), framework="pt") as handle:
+        first = sorted(key for key in handle.keys() if key.endswith(".lora_A.weight"))[0]
+    module = first.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    config["alpha_pattern"] = {module: config["lora_alpha"] * 4}
+    config_path.write_text(json.dumps(config))
+    return artifact(dest)
+
+
+def test_hotswap_between_loras_with_per_layer_alphas_scales_each_layer_right(
+    tiny_model_dir: Path, reference: DiffusersImageModel, loras: list[LoraArtifact], tmp_path: Path
+) -> None:
+    # peft's hot-swap copies weights but not alpha_pattern: such LoRAs must not be swapped in
+    # place with the slot's uniform scaling.
+    first = with_alpha_pattern(loras[2], tmp_path / "a")
+    second = with_alpha_pattern(loras[4], tmp_path / "b")
+    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8)
+    for lora in (first, second, first, None, second, loras[2], first, loras[0]):
+        assert_close(render(model, lora), render(reference, lora))
