@@ -505,11 +505,14 @@ class LoraAdapterCache:
             return
         names = list(wanted)
         for layer in self._tuner_layers():
-            layer.set_adapter(names, inference_mode=True)
-            for name, scale in wanted.items():
-                layer.set_scale(name, scale)
             if layer.disable_adapters:
                 layer.enable_adapters(True)
+            # What the layer's forward reads. peft's set_adapter also flips requires_grad on
+            # every adapter's weights (a training concern: generation runs under inference_mode)
+            # and that loop was most of a warm switch's cost.
+            layer._active_adapter = names  # pylint: disable=protected-access
+            for name, scale in wanted.items():
+                layer.set_scale(name, scale)
         self._active = wanted
 
     def _tuner_layers(self) -> list[BaseTunerLayer]:

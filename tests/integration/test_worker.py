@@ -455,6 +455,7 @@ def test_operations_of_a_running_worker(  # pylint: disable=too-many-locals,too-
                 outcome_of(stack.receiver, generation_id)
             time.sleep(0.5)  # the settlement (ack, job end) follows the completion webhook
             text = requests.get(f"{base}/metrics", timeout=5).text
+            print(text)  # shown on failure, or with -s: one scrape of a real run
             assert metric(text, "stylelicense_jobs_total", outcome="completed") == 2
             assert metric(text, "stylelicense_images_generated_total") == 2
             assert metric(text, "stylelicense_denoising_steps_total") == 8
