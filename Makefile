@@ -40,6 +40,7 @@ test-integration: setup
 # Benchmarks print ratios measured side by side in one run (this machine is shared and noisy).
 bench: setup
 	$(PY) -m bench.worker_throughput
+	$(PY) -m bench.lora_cpu
 
 # On a machine with a CUDA GPU: plain diffusers fp16 against the tuned adapter (bench/results/gpu.json).
 bench-gpu: setup

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -66,7 +67,7 @@ _VAE_CONFIG = {
 }
 
 # SD 1.5's noise schedule, with the DPM-Solver++ (2M) sampler the worker uses.
-_SCHEDULER_CONFIG = {
+SD15_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -137,16 +138,7 @@ def _save_pipeline(folder: Path, seed: int) -> None:
         unet = UNet2DConditionModel(**_UNET_CONFIG)
         vae = AutoencoderKL(**_VAE_CONFIG)
         text_encoder = _text_encoder(tokenizer)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler(**_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
@@ -156,10 +148,35 @@ def _save_pipeline(folder: Path, seed: int) -> None:
             transformers_logging.enable_progress_bar()
 
 
-def build_tiny_model(dest: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write a tiny seeded StableDiffusionPipeline folder at ``dest``; a no-op if already built.
+def assemble_pipeline(
+    *,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+) -> StableDiffusionPipeline:
+    """A pipeline from its parts, with the worker's sampler and no safety checker."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
-    It is assembled in a temporary folder beside ``dest`` and renamed, so never seen half-written.
+
+def build_tiny_model(dest: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny seeded StableDiffusionPipeline folder at ``dest``; a no-op if already built."""
+    return write_model_folder(dest, lambda folder: _save_pipeline(folder, seed))
+
+
+def write_model_folder(dest: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Have ``write`` fill a diffusers model folder at ``dest``; a no-op if one is there.
+
+    It is written in a temporary folder beside ``dest`` and renamed, so never seen half-written.
     """
     dest = Path(dest)
     if (dest / "model_index.json").is_file():
@@ -167,13 +184,13 @@ def build_tiny_model(dest: str | os.PathLike, *, seed: int = 0) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        _save_pipeline(staging, seed)
+        write(staging)
         try:
             os.replace(staging, dest)
         except OSError as err:
             # Either another process won the race, or dest is a non-empty folder of something else.
             if not (dest / "model_index.json").is_file():
-                raise FileExistsError(f"{dest} exists and is not a tiny model folder") from err
+                raise FileExistsError(f"{dest} exists and is not a model folder") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
@@ -193,16 +210,29 @@ def _lora_factors(
     config = _unet_config(model_dir)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
+    return random_lora_factors(
+        unet, seed=seed, rank=rank, strength=strength, targets=TINY_TARGET_MODULES
+    )
+
+
+def random_lora_factors(
+    unet: torch.nn.Module, *, seed: int, rank: int, strength: float, targets: tuple[str, ...]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded non-zero (lora_A, lora_B) for every Linear of ``unet`` named ``*.<target>``.
+
+    lora_A ~ N(0, 1/in_features), lora_B ~ N(0, strength^2/rank): the update B @ A changes each
+    layer by about ``strength``, like a trained style (peft's zero lora_B would prove nothing).
+    """
     generator = torch.Generator().manual_seed(seed)
     factors = {}
+    suffixes = tuple("." + target for target in targets)
     for path, module in unet.named_modules():
-        if not path.endswith(tuple("." + target for target in TINY_TARGET_MODULES)):
-            continue
-        down = torch.randn(rank, module.in_features, generator=generator)
-        down /= module.in_features**0.5
-        up = torch.randn(module.out_features, rank, generator=generator)
-        up *= strength / rank**0.5
-        factors[path] = (down, up)
+        if path.endswith(suffixes) and isinstance(module, torch.nn.Linear):
+            down = torch.randn(rank, module.in_features, generator=generator)
+            down /= module.in_features**0.5
+            up = torch.randn(module.out_features, rank, generator=generator)
+            up *= strength / rank**0.5
+            factors[path] = (down, up)
     return factors
 
 
