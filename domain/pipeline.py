@@ -195,6 +195,13 @@ class PipelinedRunner(JobRunner):
         request = rendered.prepared.request
         try:
             with job_context(generation_id=request.generation_id, task_id=request.task_id):
+                if delivery.redelivered and request.generation_id in self._settled:
+                    # The broker redelivered it while the original was still in flight here;
+                    # the original has told the outcome since: never a second completion.
+                    log.info("generation %s: told while redelivered, acked", request.generation_id)
+                    self._job_ended(delivery, "completed", None)
+                    self._source.ack(delivery)
+                    return
                 self.settle(delivery, self._job.finish(rendered))
         except Exception as exc:  # pylint: disable=broad-exception-caught
             self.contain(delivery, as_generation_error(exc))
