@@ -25,8 +25,15 @@ class InMemoryTaskSource:
         for message in messages:
             self.put(message)
 
-    def put(self, message: bytes | str | Mapping[str, Any], attempt: int = 0) -> None:
-        """Enqueue a message (a dict is encoded as JSON, as the backend does)."""
+    def put(
+        self,
+        message: bytes | str | Mapping[str, Any],
+        attempt: int = 0,
+        *,
+        redelivered: bool = False,
+    ) -> None:
+        """Enqueue a message (a dict is encoded as JSON, as the backend does); ``redelivered``
+        plays a broker's redelivery of a message whose first delivery was never settled."""
         if isinstance(message, Mapping):
             body = json.dumps(message).encode()
         elif isinstance(message, str):
@@ -34,7 +41,7 @@ class InMemoryTaskSource:
         else:
             body = bytes(message)
         with self._ready:
-            self._queue.append(Delivery(body=body, attempt=attempt))
+            self._queue.append(Delivery(body=body, attempt=attempt, redelivered=redelivered))
             self._ready.notify()
 
     def receive(self, timeout: float) -> Delivery | None:

@@ -119,9 +119,12 @@ class PipelinedRunner(JobRunner):
             if not intake.done() or intake.exception() is not None:
                 continue
             prepared = intake.result()
-            if prepared is not None and batch_key(prepared.request) == key:
-                pending.remove(entry)
-                companions.append((delivery, prepared))
+            if prepared is None or batch_key(prepared.request) != key:
+                continue
+            if delivery.redelivered and self.others_in_flight(prepared.request.generation_id):
+                continue  # never ahead of its own original: see _finish
+            pending.remove(entry)
+            companions.append((delivery, prepared))
         return companions
 
     def _wait_for_finishing(self) -> bool:
@@ -195,9 +198,14 @@ class PipelinedRunner(JobRunner):
         request = rendered.prepared.request
         try:
             with job_context(generation_id=request.generation_id, task_id=request.task_id):
+                if delivery.redelivered:
+                    # The broker may have redelivered it while the original was still in flight
+                    # here. The original rendered first (arrival order; _companions never takes
+                    # a redelivery ahead of it), so its finish was queued first on this FIFO
+                    # pool and is running or done: waiting for it cannot starve the pool.
+                    self.wait_for_other_deliveries(request.generation_id)
                 if delivery.redelivered and request.generation_id in self._settled:
-                    # The broker redelivered it while the original was still in flight here;
-                    # the original has told the outcome since: never a second completion.
+                    # The original told the outcome meanwhile: never a second completion.
                     log.info("generation %s: told while redelivered, acked", request.generation_id)
                     self._job_ended(delivery, "completed", None)
                     self._source.ack(delivery)

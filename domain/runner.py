@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from domain.errors import FailureReport, GenerationError, InvalidRequest, as_generation_error
@@ -71,8 +71,13 @@ class JobRunner:
         self._poll_seconds = poll_seconds
         self._clock = clock
         self._telemetry = job.telemetry
-        self._in_flight: dict[int, float] = {}
+        # Per delivery taken as a job: when it began and its generation; and per generation,
+        # how many of its deliveries are in flight here (a broker redelivery can join the
+        # original while the original is still running).
+        self._in_flight: dict[int, tuple[float, int]] = {}
+        self._running: Counter[int] = Counter()
         self._in_flight_lock = threading.Lock()
+        self._running_changed = threading.Condition(self._in_flight_lock)
 
     def handle(self, delivery: Delivery) -> JobResult | None:
         """Process one delivery and settle it; None when no generation ran."""
@@ -101,19 +106,36 @@ class JobRunner:
             log.info("generation %s: redelivered after its outcome was told", request.generation_id)
             self._source.ack(delivery)
             return None
-        self._job_started(delivery)
+        self._job_started(delivery, request.generation_id)
         return request
 
-    def _job_started(self, delivery: Delivery) -> None:
+    def _job_started(self, delivery: Delivery, generation_id: int) -> None:
         with self._in_flight_lock:
-            self._in_flight[id(delivery)] = self._clock()
+            self._in_flight[id(delivery)] = (self._clock(), generation_id)
+            self._running[generation_id] += 1
         self._telemetry.job_started()
+
+    def others_in_flight(self, generation_id: int) -> bool:
+        """Whether another delivery of this generation is in flight here besides the caller's."""
+        with self._in_flight_lock:
+            return self._running[generation_id] > 1
+
+    def wait_for_other_deliveries(self, generation_id: int) -> None:
+        """Until no other delivery of this generation is in flight here (only the caller's)."""
+        with self._running_changed:
+            self._running_changed.wait_for(lambda: self._running[generation_id] <= 1)
 
     def _job_ended(self, delivery: Delivery, outcome: str, error: GenerationError | None) -> None:
         """Report the end of a job that ``accept`` started; nothing for other deliveries."""
         with self._in_flight_lock:
-            began = self._in_flight.pop(id(delivery), None)
-        if began is not None:
+            entry = self._in_flight.pop(id(delivery), None)
+            if entry is not None:
+                self._running[entry[1]] -= 1
+                if self._running[entry[1]] <= 0:
+                    del self._running[entry[1]]
+                self._running_changed.notify_all()
+        if entry is not None:
+            began = entry[0]
             self._telemetry.job_finished(
                 outcome=outcome,
                 error_code=error.code.value if error is not None else None,

@@ -182,3 +182,30 @@ def test_a_whole_batch_failing_hands_every_job_back(wired: Wired) -> None:
     # Handed back, then generated on the next delivery.
     completed = {gid for kind, gid, _ in wired.notifier.sent if kind == "completed"}
     assert completed == {31, 32, 33}
+
+
+class SlowUpload(FakeStorage):
+    """Uploads take a while, so a later job's finish could overtake an earlier one's."""
+
+    def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
+        time.sleep(0.3)
+        return super().put_output(key, data, metadata)
+
+
+def test_a_redelivery_racing_its_original_in_flight_never_sends_a_second_completion(
+    wired: Wired,
+) -> None:
+    # A dropped connection: the broker redelivers a job this process is still working on. Both
+    # intakes find no stored image; the copy must not complete before or after the original.
+    wired.model.batch_limit = 4
+    wired.container.job_runner.add_kwargs(max_batch_size=4)
+    wired.storage = SlowUpload()
+    wired.container.storage.override(providers.Object(wired.storage))
+    message = backend_message(41)
+    wired.source.put(message)
+    wired.source.put(message, redelivered=True)
+    run_all(wired)
+    assert wired.notifier.kinds().count("completed") == 1
+    assert len(wired.source.acked) == 2
+    # The copy never shared the original's model call.
+    assert all(len(batch) == 1 for batch in wired.model.batches)
