@@ -201,6 +201,30 @@ def forget_frames(exc: BaseException) -> None:
         current = current.__cause__ or current.__context__
 
 
+@contextmanager
+def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
+    """Map a failed load to LORA_INVALID or GPU_OOM after ``undo`` removed what it left.
+
+    On an OOM the failed call's frames are dropped before the memory is released, outside the
+    ``except`` block, so that no traceback keeps its tensors alive.
+    """
+    failure: str | None = None
+    try:
+        yield
+    except GenerationError:
+        undo()
+        raise
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        undo()
+        if not is_cuda_oom(exc):
+            raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
+        forget_frames(exc)
+        failure = str(exc)
+    if failure is not None:
+        release_memory()
+        raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}: {failure}")
+
+
 def release_memory() -> None:
     """Collect garbage and return cached CUDA blocks to the driver."""
     gc.collect()
@@ -413,8 +437,7 @@ class LoraAdapterCache:
         """Validate and inject ``lora`` as adapter ``name``; nothing of it remains on failure."""
         self._layers_changed()
         path = Path(lora.path)
-        failure: str | None = None
-        try:
+        with loading(lora, undo=lambda: self._remove(name)):
             self._validate(path)
             if path.is_dir():
                 self._load_peft_folder(path, name)
@@ -422,18 +445,6 @@ class LoraAdapterCache:
                 self._inject(parse_lora_file(self._pipe, path), name, text_encoder=True)
             if name not in adapters_of(self._pipe.unet):
                 raise LoraInvalid(f"LoRA {lora.ref!r} has no weights for this model's UNet")
-        except GenerationError:
-            self._remove(name)
-            raise
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            self._remove(name)
-            if not is_cuda_oom(exc):
-                raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
-            forget_frames(exc)
-            failure = str(exc)
-        if failure is not None:
-            release_memory()
-            raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}: {failure}")
 
     def _load_peft_folder(self, path: Path, name: str) -> None:
         """A PEFT folder through peft directly (``load_lora_weights`` would ignore it)."""
@@ -604,8 +615,7 @@ class LoraAdapterCache:
     def _swap_in(self, lora: LoraArtifact, parsed: ParsedLora) -> None:
         """Copy ``parsed`` into the slot; grow the slot first when it cannot take it."""
         self._in_slot = None
-        failure: str | None = None
-        try:
+        with loading(lora, undo=self._zero_slot):
             fits = parsed.rank <= self._slot_rank and parsed.uniform
             if fits:
                 try:
@@ -619,18 +629,6 @@ class LoraAdapterCache:
             if not fits:
                 self._grow_slot(lora, parsed)
             self._swap_text_encoder(parsed)
-        except GenerationError:
-            self._zero_slot()
-            raise
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            self._zero_slot()
-            if not is_cuda_oom(exc):
-                raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
-            forget_frames(exc)
-            failure = str(exc)
-        if failure is not None:
-            release_memory()
-            raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}: {failure}")
         self._after_slot_change()
         self._in_slot = lora.checksum
 
