@@ -5,8 +5,10 @@ DPM-Solver++ steps, guidance 7.5, a rank-8 LoRA on to_q/to_k/to_v/to_out.0 activ
 
 - plain: ``StableDiffusionPipeline`` in fp16 with diffusers' default attention and
   ``load_lora_weights``, called with a batch of prompts;
-- tuned: ``DiffusersImageModel`` with ``GpuTuning`` (channels_last, fused VAE QKV, optionally
-  ``torch.compile`` with LoRA hot-swap) and its adapter cache, called with ``generate_batch``;
+- tuned: ``DiffusersImageModel`` with ``GpuTuning`` (channels_last, fused VAE QKV, cuDNN
+  autotuning) and its adapter cache, called with ``generate_batch``;
+- tuned+compile: the same with ``torch.compile`` of the UNet and the LoRA in the hot-swap slot
+  (``MODEL_COMPILE=true``);
 
 at each batch size: steps/s (denoising iterations of the whole batch per second, the figure
 published for SD 1.5), images/s and peak allocated memory. Then a mixed-LoRA batch (4 jobs, 4
@@ -18,7 +20,9 @@ bench/results/gpu.json (after every section, so a run cut short still leaves its
 Each section runs in its own process (the next one gets the whole GPU back). A measurement that
 would end after ``--budget-s`` (default 500 s) is skipped, and a section still running then (a
 compilation slower than estimated) is stopped with the figures it has: the run ends inside the
-10 minutes a lent GPU gives one command.
+10 minutes a lent GPU gives one command. The compiled section runs last: how long inductor takes
+(autotuning included) is the least predictable part, and running past the budget there must not
+cost the figures of the others.
 
     .venv/bin/python -m bench.gpu                  # on a CUDA GPU, well inside 10 minutes
     .venv/bin/python -m bench.gpu --no-compile     # without torch.compile (no compile time)
@@ -59,6 +63,7 @@ RESULTS = Path(__file__).parent / "results" / "gpu.json"
 GUIDANCE = 7.5
 LORA_RANK = 8
 MIXED_LORAS = 4
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager")
 TARGET_RATIO = 1.8
 """Issue 4's target: tuned steps/s at least this multiple of plain diffusers fp16, LoRA active."""
 
@@ -85,6 +90,7 @@ class Setup:
     repeats: int
     compile: bool
     compile_mode: str
+    compile_backend: str
     budget_s: float
     output: Path
 
@@ -102,6 +108,12 @@ def parse_args(argv: Sequence[str] | None) -> Setup:
         help="torch.compile the tuned UNet (default on; off with --smoke)",
     )
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=GpuTuning().compile_mode)
+    parser.add_argument(
+        "--compile-backend",
+        choices=COMPILE_BACKENDS,
+        default=GpuTuning().compile_backend,
+        help="inductor (production); eager/aot_eager check the compiled path without codegen",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=500.0, help="skip measurements that would end later"
     )
@@ -127,6 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> Setup:
         repeats=args.repeats or (1 if smoke else 2),
         compile=(not smoke) if args.compile is None else args.compile,
         compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
         budget_s=args.budget_s,
         output=args.output or RESULTS,
     )
@@ -139,12 +152,14 @@ def estimate(setup: Setup) -> dict[str, float]:
     plan = {
         "build model and LoRAs": _BUILD_S,
         "plain diffusers fp16": _LOAD_S + per_path,
-        # Two shapes compile: batch 1, then the largest batch (its dimension turns dynamic).
-        "tuned": _LOAD_S + per_path + (2 * _COMPILE_S_PER_SHAPE if setup.compile else 0.0),
+        "tuned": _LOAD_S + per_path,
         "mixed-LoRA batch vs one by one": _LOAD_S
         + estimate_run(setup, MIXED_LORAS)
         + MIXED_LORAS * estimate_run(setup, 1),
     }
+    if setup.compile:
+        # Two shapes compile: batch 1, then the largest batch (its dimension turns dynamic).
+        plan["tuned+compile"] = _LOAD_S + per_path + 2 * _COMPILE_S_PER_SHAPE
     plan["total"] = sum(plan.values())
     return plan
 
@@ -340,7 +355,11 @@ def load_tuned(setup: Setup, model_dir: Path, *, compile_unet: bool) -> Diffuser
         device=setup.device,
         dtype="float32" if setup.smoke else "float16",
         local_files_only=True,
-        tuning=GpuTuning(compile_unet=compile_unet, compile_mode=setup.compile_mode),
+        tuning=GpuTuning(
+            compile_unet=compile_unet,
+            compile_mode=setup.compile_mode,
+            compile_backend=setup.compile_backend,
+        ),
         max_batch_size=max(*setup.batches, MIXED_LORAS),
     )
 
@@ -357,22 +376,42 @@ def run_items(model: DiffusersImageModel, items: list[BatchItem]) -> list[Any]:
 def tuned_section(
     setup: Setup, model_dir: Path, loras: list[LoraArtifact], clock: Clock, out: SectionOutput
 ) -> None:
-    """The tuned model, the same LoRA through its adapter cache."""
-    lora = loras[0]
-    model = load_tuned(setup, model_dir, compile_unet=setup.compile)
-    print("  tuned  warm-up (compilation, autotuning)...", flush=True)
+    """The tuned model without compilation, the same LoRA through its adapter cache."""
+    _run_tuned("tuned", setup, model_dir, loras[0], clock, out, compile_unet=False)
+
+
+def compiled_section(
+    setup: Setup, model_dir: Path, loras: list[LoraArtifact], clock: Clock, out: SectionOutput
+) -> None:
+    """The tuned model with ``torch.compile`` of the UNet and the LoRA hot-swapped in."""
+    _run_tuned("tuned+compile", setup, model_dir, loras[0], clock, out, compile_unet=True)
+
+
+def _run_tuned(  # pylint: disable=too-many-arguments
+    path: str,
+    setup: Setup,
+    model_dir: Path,
+    lora: LoraArtifact,
+    clock: Clock,
+    out: SectionOutput,
+    *,
+    compile_unet: bool,
+) -> None:
+    """Warm the tuned model up as the worker does, then time each batch size."""
+    model = load_tuned(setup, model_dir, compile_unet=compile_unet)
+    print(f"  {path} warm-up (compilation, autotuning)...", flush=True)
     warm_s = warm_up(model, width=setup.size, height=setup.size, steps=2)
-    print(f"  tuned  warm-up: {warm_s:.1f} s")
+    print(f"  {path} warm-up: {warm_s:.1f} s")
     out.put("warm_up_s", round(warm_s, 1))
     runs = []
     for batch in setup.batches:
         if not clock.allows(estimate_run(setup, batch)):
-            print(f"  tuned  batch {batch}: skipped (budget)")
+            print(f"  {path} batch {batch}: skipped (budget)")
             out.put("skipped", [*out.data.get("skipped", []), f"batch {batch}"])
             continue
         items = [BatchItem(request(i, setup), lora, _no_progress) for i in range(batch)]
         seconds, peak = timed(lambda items=items: run_items(model, items), setup.repeats)
-        runs.append(figures("tuned", batch, seconds, peak, setup))
+        runs.append(figures(path, batch, seconds, peak, setup))
         out.put("runs", runs)
         print_run(runs[-1])
     out.put("adapter_cache", _stats(model))
@@ -416,6 +455,7 @@ SECTIONS: dict[str, Callable[[Setup, Path, list[LoraArtifact], Clock, SectionOut
     "plain": plain_section,
     "tuned": tuned_section,
     "mixed": mixed_section,
+    "compiled": compiled_section,
 }
 _STOP_GRACE_S = 15.0
 
@@ -479,15 +519,15 @@ def _no_progress(_done: int, _total: int) -> None:
     """Benchmarks report no progress."""
 
 
-def ratios(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """tuned / plain per batch size, where both were measured."""
+def ratios(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each tuned path / plain, per batch size where both were measured."""
     by_key = {(run["path"], run["batch"]): run for run in runs}
-    out = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for (path, batch), tuned in sorted(by_key.items()):
         plain = by_key.get(("plain", batch))
-        if path != "tuned" or plain is None:
+        if path == "plain" or plain is None:
             continue
-        out[str(batch)] = {
+        out.setdefault(path, {})[str(batch)] = {
             "steps_per_s": round(tuned["steps_per_s"] / plain["steps_per_s"], 3),
             "images_per_s": round(tuned["images_per_s"] / plain["images_per_s"], 3),
         }
@@ -499,7 +539,7 @@ def print_run(run: dict) -> None:
     memory = run["peak_memory_bytes"]
     shown = f"{memory / 2**30:.2f} GiB" if memory is not None else "n/a"
     print(
-        f"  {run['path']:<6} batch {run['batch']}: {run['seconds']:.2f} s,"
+        f"  {run['path']:<13} batch {run['batch']}: {run['seconds']:.2f} s,"
         f" {run['steps_per_s']:.2f} steps/s, {run['images_per_s']:.2f} images/s, peak {shown}"
     )
 
@@ -524,7 +564,8 @@ def print_plan(setup: Setup, plan: dict[str, float]) -> None:
         f" {setup.size}x{setup.size}, {setup.steps} DPM-Solver++ steps, guidance {GUIDANCE},"
         f" rank-{LORA_RANK} LoRA, batches {list(setup.batches)}, {setup.repeats} timed run(s)"
         f" each, compile={setup.compile}"
-        f"{f' ({setup.compile_mode})' if setup.compile else ''}, on {setup.device}"
+        f"{f' ({setup.compile_backend}, {setup.compile_mode})' if setup.compile else ''},"
+        f" on {setup.device}"
     )
     for section, seconds in plan.items():
         print(f"  {section:<32} ~{seconds:5.0f} s (estimate for an H100-class GPU)")
@@ -534,12 +575,13 @@ def print_plan(setup: Setup, plan: dict[str, float]) -> None:
 def print_summary(results: dict[str, Any]) -> None:
     """The ratios, against the issue's target."""
     print("tuned / plain steps/s (LoRA active):")
-    for batch, ratio in results["ratios"].items():
-        mark = "meets" if ratio["steps_per_s"] >= TARGET_RATIO else "below"
-        print(
-            f"  batch {batch}: {ratio['steps_per_s']:.2f}x steps/s,"
-            f" {ratio['images_per_s']:.2f}x images/s ({mark} the {TARGET_RATIO}x target)"
-        )
+    for path, by_batch in results["ratios"].items():
+        for batch, ratio in by_batch.items():
+            mark = "meets" if ratio["steps_per_s"] >= TARGET_RATIO else "below"
+            print(
+                f"  {path:<13} batch {batch}: {ratio['steps_per_s']:.2f}x steps/s,"
+                f" {ratio['images_per_s']:.2f}x images/s ({mark} the {TARGET_RATIO}x target)"
+            )
     mixed = results.get("mixed_lora")
     if mixed:
         print(f"mixed-LoRA batch / one by one: {mixed['speedup']:.2f}x")
@@ -572,6 +614,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "repeats": setup.repeats,
         "compile": setup.compile,
         "compile_mode": setup.compile_mode if setup.compile else None,
+        "compile_backend": setup.compile_backend if setup.compile else None,
         "budget_s": setup.budget_s,
         "plan_estimate_s": {key: round(value) for key, value in plan.items()},
         "runs": [],
@@ -584,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model_dir, loras = build_assets(setup, Path(scratch))
         print(f"  built the model and {len(loras)} LoRAs: {clock.elapsed:.0f} s")
         for name in SECTIONS:
+            if name == "compiled" and not setup.compile:
+                continue
             data = run_section(name, setup, model_dir, loras, clock)
             results["runs"] += data.pop("runs", [])
             results["mixed_lora"] = data.pop("mixed_lora", results["mixed_lora"])

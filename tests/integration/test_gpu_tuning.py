@@ -244,9 +244,12 @@ def test_gpu_tuning_refuses_unknown_settings() -> None:
 
 
 def test_gpu_benchmark_smoke_runs_end_to_end(tmp_path: Path) -> None:
+    """Every section of bench/gpu.py, the compiled one included (dynamo with the eager backend:
+    the hot-swap slot, the warm-up and the timed batches run as on a GPU, without codegen)."""
     output = tmp_path / "gpu.json"
+    command = [sys.executable, "-m", "bench.gpu", "--smoke", "--output", str(output)]
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--smoke", "--output", str(output)],
+        [*command, "--compile", "--compile-backend", "eager"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -256,8 +259,17 @@ def test_gpu_benchmark_smoke_runs_end_to_end(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     result = json.loads(output.read_text(encoding="utf-8"))
     assert result["smoke"] is True and result["complete"] is True
+    assert result["compile"] is True and result["compile_backend"] == "eager"
+    paths = ("plain", "tuned", "tuned+compile")
     runs = {(run["path"], run["batch"]) for run in result["runs"]}
-    assert runs == {(path, batch) for path in ("plain", "tuned") for batch in result["batches"]}
+    assert runs == {(path, batch) for path in paths for batch in result["batches"]}
     assert all(run["steps_per_s"] > 0 and run["images_per_s"] > 0 for run in result["runs"])
+    assert set(result["ratios"]) == {"tuned", "tuned+compile"}
+    assert all(
+        set(by_batch) == {str(b) for b in result["batches"]}
+        for by_batch in result["ratios"].values()
+    )
+    assert result["sections"]["compiled"]["adapter_cache"]["misses"] == 1
     assert result["mixed_lora"]["batched_s"] > 0 and result["mixed_lora"]["one_by_one_s"] > 0
     assert "tuned / plain steps/s" in completed.stdout
+    assert "tuned+compile batch 2:" in completed.stdout
