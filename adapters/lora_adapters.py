@@ -37,6 +37,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils.peft_utils import delete_adapter_layers
 from peft import LoraConfig, set_peft_model_state_dict
+from peft.tuners.lora import Conv2d as LoraConv2d
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from adapters.lora_files import (
@@ -148,20 +150,66 @@ def per_sample_adapters(
     """Send sample i of every LoRA layer call in a model through its own adapter, while inside.
 
     ``routes`` pairs a model with one adapter name per sample of the batches it sees
-    (``BASE_ADAPTER`` for none). Forward pre-hooks pass ``adapter_names`` to peft's mixed-batch
-    forward of every LoRA layer of the model; they are removed on exit, whatever happens.
+    (``BASE_ADAPTER`` for none). Hooks on every LoRA layer of the model do it; they are removed
+    on exit, whatever happens.
+
+    peft's own mixed-batch forward (``adapter_names``) indexes the batch with Python lists: on
+    CUDA each such index is a host-to-device copy that waits for the GPU, three per adapter per
+    layer per UNet call, which would stall a mixed batch at every LoRA layer. Here the sample
+    indices of each adapter are put on the model's device once per call; a pre-hook has peft
+    run the base layer only (every sample ``BASE_ADAPTER``), and a forward hook adds each
+    adapter's delta to its samples with ``index_select``/``index_add_``, which never wait for the
+    GPU. The arithmetic is peft's (``lora_B(lora_A(dropout(x))) * scaling`` added to the base
+    output), so the images are the same. Layers of another kind (embeddings, LoRA variants) keep
+    peft's own routing.
     """
     handles = []
     try:
         for model, names in routes:
-            hook = _adapter_names_hook(list(names))
+            names = list(names)
+            groups = _sample_groups(model, names)
+            base_only = [BASE_ADAPTER] * len(names)
             for layer in lora_layers(model):
                 assert isinstance(layer, torch.nn.Module)
-                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                if _routable(layer, groups):
+                    handles.append(
+                        layer.register_forward_pre_hook(
+                            _adapter_names_hook(base_only), with_kwargs=True
+                        )
+                    )
+                    handles.append(
+                        layer.register_forward_hook(_add_deltas_hook(groups), with_kwargs=True)
+                    )
+                else:
+                    handles.append(
+                        layer.register_forward_pre_hook(
+                            _adapter_names_hook(names), with_kwargs=True
+                        )
+                    )
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _sample_groups(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each adapter of ``names`` (but the base) and the indices of its samples, on the device."""
+    device = next(model.parameters()).device
+    return {
+        adapter: torch.tensor(
+            [i for i, name in enumerate(names) if name == adapter], dtype=torch.long, device=device
+        )
+        for adapter in dict.fromkeys(names)
+        if adapter != BASE_ADAPTER
+    }
+
+
+def _routable(layer: BaseTunerLayer, groups: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the hooks can route ``layer``: a plain LoRA Linear or Conv2d for every adapter."""
+    if not isinstance(layer, (LoraLinear, LoraConv2d)):
+        return False
+    variants = getattr(layer, "lora_variant", {})
+    return not any(adapter in variants for adapter in groups)
 
 
 def _adapter_names_hook(
@@ -178,6 +226,31 @@ def _adapter_names_hook(
         return args, {**kwargs, "adapter_names": names}
 
     return inject
+
+
+def _add_deltas_hook(
+    groups: Mapping[str, torch.Tensor],
+) -> Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor], torch.Tensor]:
+    def add_deltas(
+        module: torch.nn.Module,
+        args: tuple[Any, ...],
+        _kwargs: dict[str, Any],
+        output: torch.Tensor,
+    ) -> torch.Tensor:
+        x = args[0]
+        for adapter, index in groups.items():
+            lora_a = module.lora_A[adapter] if adapter in module.lora_A else None
+            if lora_a is None:  # this layer is not one the adapter adapts
+                continue
+            sub_batch = x.index_select(0, index).to(lora_a.weight.dtype)
+            delta = (
+                module.lora_B[adapter](lora_a(module.lora_dropout[adapter](sub_batch)))
+                * module.scaling[adapter]
+            )
+            output.index_add_(0, index, delta.to(output.dtype))
+        return output
+
+    return add_deltas
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
