@@ -64,7 +64,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 worker \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin worker \
- && mkdir -p /var/cache/huggingface /var/cache/stylelicense/loras \
+ && mkdir -p /var/cache/huggingface /var/cache/stylelicense/loras /var/cache/stylelicense/inductor \
  && chown -R 10001:10001 /var/cache/huggingface /var/cache/stylelicense
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
@@ -72,11 +72,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/var/cache/huggingface \
     LORA_CACHE_DIR=/var/cache/stylelicense/loras \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/stylelicense/inductor \
     SIGNATURE_FONT_PATH=/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf \
     METRICS_HOST=0.0.0.0 \
     METRICS_PORT=9100
-# The model weights (HF_HOME, gigabytes) and the LoRA cache outlive the container: mount volumes
-# there so a restart neither downloads SD 1.5 again nor refetches every artist's LoRA.
+# The model weights (HF_HOME, gigabytes), the LoRA cache and torch.compile's kernels
+# (TORCHINDUCTOR_CACHE_DIR, with MODEL_COMPILE) outlive the container: mount volumes there so a
+# restart neither downloads SD 1.5 again, nor refetches every artist's LoRA, nor compiles anew.
 VOLUME ["/var/cache/huggingface", "/var/cache/stylelicense"]
 WORKDIR /home/worker
 USER 10001:10001

@@ -53,16 +53,28 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class GpuTuning:
     """Which speed-ups ``apply_tuning`` applies to a loaded pipeline.
 
+    ``compile_mode`` is inductor's. ``default`` compiles fastest and leaves GEMMs and
+    convolutions to cuBLAS and cuDNN. The ``max-autotune`` modes benchmark candidate kernels
+    for every shape, commonly minutes per shape for a UNet on a cold cache, at start and again
+    at each recompile while jobs wait. The CUDA-graph modes (``reduce-overhead``,
+    ``max-autotune``) are untried with the hot-swap slot here (diffusers' hot-swap PR #9453
+    reported "data pointer changed" errors under ``reduce-overhead``). Measure a mode with
+    ``bench.gpu --compile-mode`` before choosing it.
+
     ``compile_fullgraph`` makes a graph break an error instead of a silent slowdown (the UNet
-    with peft LoRA layers traces as one graph). ``compile_backend`` is ``inductor`` in
-    production; tests use ``eager``/``aot_eager`` to check guards without code generation.
+    with peft LoRA layers traces as one graph: the tests compile with it on). It is off in
+    production because under it dynamo's recompile limit is a hard error too: after
+    ``torch._dynamo.config.recompile_limit`` graphs of the UNet (shapes, slot re-creations)
+    every job needing another graph would fail until a restart, where without it that shape
+    runs uncompiled. ``compile_backend`` is ``inductor`` in production; tests use
+    ``eager``/``aot_eager`` to check guards without code generation.
     """
 
     channels_last: bool = True
     fuse_qkv: bool = True
     compile_unet: bool = False
-    compile_mode: str = "max-autotune-no-cudagraphs"
-    compile_fullgraph: bool = True
+    compile_mode: str = "default"
+    compile_fullgraph: bool = False
     compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     model_compile: bool = False
     model_compile_mode: Literal[
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-    ] = "max-autotune-no-cudagraphs"
+    ] = "default"
     model_warmup: bool = True
     lora_adapter_cache_size: int = Field(default=8, ge=1, le=256)
     mixed_lora_batches: bool = True

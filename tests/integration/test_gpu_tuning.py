@@ -150,7 +150,10 @@ def test_compiling_refuses_a_unet_that_already_has_loras(
     load_lora(model, tiny_loras["diffusers"], "style")
 
     with pytest.raises(ModelError, match="before any LoRA is loaded"):
-        apply_tuning(model.pipeline, GpuTuning(compile_unet=True, compile_backend="eager"))
+        apply_tuning(
+            model.pipeline,
+            GpuTuning(compile_unet=True, compile_backend="eager", compile_fullgraph=True),
+        )
 
 
 def generate(
@@ -196,7 +199,8 @@ def test_compiled_unet_swaps_loras_without_recompiling(
         model_id=str(tiny_model_dir),
         device="cpu",
         local_files_only=True,
-        tuning=GpuTuning(compile_unet=True, compile_backend="eager"),
+        # fullgraph: the UNet with its peft LoRA layers and the slot traces as one graph.
+        tuning=GpuTuning(compile_unet=True, compile_backend="eager", compile_fullgraph=True),
         hotswap_max_rank=8,  # the tiny LoRAs are rank 4: zero-padded into the slot
     )
     try:
@@ -220,6 +224,38 @@ def test_compiled_unet_swaps_loras_without_recompiling(
                 render(compiled)
     finally:
         compiled.close()
+        dynamo_reset()
+
+
+def test_production_compile_runs_a_shape_past_the_recompile_limit_uncompiled(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under fullgraph the recompile limit would fail every job of a new shape until a restart;
+    the production setting runs that shape uncompiled instead."""
+    assert GpuTuning().compile_fullgraph is False
+    dynamo_reset()
+    model = DiffusersImageModel.load(
+        model_id=str(tiny_model_dir),
+        device="cpu",
+        local_files_only=True,
+        tuning=GpuTuning(compile_unet=True, compile_backend="eager"),
+    )
+    try:
+        monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
+        for width, height in [(64, 64), (64, 96), (96, 64), (96, 96)]:
+            request = GenerationRequest(
+                generation_id=1,
+                prompt="a fox",
+                width=width,
+                height=height,
+                steps=2,
+                guidance_scale=7.5,
+                seed=1,
+            )
+            image = model.generate(request, None, lambda _done, _total: None)
+            assert image.size == (width, height)
+    finally:
+        model.close()
         dynamo_reset()
 
 

@@ -24,7 +24,14 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = dict(Settings.model_fields)
-NOT_SETTINGS = {"PATH", "HF_HOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "DEBIAN_FRONTEND"}
+NOT_SETTINGS = {
+    "PATH",
+    "HF_HOME",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "DEBIAN_FRONTEND",
+}
 """Environment variables of the image that are not the worker's settings."""
 
 
@@ -179,15 +186,17 @@ def test_dejavu_fonts_where_the_signature_code_looks(instructions: list[Instruct
     assert font in DEJAVU_CANDIDATES
 
 
-def test_model_and_lora_caches_are_volumes_owned_by_the_user(
+def test_model_lora_and_compile_caches_are_volumes_owned_by_the_user(
     instructions: list[Instruction],
 ) -> None:
     stage = final_stage(instructions)
     env = env_of(stage)
     volumes = [v for i in stage if i.keyword == "VOLUME" for v in exec_form(i.args)]
-    lora_dir = env["LORA_CACHE_DIR"]
     assert env["HF_HOME"] in volumes
-    assert any(lora_dir == v or lora_dir.startswith(v.rstrip("/") + "/") for v in volumes)
+    for directory in (env["LORA_CACHE_DIR"], env["TORCHINDUCTOR_CACHE_DIR"]):
+        assert any(
+            directory == v or directory.startswith(v.rstrip("/") + "/") for v in volumes
+        ), directory
     runs = " ".join(i.args for i in stage if i.keyword == "RUN")
     user = [i.args for i in stage if i.keyword == "USER"][-1]
     for volume in volumes:
