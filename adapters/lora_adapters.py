@@ -253,14 +253,25 @@ def _add_deltas_hook(
     return add_deltas
 
 
+CUDA_OOM_MESSAGES = (
+    "CUDA out of memory",  # the caching allocator, when not raised as OutOfMemoryError
+    "CUDA error: out of memory",  # a cudaMalloc outside it (handles, workspaces, kernel launches)
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
+
+
 def is_cuda_oom(exc: BaseException) -> bool:
-    """CUDA allocation failures, also those that do not arrive as ``OutOfMemoryError``."""
+    """CUDA allocation failures, also those that do not arrive as ``OutOfMemoryError``.
+
+    Allocations outside PyTorch's caching allocator (cuBLAS and cuDNN handles and workspaces)
+    fail as a plain ``RuntimeError`` (``torch.AcceleratorError``) with one of
+    ``CUDA_OOM_MESSAGES``; they are out-of-memory errors all the same, so the batch is split.
+    """
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
-    )
+    return isinstance(exc, RuntimeError) and any(message in text for message in CUDA_OOM_MESSAGES)
 
 
 def forget_frames(exc: BaseException) -> None:
@@ -278,8 +289,10 @@ def forget_frames(exc: BaseException) -> None:
 def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
     """Map a failed load to LORA_INVALID or GPU_OOM after ``undo`` removed what it left.
 
-    On an OOM the failed call's frames are dropped before the memory is released, outside the
-    ``except`` block, so that no traceback keeps its tensors alive.
+    On an OOM the failed call's frames are dropped and the memory released, outside the
+    ``except`` block (so that no traceback keeps its tensors alive), before ``undo`` runs; an
+    ``undo`` that runs out of memory too still ends in GPU_OOM (what it could not restore is
+    rebuilt by the next load), never in a raw CUDA error.
     """
     failure: str | None = None
     try:
@@ -288,14 +301,31 @@ def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
         undo()
         raise
     except Exception as exc:  # pylint: disable=broad-exception-caught
-        undo()
         if not is_cuda_oom(exc):
+            undo()
             raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
         forget_frames(exc)
         failure = str(exc)
-    if failure is not None:
+    if failure is None:
+        return
+    release_memory()
+    undone = _undo_after_oom(undo)
+    if not undone:
         release_memory()
-        raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}: {failure}")
+    raise GpuOutOfMemory(f"GPU out of memory loading LoRA {lora.ref!r}: {failure}")
+
+
+def _undo_after_oom(undo: Callable[[], None]) -> bool:
+    """Run ``undo`` after a load ran out of memory; False if it ran out of memory too."""
+    try:
+        undo()
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        if not is_cuda_oom(exc):
+            raise
+        forget_frames(exc)
+        log.warning("out of memory again while undoing a failed LoRA load: %s", exc)
+        return False
+    return True
 
 
 def release_memory() -> None:
@@ -452,6 +482,9 @@ class LoraAdapterCache:
     def deactivate(self) -> None:
         """Run the base model: LoRA layers off (hot-swap: the slot at scale 0, no recompile)."""
         if self._hotswap:
+            if HOTSWAP_SLOT not in adapters_of(self._pipe.unet):
+                # A failed load whose undo ran out of memory too left no slot: rebuild it.
+                self._prime_slot()
             self._set_slot_scale(0.0)
         elif self._names and self._active != {}:
             for layer in self._tuner_layers():

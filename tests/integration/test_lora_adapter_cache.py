@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 from adapters.diffusers_model import DiffusersImageModel
 from adapters.local_storage import sha256_of
-from adapters.lora_adapters import HOTSWAP_SLOT, LoraAdapterCache, lora_layers
+from adapters.lora_adapters import HOTSWAP_SLOT, LoraAdapterCache, is_cuda_oom, lora_layers
 from adapters.lora_files import LoraLayout, LoraValidator
 from adapters.tiny_model import build_tiny_lora
-from domain.errors import LoraInvalid
+from domain.errors import GpuOutOfMemory, LoraInvalid
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
 
@@ -466,3 +466,50 @@ def test_hotswap_between_loras_with_per_layer_alphas_scales_each_layer_right(
     model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8)
     for lora in (first, second, first, None, second, loras[2], first, loras[0]):
         assert_close(render(model, lora), render(reference, lora))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+    ],
+)
+def test_allocation_failures_outside_the_caching_allocator_are_oom(message: str) -> None:
+    assert is_cuda_oom(RuntimeError(message))
+    assert not is_cuda_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_cuda_oom(ValueError(message))
+
+
+def test_an_oom_while_hot_swapping_and_again_while_undoing_is_gpu_oom_then_recovers(
+    tiny_model_dir: Path,
+    loras: list[LoraArtifact],
+    reference: DiffusersImageModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8)
+    cache = model.adapter_cache
+    render(model, loras[0])
+
+    def swap_runs_out(_parsed: object) -> None:
+        # diffusers removes the adapter when a hot-swap fails: the slot is gone.
+        cache._remove(HOTSWAP_SLOT)  # pylint: disable=protected-access
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    def prime_runs_out() -> None:
+        raise RuntimeError("CUDA error: out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cache, "_hotswap_unet", swap_runs_out)
+        patched.setattr(cache, "_prime_slot", prime_runs_out)
+        with pytest.raises(GpuOutOfMemory):
+            model.generate(request(), loras[2], lambda _s, _t: None)
+    # The undo left no slot. The next jobs rebuild it and render right: a base-model job
+    # first, then the failed LoRA and another.
+    assert HOTSWAP_SLOT not in getattr(model.pipeline.unet, "peft_config", {})
+    assert np.array_equal(render(model, None), render(reference, None))
+    assert_close(render(model, loras[2]), render(reference, loras[2]))
+    assert_close(render(model, loras[0]), render(reference, loras[0]))
+    assert list(model.pipeline.unet.peft_config) == [HOTSWAP_SLOT]
