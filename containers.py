@@ -30,6 +30,19 @@ from domain.runner import SettledGenerations
 from domain.watermark import Watermarker
 
 
+def export_cuda_environment(cuda_visible_devices: str | None) -> None:
+    """Export what CUDA reads once, when torch first initialises it (a value from .env must be
+    in the environment before that moment to have any effect).
+
+    Devices are numbered in PCI bus order, as nvidia-smi and NVML number them, unless the
+    environment already says otherwise (CUDA's own default is fastest first): an index in
+    CUDA_VISIBLE_DEVICES then names the same card for the model and for the GPU metrics.
+    """
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+
+
 def init_image_model(
     *,
     cuda_visible_devices: str | None,
@@ -42,10 +55,7 @@ def init_image_model(
     ``options`` are ``DiffusersImageModel.load``'s keyword arguments; ``tuning`` the fields of
     ``GpuTuning``. The warm-up (compilation, cuDNN autotuning) runs on CUDA only.
     """
-    if cuda_visible_devices is not None:
-        # CUDA reads it once, when torch first initialises it; a value from .env must be
-        # exported before that moment to have any effect.
-        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    export_cuda_environment(cuda_visible_devices)
     # Imported here so that building the container (and the unit tests) never imports torch.
     # pylint: disable=import-outside-toplevel
     from adapters.diffusers_model import DiffusersImageModel

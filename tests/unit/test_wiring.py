@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from adapters.console_notifier import ConsoleNotifier
 from adapters.local_storage import LocalStorage
 from adapters.memory_task_source import InMemoryTaskSource
 from app.settings import SettingsError, load_settings
+import containers
 from containers import build_container
 from domain.job import GenerationJob
 from domain.request import GenerationRequest
@@ -152,3 +154,15 @@ def test_building_the_container_does_not_import_torch() -> None:
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
     )
     assert out.stdout.strip() == "False"
+
+
+def test_cuda_numbers_devices_as_nvml_and_nvidia_smi_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    containers.export_cuda_environment("1")
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the operator's choice stands
+    containers.export_cuda_environment(None)
+    assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
