@@ -182,7 +182,6 @@ def test_compiled_unet_swaps_loras_without_recompiling(
     tiny_model_dir: Path,
     tiny_loras: dict[str, Path],
     second_lora: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The production path: the model compiles the UNet and hot-swaps each job's LoRA."""
     style, other = artifact(tiny_loras["diffusers"]), artifact(second_lora)
@@ -207,8 +206,8 @@ def test_compiled_unet_swaps_loras_without_recompiling(
         assert is_compiled(compiled.pipeline.unet)
         # Pixels are 0-255 here: a different kernel order may move one by a level.
         assert np.abs(generate(compiled, None) - expected["base"]).max() <= 1  # compiles
-        with monkeypatch.context() as patched:
-            patched.setattr(dynamo_config, "error_on_recompile", True)
+        # dynamo's own patch: monkeypatch would delete the option from the config on undo.
+        with dynamo_config.patch(error_on_recompile=True):  # pylint: disable=no-member
             for name, lora, scale in [
                 ("style", style, 1.0),
                 ("other", other, 1.0),
@@ -228,7 +227,7 @@ def test_compiled_unet_swaps_loras_without_recompiling(
 
 
 def test_production_compile_runs_a_shape_past_the_recompile_limit_uncompiled(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path,
 ) -> None:
     """Under fullgraph the recompile limit would fail every job of a new shape until a restart;
     the production setting runs that shape uncompiled instead."""
@@ -241,19 +240,19 @@ def test_production_compile_runs_a_shape_past_the_recompile_limit_uncompiled(
         tuning=GpuTuning(compile_unet=True, compile_backend="eager"),
     )
     try:
-        monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
-        for width, height in [(64, 64), (64, 96), (96, 64), (96, 96)]:
-            request = GenerationRequest(
-                generation_id=1,
-                prompt="a fox",
-                width=width,
-                height=height,
-                steps=2,
-                guidance_scale=7.5,
-                seed=1,
-            )
-            image = model.generate(request, None, lambda _done, _total: None)
-            assert image.size == (width, height)
+        with dynamo_config.patch(recompile_limit=1):  # pylint: disable=no-member
+            for width, height in [(64, 64), (64, 96), (96, 64), (96, 96)]:
+                request = GenerationRequest(
+                    generation_id=1,
+                    prompt="a fox",
+                    width=width,
+                    height=height,
+                    steps=2,
+                    guidance_scale=7.5,
+                    seed=1,
+                )
+                image = model.generate(request, None, lambda _done, _total: None)
+                assert image.size == (width, height)
     finally:
         model.close()
         dynamo_reset()
