@@ -43,6 +43,12 @@ def export_cuda_environment(cuda_visible_devices: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
 
 
+def warm_up_shapes() -> list[tuple[int, int]]:
+    """(width, height) of every aspect ratio of the contract, 1:1 (most jobs' size) first."""
+    shapes = [ASPECT_RATIOS["1:1"]]
+    return shapes + [size for size in ASPECT_RATIOS.values() if size not in shapes]
+
+
 def init_image_model(
     *,
     cuda_visible_devices: str | None,
@@ -64,8 +70,7 @@ def init_image_model(
     model = DiffusersImageModel.load(tuning=GpuTuning(**tuning), **options)  # type: ignore[arg-type]
     try:
         if warmup and model.pipeline.device.type == "cuda":
-            width, height = ASPECT_RATIOS["1:1"]  # the shape most jobs run at
-            warm_up(model, width=width, height=height, steps=2)
+            warm_up(model, shapes=warm_up_shapes(), steps=2)
         yield model
     finally:
         model.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -139,15 +140,21 @@ def is_compiled(module: torch.nn.Module) -> bool:
     return hasattr(module, "_orig_mod") or bool(getattr(module, "_compiled_call_impl", None))
 
 
-def warm_up(model: DiffusersImageModel, *, width: int, height: int, steps: int) -> float:
+def warm_up(model: DiffusersImageModel, *, shapes: Sequence[tuple[int, int]], steps: int) -> float:
     """Base-model generations that compile the UNet and autotune cuDNN before the first job.
 
-    One single image, then (when the model batches) one full batch: the second batch size
-    makes dynamo mark the batch dimension dynamic, so later batch sizes do not recompile
-    either. The guidance scale is the production default (7.5), so classifier-free guidance
-    doubles the UNet batch as it will in real jobs. Returns the seconds it took.
+    At the first (width, height) of ``shapes``: one single image, then (when the model
+    batches) one full batch; the second batch size makes dynamo mark the batch dimension
+    dynamic, so later batch sizes do not recompile either. Then one image at each further
+    shape: a height and a width that changed turn dynamic too, so a job at any of the shapes
+    (and at most others) neither compiles nor autotunes while it runs. The guidance scale is
+    the production default (7.5), so classifier-free guidance doubles the UNet batch as it
+    will in real jobs. Returns the seconds it took.
     """
+    if not shapes:
+        raise ValueError("warm_up needs at least one (width, height)")
     start = time.perf_counter()
+    (width, height), *others = shapes
     model.generate(_warm_up_request(0, width, height, steps), None, _ignore_step)
     batch = model.max_batch_size
     if batch > 1:
@@ -160,11 +167,17 @@ def warm_up(model: DiffusersImageModel, *, width: int, height: int, steps: int) 
         for result in model.generate_batch(items):
             if isinstance(result, GenerationError):
                 raise result
+    for other_width, other_height in others:
+        model.generate(_warm_up_request(0, other_width, other_height, steps), None, _ignore_step)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     log.info(
-        "warm-up at %dx%d, %d steps, batch 1 and %d: %.1f s", width, height, steps, batch, seconds
+        "warm-up at %s, %d steps, batch 1 and %d at the first: %.1f s",
+        ", ".join(f"{w}x{h}" for w, h in shapes),
+        steps,
+        batch,
+        seconds,
     )
     return seconds
 

@@ -400,7 +400,7 @@ def _run_tuned(  # pylint: disable=too-many-arguments
     """Warm the tuned model up as the worker does, then time each batch size."""
     model = load_tuned(setup, model_dir, compile_unet=compile_unet)
     print(f"  {path} warm-up (compilation, autotuning)...", flush=True)
-    warm_s = warm_up(model, width=setup.size, height=setup.size, steps=2)
+    warm_s = warm_up(model, shapes=[(setup.size, setup.size)], steps=2)
     print(f"  {path} warm-up: {warm_s:.1f} s")
     out.put("warm_up_s", round(warm_s, 1))
     runs = []

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch._dynamo import config as dynamo_config
 from torch._dynamo import reset as dynamo_reset
 from torch._dynamo.exc import RecompileError
@@ -29,6 +30,7 @@ from adapters.lora_adapters import HOTSWAP_SLOT
 from adapters.tiny_model import build_tiny_lora
 from domain.errors import ModelError
 from domain.request import GenerationRequest
+from ports.image_model import BatchItem
 from ports.storage import LoraArtifact
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,19 +260,71 @@ def test_production_compile_runs_a_shape_past_the_recompile_limit_uncompiled(
         dynamo_reset()
 
 
-def test_warm_up_runs_the_base_model_once_per_batch_shape(model: DiffusersImageModel) -> None:
-    unet_batches: list[int] = []
+def test_warm_up_runs_the_base_model_at_every_shape_and_the_full_batch_at_the_first(
+    model: DiffusersImageModel,
+) -> None:
+    unet_inputs: list[tuple[int, ...]] = []
     model.pipeline.unet.register_forward_pre_hook(
-        lambda _module, args: unet_batches.append(args[0].shape[0])
+        lambda _module, args: unet_inputs.append(tuple(args[0].shape))
     )
     batch = model.max_batch_size
+    assert batch > 1
 
-    seconds = warm_up(model, width=64, height=64, steps=2)
+    seconds = warm_up(model, shapes=[(64, 64), (64, 96), (96, 64)], steps=2)
 
     assert seconds > 0
-    # Classifier-free guidance doubles every UNet batch, as in production jobs.
-    expected = [2, 2] + ([2 * batch, 2 * batch] if batch > 1 else [])
-    assert unet_batches == expected
+    # Classifier-free guidance doubles every UNet batch, as in production jobs; the latents are
+    # an eighth of the image, (batch, channels, height / 8, width / 8).
+    channels = unet_inputs[0][1]
+    expected = (
+        [(2, channels, 8, 8)] * 2
+        + [(2 * batch, channels, 8, 8)] * 2
+        + [(2, channels, 12, 8)] * 2
+        + [(2, channels, 8, 12)] * 2
+    )
+    assert unet_inputs == expected
+    with pytest.raises(ValueError, match="at least one"):
+        warm_up(model, shapes=[], steps=2)
+
+
+def test_after_the_warm_up_no_job_size_or_batch_recompiles(tiny_model_dir: Path) -> None:
+    """The warm-up leaves batch, height and width dynamic: jobs at the warmed shapes, at a
+    size never seen and at another batch size all run on the graphs it compiled."""
+    dynamo_reset()
+    compiled = DiffusersImageModel.load(
+        model_id=str(tiny_model_dir),
+        device="cpu",
+        local_files_only=True,
+        tuning=GpuTuning(compile_unet=True, compile_backend="eager", compile_fullgraph=True),
+        max_batch_size=4,
+    )
+    try:
+        warm_up(compiled, shapes=[(64, 64), (64, 128), (128, 64), (128, 128)], steps=2)
+        with dynamo_config.patch(error_on_recompile=True):  # pylint: disable=no-member
+            for width, height in [(64, 64), (64, 128), (96, 160), (160, 96)]:
+                for batch in (1, 3):
+                    items = [
+                        BatchItem(
+                            GenerationRequest(
+                                generation_id=seed + 1,
+                                prompt="a fox",
+                                width=width,
+                                height=height,
+                                steps=2,
+                                guidance_scale=7.5,
+                                seed=seed,
+                            ),
+                            None,
+                            lambda _done, _total: None,
+                        )
+                        for seed in range(batch)
+                    ]
+                    for image in compiled.generate_batch(items):
+                        assert isinstance(image, Image.Image), image
+                        assert image.size == (width, height)
+    finally:
+        compiled.close()
+        dynamo_reset()
 
 
 def test_gpu_tuning_refuses_unknown_settings() -> None:

@@ -18,7 +18,7 @@ from app.settings import SettingsError, load_settings
 import containers
 from containers import build_container
 from domain.job import GenerationJob
-from domain.request import GenerationRequest
+from domain.request import ASPECT_RATIOS, GenerationRequest
 from ports import Notifier, Storage, TaskSource
 from tests.unit.conftest import Wired
 
@@ -166,3 +166,9 @@ def test_cuda_numbers_devices_as_nvml_and_nvidia_smi_do(monkeypatch: pytest.Monk
     containers.export_cuda_environment(None)
     assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_the_warm_up_covers_every_aspect_ratio_most_jobs_size_first() -> None:
+    shapes = containers.warm_up_shapes()
+    assert shapes[0] == ASPECT_RATIOS["1:1"]
+    assert sorted(shapes) == sorted(set(ASPECT_RATIOS.values()))
