@@ -78,7 +78,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     METRICS_PORT=9100
 # The model weights (HF_HOME, gigabytes), the LoRA cache and torch.compile's kernels
 # (TORCHINDUCTOR_CACHE_DIR, with MODEL_COMPILE) outlive the container: mount volumes there so a
-# restart neither downloads SD 1.5 again, nor refetches every artist's LoRA, nor compiles anew.
+# restart neither downloads SD 1.5 again, nor refetches every artist's LoRA, and inductor reuses
+# the kernels it generated (dynamo still traces the UNet at each start).
 VOLUME ["/var/cache/huggingface", "/var/cache/stylelicense"]
 WORKDIR /home/worker
 USER 10001:10001

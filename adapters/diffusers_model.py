@@ -3,7 +3,7 @@
 CUDA when present (fp16, SDPA), fp32 on the CPU. Seeds drive CPU generators, one per image, so
 the same seed gives the same initial noise on every device and in any batch. LoRAs stay loaded
 between jobs in a ``LoraAdapterCache``; a batch may mix LoRAs, each sample routed through its
-own adapter by peft's mixed-batch forward. A CUDA out-of-memory error splits the batch in halves
+own adapter (``per_sample_adapters``). A CUDA out-of-memory error splits the batch in halves
 down to single images before an image fails with GPU_OOM.
 """
 

@@ -149,7 +149,8 @@ def warm_up(model: DiffusersImageModel, *, shapes: Sequence[tuple[int, int]], st
     shape: a height and a width that changed turn dynamic too, so a job at any of the shapes
     (and at most others) neither compiles nor autotunes while it runs. The guidance scale is
     the production default (7.5), so classifier-free guidance doubles the UNet batch as it
-    will in real jobs. Returns the seconds it took.
+    will in real jobs. A failure at the first shape is raised (the model cannot serve); one
+    at a further shape is logged and that shape skipped. Returns the seconds it took.
     """
     if not shapes:
         raise ValueError("warm_up needs at least one (width, height)")
@@ -168,7 +169,18 @@ def warm_up(model: DiffusersImageModel, *, shapes: Sequence[tuple[int, int]], st
             if isinstance(result, GenerationError):
                 raise result
     for other_width, other_height in others:
-        model.generate(_warm_up_request(0, other_width, other_height, steps), None, _ignore_step)
+        try:
+            model.generate(
+                _warm_up_request(0, other_width, other_height, steps), None, _ignore_step
+            )
+        except GenerationError as error:  # e.g. 1024x1024 out of memory on a small card
+            log.warning(
+                "warm-up at %dx%d failed, skipped (a job at that size compiles when it runs,"
+                " or fails as this did): %s",
+                other_width,
+                other_height,
+                error,
+            )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

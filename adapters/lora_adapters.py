@@ -237,6 +237,8 @@ def _add_deltas_hook(
         _kwargs: dict[str, Any],
         output: torch.Tensor,
     ) -> torch.Tensor:
+        if module.disable_adapters:  # peft's forward adds no LoRA then either
+            return output
         x = args[0]
         for adapter, index in groups.items():
             lora_a = module.lora_A[adapter] if adapter in module.lora_A else None
@@ -290,9 +292,10 @@ def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
     """Map a failed load to LORA_INVALID or GPU_OOM after ``undo`` removed what it left.
 
     On an OOM the failed call's frames are dropped and the memory released, outside the
-    ``except`` block (so that no traceback keeps its tensors alive), before ``undo`` runs; an
-    ``undo`` that runs out of memory too still ends in GPU_OOM (what it could not restore is
-    rebuilt by the next load), never in a raw CUDA error.
+    ``except`` block (so that no traceback keeps its tensors alive), before ``undo`` runs. An
+    ``undo`` that fails then still ends in GPU_OOM, never in a raw CUDA error: a hot-swap slot
+    it could not restore is rebuilt by the next job; an adapter it could not delete stays
+    loaded but inactive, outside the cache's count.
     """
     failure: str | None = None
     try:
@@ -316,14 +319,15 @@ def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
 
 
 def _undo_after_oom(undo: Callable[[], None]) -> bool:
-    """Run ``undo`` after a load ran out of memory; False if it ran out of memory too."""
+    """Run ``undo`` after a load ran out of memory; False if it failed too (logged)."""
     try:
         undo()
     except Exception as exc:  # pylint: disable=broad-exception-caught
-        if not is_cuda_oom(exc):
-            raise
         forget_frames(exc)
-        log.warning("out of memory again while undoing a failed LoRA load: %s", exc)
+        if is_cuda_oom(exc):
+            log.warning("out of memory again while undoing a failed LoRA load: %s", exc)
+        else:
+            log.error("undoing a LoRA load that ran out of memory failed: %r", exc)
         return False
     return True
 

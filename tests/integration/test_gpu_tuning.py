@@ -10,6 +10,7 @@ with inductor, without minutes of C++ code generation on a 2-core runner.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from adapters.diffusers_model import DiffusersImageModel
 from adapters.gpu_tuning import GpuTuning, apply_tuning, is_compiled, warm_up
 from adapters.lora_adapters import HOTSWAP_SLOT
 from adapters.tiny_model import build_tiny_lora
-from domain.errors import ModelError
+from domain.errors import GpuOutOfMemory, ModelError
 from domain.request import GenerationRequest
 from ports.image_model import BatchItem
 from ports.storage import LoraArtifact
@@ -285,6 +286,27 @@ def test_warm_up_runs_the_base_model_at_every_shape_and_the_full_batch_at_the_fi
     assert unet_inputs == expected
     with pytest.raises(ValueError, match="at least one"):
         warm_up(model, shapes=[], steps=2)
+
+
+def test_a_warm_up_failure_at_a_further_size_is_skipped_not_fatal(
+    model: DiffusersImageModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    generate = model.generate
+    sizes: list[tuple[int, int]] = []
+
+    def small_card(request: GenerationRequest, lora: object, on_step: object) -> object:
+        sizes.append((request.width, request.height))
+        if request.width == 96:
+            raise GpuOutOfMemory("GPU out of memory: 96x64")
+        return generate(request, lora, on_step)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "generate", small_card)
+    with caplog.at_level(logging.WARNING, logger="adapters.gpu_tuning"):
+        warm_up(model, shapes=[(64, 64), (96, 64), (64, 96)], steps=2)
+    assert sizes == [(64, 64), (96, 64), (64, 96)]  # went on after the failure
+    assert "warm-up at 96x64 failed, skipped" in caplog.text
+    with pytest.raises(GpuOutOfMemory):  # the first size is the one jobs need: fatal
+        warm_up(model, shapes=[(96, 64), (64, 64)], steps=2)
 
 
 def test_after_the_warm_up_no_job_size_or_batch_recompiles(tiny_model_dir: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from dependency_injector import providers
@@ -156,16 +157,18 @@ def test_building_the_container_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_cuda_numbers_devices_as_nvml_and_nvidia_smi_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    containers.export_cuda_environment("1")
-    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
-    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the operator's choice stands
-    containers.export_cuda_environment(None)
-    assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+def test_cuda_numbers_devices_as_nvml_and_nvidia_smi_do() -> None:
+    # patch.dict restores the whole environment after, what the function wrote included.
+    with mock.patch.dict(os.environ):
+        os.environ.pop("CUDA_DEVICE_ORDER", None)
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        containers.export_cuda_environment("1")
+        assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        os.environ["CUDA_DEVICE_ORDER"] = "FASTEST_FIRST"  # the operator's choice stands
+        containers.export_cuda_environment(None)
+        assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_the_warm_up_covers_every_aspect_ratio_most_jobs_size_first() -> None:
