@@ -128,3 +128,16 @@ def test_hooks_are_gone_after_the_block_even_on_error(toy: torch.nn.Module) -> N
     for module in toy.modules():
         assert not module._forward_pre_hooks  # pylint: disable=protected-access
         assert not module._forward_hooks  # pylint: disable=protected-access
+
+
+def test_disabled_adapters_stay_off_as_in_peft(toy: torch.nn.Module) -> None:
+    tokens = torch.randint(0, 10, (len(NAMES), 4), generator=torch.Generator().manual_seed(3))
+    for module in toy.modules():
+        if isinstance(module, LoraLayer):
+            module.enable_adapters(False)
+    with torch.inference_mode():
+        base = toy(tokens)
+    with per_sample_adapters([(toy, NAMES)]), torch.inference_mode():
+        routed = toy(tokens)
+    assert torch.equal(routed, base)
+    assert torch.equal(routed, _peft_routed(toy, tokens, NAMES))
