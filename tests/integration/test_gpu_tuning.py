@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,6 +182,18 @@ def artifact(path: Path) -> LoraArtifact:
     return LoraArtifact(ref=path.name, path=str(path), checksum=f"sha256-of-{path.name}")
 
 
+def load_compiled(model_dir: Path, *, fullgraph: bool, **options: Any) -> DiffusersImageModel:
+    """The tiny model with its UNet compiled (dynamo with the eager backend: no codegen)."""
+    dynamo_reset()
+    return DiffusersImageModel.load(
+        model_id=str(model_dir),
+        device="cpu",
+        local_files_only=True,
+        tuning=GpuTuning(compile_unet=True, compile_backend="eager", compile_fullgraph=fullgraph),
+        **options,
+    )
+
+
 def test_compiled_unet_swaps_loras_without_recompiling(
     tiny_model_dir: Path,
     tiny_loras: dict[str, Path],
@@ -196,13 +209,10 @@ def test_compiled_unet_swaps_loras_without_recompiling(
         "style@0.5": generate(plain, style, 0.5),
     }
     plain.close()
-    dynamo_reset()
-    compiled = DiffusersImageModel.load(
-        model_id=str(tiny_model_dir),
-        device="cpu",
-        local_files_only=True,
-        # fullgraph: the UNet with its peft LoRA layers and the slot traces as one graph.
-        tuning=GpuTuning(compile_unet=True, compile_backend="eager", compile_fullgraph=True),
+    # fullgraph: the UNet with its peft LoRA layers and the slot traces as one graph.
+    compiled = load_compiled(
+        tiny_model_dir,
+        fullgraph=True,
         hotswap_max_rank=8,  # the tiny LoRAs are rank 4: zero-padded into the slot
     )
     try:
@@ -235,13 +245,7 @@ def test_production_compile_runs_a_shape_past_the_recompile_limit_uncompiled(
     """Under fullgraph the recompile limit would fail every job of a new shape until a restart;
     the production setting runs that shape uncompiled instead."""
     assert GpuTuning().compile_fullgraph is False
-    dynamo_reset()
-    model = DiffusersImageModel.load(
-        model_id=str(tiny_model_dir),
-        device="cpu",
-        local_files_only=True,
-        tuning=GpuTuning(compile_unet=True, compile_backend="eager"),
-    )
+    model = load_compiled(tiny_model_dir, fullgraph=False)
     try:
         with dynamo_config.patch(recompile_limit=1):  # pylint: disable=no-member
             for width, height in [(64, 64), (64, 96), (96, 64), (96, 96)]:
@@ -312,14 +316,7 @@ def test_a_warm_up_failure_at_a_further_size_is_skipped_not_fatal(
 def test_after_the_warm_up_no_job_size_or_batch_recompiles(tiny_model_dir: Path) -> None:
     """The warm-up leaves batch, height and width dynamic: jobs at the warmed shapes, at a
     size never seen and at another batch size all run on the graphs it compiled."""
-    dynamo_reset()
-    compiled = DiffusersImageModel.load(
-        model_id=str(tiny_model_dir),
-        device="cpu",
-        local_files_only=True,
-        tuning=GpuTuning(compile_unet=True, compile_backend="eager", compile_fullgraph=True),
-        max_batch_size=4,
-    )
+    compiled = load_compiled(tiny_model_dir, fullgraph=True, max_batch_size=4)
     try:
         warm_up(compiled, shapes=[(64, 64), (64, 128), (128, 64), (128, 128)], steps=2)
         with dynamo_config.patch(error_on_recompile=True):  # pylint: disable=no-member
