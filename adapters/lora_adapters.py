@@ -581,6 +581,12 @@ class LoraAdapterCache:
             )
 
     def _inject(self, parsed: ParsedLora, name: str, *, text_encoder: bool) -> None:
+        self._load_into_unet(parsed, name)
+        if text_encoder and parsed.has_text_encoder:
+            self._load_into_text_encoder(parsed, name)
+
+    def _load_into_unet(self, parsed: ParsedLora, name: str, *, hotswap: bool = False) -> None:
+        """``parsed``'s UNet part as adapter ``name`` (copied into it in place with ``hotswap``)."""
         pipe = self._pipe
         pipe.load_lora_into_unet(
             parsed.state_dict,
@@ -589,16 +595,20 @@ class LoraAdapterCache:
             adapter_name=name,
             metadata=parsed.metadata_for("unet"),
             _pipeline=pipe,
+            hotswap=hotswap,
         )
-        if text_encoder and parsed.has_text_encoder:
-            pipe.load_lora_into_text_encoder(
-                parsed.state_dict,
-                network_alphas=parsed.network_alphas,
-                text_encoder=pipe.text_encoder,
-                adapter_name=name,
-                metadata=parsed.metadata_for("text_encoder"),
-                _pipeline=pipe,
-            )
+
+    def _load_into_text_encoder(self, parsed: ParsedLora, name: str) -> None:
+        """``parsed``'s text-encoder part as adapter ``name``."""
+        pipe = self._pipe
+        pipe.load_lora_into_text_encoder(
+            parsed.state_dict,
+            network_alphas=parsed.network_alphas,
+            text_encoder=pipe.text_encoder,
+            adapter_name=name,
+            metadata=parsed.metadata_for("text_encoder"),
+            _pipeline=pipe,
+        )
 
     def _remove(self, name: str) -> None:
         """Delete adapter ``name`` wherever it is; a failure is logged, never raised."""
@@ -743,15 +753,7 @@ class LoraAdapterCache:
         self._in_slot = lora.checksum
 
     def _hotswap_unet(self, parsed: ParsedLora) -> None:
-        self._pipe.load_lora_into_unet(
-            parsed.state_dict,
-            network_alphas=parsed.network_alphas,
-            unet=self._pipe.unet,
-            adapter_name=HOTSWAP_SLOT,
-            metadata=parsed.metadata_for("unet"),
-            _pipeline=self._pipe,
-            hotswap=True,
-        )
+        self._load_into_unet(parsed, HOTSWAP_SLOT, hotswap=True)
 
     def _grow_slot(self, lora: LoraArtifact, parsed: ParsedLora) -> None:
         """Re-create the slot over its layers and this LoRA's, at a rank that fits it, then swap
@@ -797,14 +799,7 @@ class LoraAdapterCache:
         if HOTSWAP_SLOT in adapters_of(text_encoder):
             delete_adapter_layers(text_encoder, HOTSWAP_SLOT)
         if parsed.has_text_encoder:
-            self._pipe.load_lora_into_text_encoder(
-                parsed.state_dict,
-                network_alphas=parsed.network_alphas,
-                text_encoder=text_encoder,
-                adapter_name=HOTSWAP_SLOT,
-                metadata=parsed.metadata_for("text_encoder"),
-                _pipeline=self._pipe,
-            )
+            self._load_into_text_encoder(parsed, HOTSWAP_SLOT)
 
     def _zero_slot(self) -> None:
         """Leave the slot holding nothing: zero weights at scale 0 (its layers stay)."""
