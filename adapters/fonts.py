@@ -14,6 +14,7 @@ DEJAVU_CANDIDATES = (
     "/usr/share/fonts/dejavu/DejaVuSans-Bold.ttf",
     "/usr/local/share/fonts/DejaVuSans-Bold.ttf",
 )
+STARTUP_PROBE_PX = 64
 
 
 def find_font(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -30,17 +31,27 @@ def find_font(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 class SignatureFonts:
-    """Loads the signature font at any pixel size, caching each size."""
+    """Loads the signature font at any pixel size, caching each size.
+
+    The font is loaded once on construction, so a file that is not a font fails at startup
+    rather than on the first text signature.
+    """
 
     def __init__(self, font_path: str | os.PathLike | None = None) -> None:
         self.path = find_font(font_path)
         self._load = functools.lru_cache(maxsize=64)(self._load_uncached)
+        self._load(STARTUP_PROBE_PX)
 
     def __call__(self, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         """A TrueType font of ``size`` pixels."""
         return self._load(size)
 
     def _load_uncached(self, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-        if self.path is not None:
+        if self.path is None:
+            return ImageFont.load_default(size=size)
+        try:
             return ImageFont.truetype(str(self.path), size=size)
-        return ImageFont.load_default(size=size)
+        except OSError as exc:
+            raise OSError(
+                f"SIGNATURE_FONT_PATH: {self.path} cannot be read as a font: {exc}"
+            ) from exc

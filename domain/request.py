@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from domain.errors import InvalidRequest, SignatureInvalid
-from domain.messages import GenerationMessage
+from domain.messages import GenerationMessage, short_repr
 
 ASPECT_RATIOS: Mapping[str, tuple[int, int]] = {
     "1:1": (512, 512),
@@ -57,21 +57,22 @@ class SignatureConfig:
         if not isinstance(position, str) or position not in SIGNATURE_POSITIONS:
             raise SignatureInvalid(
                 f"data.signature_config.position must be one of {', '.join(SIGNATURE_POSITIONS)};"
-                f" got {position!r}"
+                f" got {short_repr(position)}"
             )
         if not isinstance(size, str) or size not in SIGNATURE_SIZES:
             raise SignatureInvalid(
                 f"data.signature_config.size must be one of {', '.join(SIGNATURE_SIZES)};"
-                f" got {size!r}"
+                f" got {short_repr(size)}"
             )
         if isinstance(opacity, bool) or not isinstance(opacity, (int, float)):
             raise SignatureInvalid(
-                f"data.signature_config.opacity must be a number; got {opacity!r}"
+                f"data.signature_config.opacity must be a number; got {short_repr(opacity)}"
             )
         # Compared before float(): an integer like 10**400 would overflow the conversion.
         if not 0 <= opacity <= 1:  # also refuses NaN
-            shown = repr(opacity) if len(repr(opacity)) <= 40 else repr(opacity)[:37] + "..."
-            raise SignatureInvalid(f"data.signature_config.opacity must be within 0-1; got {shown}")
+            raise SignatureInvalid(
+                f"data.signature_config.opacity must be within 0-1; got {short_repr(opacity)}"
+            )
         return cls(position=position, size=size, opacity=float(opacity))
 
 
@@ -122,17 +123,25 @@ def output_key(generation_id: int, prefix: str = "generations/") -> str:
 
 
 def compose_prompt(prompt: str, tags: Sequence[str]) -> str:
-    """Join the prompt with the tags that it does not already contain (whole words, any case)."""
+    """Join the prompt with the tags that it does not already contain (whole words, any case).
+
+    Each distinct tag costs one search, over the prompt and the tags added so far joined by
+    newlines: folded text holds no newline, so a match never spans two parts, and a newline is
+    a word boundary like the end of a part.
+    """
     text = " ".join(prompt.split())
     parts = [text] if text else []
+    haystack = text
+    seen: set[str] = set()
     for raw in tags:
         tag = " ".join(str(raw).split())
-        if not tag:
+        if not tag or tag in seen:
             continue
-        present = re.compile(rf"(?<!\w){re.escape(tag)}(?!\w)", re.IGNORECASE)
-        if any(present.search(part) for part in parts):
+        seen.add(tag)
+        if re.search(rf"(?<!\w){re.escape(tag)}(?!\w)", haystack, re.IGNORECASE):
             continue
         parts.append(tag)
+        haystack = f"{haystack}\n{tag}"
     return ", ".join(parts)
 
 
@@ -166,13 +175,7 @@ class RequestNormalizer:
         params = data.parameters
         policy = self.policy
 
-        prompt = compose_prompt(data.prompt, data.prompt_tags)
-        if not prompt:
-            raise InvalidRequest("data.prompt: empty, and data.prompt_tags adds nothing")
-        if len(prompt) > policy.max_prompt_chars:
-            raise InvalidRequest(
-                f"data.prompt: {len(prompt)} characters, more than {policy.max_prompt_chars}"
-            )
+        prompt = self._prompt(message)
 
         width, height = self._size(message)
         steps = params.steps if params and params.steps is not None else policy.default_steps
@@ -193,10 +196,7 @@ class RequestNormalizer:
         if seed is None:
             seed = self.seed_source()
 
-        negative = data.negative_prompt
-        if negative is None and params is not None:
-            negative = params.negative_prompt
-        negative = " ".join(negative.split()) if negative else None
+        negative = self._negative_prompt(message)
 
         return GenerationRequest(
             generation_id=data.generation_id,
@@ -214,6 +214,30 @@ class RequestNormalizer:
             lora_scale=policy.lora_scale,
             signature=self._signature(message),
         )
+
+    def _prompt(self, message: GenerationMessage) -> str:
+        """The prompt with its tags; a prompt already too long is refused before composing."""
+        data, limit = message.data, self.policy.max_prompt_chars
+        text = " ".join(data.prompt.split())
+        if len(text) <= limit:
+            text = compose_prompt(text, data.prompt_tags)
+        if not text:
+            raise InvalidRequest("data.prompt: empty, and data.prompt_tags adds nothing")
+        if len(text) > limit:
+            raise InvalidRequest(f"data.prompt: {len(text)} characters, more than {limit}")
+        return text
+
+    def _negative_prompt(self, message: GenerationMessage) -> str | None:
+        """The negative prompt, folded, under the same length bound as the prompt."""
+        data, params = message.data, message.data.parameters
+        negative, source = data.negative_prompt, "data.negative_prompt"
+        if negative is None and params is not None:
+            negative, source = params.negative_prompt, "data.parameters.negative_prompt"
+        folded = " ".join((negative or "").split())
+        limit = self.policy.max_prompt_chars
+        if len(folded) > limit:
+            raise InvalidRequest(f"{source}: {len(folded)} characters, more than {limit}")
+        return folded or None
 
     def _size(self, message: GenerationMessage) -> tuple[int, int]:
         data, params, policy = message.data, message.data.parameters, self.policy

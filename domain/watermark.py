@@ -17,6 +17,45 @@ FontLoader = Callable[[int], ImageFont.FreeTypeFont | ImageFont.ImageFont]
 
 ACCEPTED_FORMATS = frozenset({"PNG", "WEBP"})
 
+MAX_SIGNATURE_TEXT_CHARS = 100
+"""The longest text signature; the wire bound of ``artist_name`` is the same."""
+CHECK_IMAGE_WIDTH = 512
+"""``check_text`` lays the text out as ``stamp`` would for an image this wide (the smallest
+default size), with the default ``SignatureConfig``."""
+PROBE_FONT_PX = 64
+MIN_FONT_PX = 6
+MAX_FONT_PX = 512
+"""A narrow text ("i", ".") would ask for a font over a thousand pixels high; above this size the
+mark is drawn at this size and scaled up to its box instead."""
+
+
+def signature_text(text: str) -> str:
+    """``text`` with its whitespace folded, as it is stamped; SIGNATURE_INVALID when it cannot be.
+
+    Refused: an empty text, one over ``MAX_SIGNATURE_TEXT_CHARS``, one holding a control,
+    format or other unprintable character (which the font draws as nothing or as a box).
+    """
+    folded = " ".join(text.split())
+    if not folded:
+        raise SignatureInvalid("signature text is empty")
+    if len(folded) > MAX_SIGNATURE_TEXT_CHARS:
+        raise SignatureInvalid(
+            f"signature text is {len(folded)} characters, more than {MAX_SIGNATURE_TEXT_CHARS}"
+        )
+    if not folded.isprintable():
+        bad = next(char for char in folded if not char.isprintable())
+        raise SignatureInvalid(f"signature text holds an unprintable character U+{ord(bad):04X}")
+    return folded
+
+
+@dataclass(frozen=True)
+class _TextLayout:
+    """A text measured for drawing: the font, its outline width and the inked box."""
+
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+    stroke: int
+    box: tuple[int, int, int, int]
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -99,26 +138,58 @@ class Watermarker:
         ) as exc:
             raise SignatureInvalid(f"signature image cannot be decoded: {exc}") from exc
 
+    def check_text(self, text: str) -> None:
+        """Refuse, cheaply and before any model work, a text that ``stamp`` could not draw.
+
+        The rules of ``stamp``: ``signature_text``, then a dry-run layout with the font at the
+        size used on a ``CHECK_IMAGE_WIDTH``-wide image; SIGNATURE_INVALID otherwise.
+        """
+        self._layout(signature_text(text), CHECK_IMAGE_WIDTH, SignatureConfig())
+
     def render_text(self, text: str, image_width: int, config: SignatureConfig) -> Image.Image:
         """Draw ``text`` as a light mark with a dark outline, sized to the configured width."""
-        target_width = max(1, round(config.width_fraction * image_width))
-        probe_size = 64
-        probe_font = self._font_loader(probe_size)
-        left, _, right, _ = probe_font.getbbox(text)
-        font_size = max(6, round(probe_size * target_width / max(1, right - left)))
-        font = self._font_loader(font_size)
-        stroke = max(1, font_size // 14)
-        left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
+        folded = signature_text(text)
+        layout = self._layout(folded, image_width, config)
+        left, top, right, bottom = layout.box
         mark = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
         ImageDraw.Draw(mark).text(
             (-left, -top),
-            text,
-            font=font,
+            folded,
+            font=layout.font,
             fill=(255, 255, 255, 255),
-            stroke_width=stroke,
+            stroke_width=layout.stroke,
             stroke_fill=(0, 0, 0, 255),
         )
         return mark
+
+    def _layout(self, text: str, image_width: int, config: SignatureConfig) -> _TextLayout:
+        """Measure ``text`` at the font size that makes it the configured width of the image."""
+        target_width = max(1, round(config.width_fraction * image_width))
+        probe_font = self._font_loader(PROBE_FONT_PX)
+        left, _, right, _ = self._measure(probe_font, text, 0)
+        if right <= left:
+            raise SignatureInvalid(f"signature text {text!r} has nothing to draw")
+        wanted = round(PROBE_FONT_PX * target_width / (right - left))
+        font_size = min(MAX_FONT_PX, max(MIN_FONT_PX, wanted))
+        font = self._font_loader(font_size)
+        stroke = max(1, font_size // 14)
+        box = self._measure(font, text, stroke)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise SignatureInvalid(f"signature text {text!r} has nothing to draw")
+        return _TextLayout(font=font, stroke=stroke, box=box)
+
+    @staticmethod
+    def _measure(
+        font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str, stroke: int
+    ) -> tuple[int, int, int, int]:
+        """The inked box of ``text``; SIGNATURE_INVALID when the font cannot lay it out."""
+        try:
+            left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: raqm_layout() failed
+            raise SignatureInvalid(
+                f"signature text {text!r} cannot be laid out with the signature font: {exc}"
+            ) from exc
+        return int(left), int(top), int(right), int(bottom)
 
     def stamp(
         self,
@@ -130,7 +201,7 @@ class Watermarker:
         config = spec.config
         if signature_image is not None:
             mark = signature_image.convert("RGBA")
-        elif spec.text:
+        elif spec.text is not None:
             mark = self.render_text(spec.text, image.width, config)
         else:
             raise SignatureInvalid("signature has neither an image nor a text")

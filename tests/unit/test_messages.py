@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from domain.errors import ErrorCode, GenerationError, InvalidRequest, UnsupportedTask
-from domain.messages import MAX_SEED, GenerationMessage, parse_message, peek_generation_id
+from domain.messages import GenerationMessage, parse_message, peek_identity
 
 # CONTRACT.md section 1, "Message, as the backend's code sends it", verbatim.
 BACKEND_MESSAGE = """{
@@ -42,6 +42,7 @@ DOCUMENTED_MESSAGE = """{
 }"""
 
 _MISSING = object()
+LARGEST_INT64 = 9223372036854775807  # 2**63 - 1, written out: a wrong bound must not follow along
 
 
 def _as_body(text: str, kind: str) -> bytes | str:
@@ -158,7 +159,7 @@ def test_unknown_fields_are_ignored_at_every_level() -> None:
         ("backend", "data.aspect_ratio", "3:1", "data.aspect_ratio"),
         ("backend", "data.aspect_ratio", "1x1", "data.aspect_ratio"),
         ("backend", "data.seed", -1, "data.seed"),
-        ("backend", "data.seed", MAX_SEED + 1, "data.seed"),
+        ("backend", "data.seed", LARGEST_INT64 + 1, "data.seed"),
         ("backend", "data.prompt_tags", "watercolor", "data.prompt_tags"),
         ("backend", "data.prompt_tags", {"a": 1}, "data.prompt_tags"),
         ("backend", "data.prompt_tags", [1, 2], "data.prompt_tags.0"),
@@ -166,7 +167,7 @@ def test_unknown_fields_are_ignored_at_every_level() -> None:
         ("documented", "data.parameters.height", 100, "data.parameters.height"),
         ("documented", "data.parameters.width", 0, "data.parameters.width"),
         ("documented", "data.parameters.seed", -1, "data.parameters.seed"),
-        ("documented", "data.parameters.seed", MAX_SEED + 1, "data.parameters.seed"),
+        ("documented", "data.parameters.seed", LARGEST_INT64 + 1, "data.parameters.seed"),
         ("documented", "data.parameters.steps", 0, "data.parameters.steps"),
         ("documented", "data.parameters.steps", -5, "data.parameters.steps"),
         ("documented", "data.parameters.cfg_scale", -0.5, "data.parameters.cfg_scale"),
@@ -187,8 +188,8 @@ def test_invalid_field_is_refused_naming_it(
 
 
 def test_largest_seed_is_accepted() -> None:
-    message = parse_message(_with(_backend_document(), "data.seed", MAX_SEED))
-    assert message.data.seed == MAX_SEED
+    message = parse_message(_with(_backend_document(), "data.seed", LARGEST_INT64))
+    assert message.data.seed == LARGEST_INT64
 
 
 def test_null_seed_is_accepted() -> None:
@@ -208,7 +209,7 @@ def test_several_bad_fields_are_all_named() -> None:
 
 
 def test_generation_id_true_is_refused() -> None:
-    # JSON `true` is not an id; peek_generation_id refuses it, so parsing must too (it would
+    # JSON `true` is not an id; peek_identity refuses it, so parsing must too (it would
     # otherwise run and report generation 1, someone else's job).
     error = _refusal(_with(_backend_document(), "data.generation_id", True))
     assert error.code is ErrorCode.INVALID_REQUEST
@@ -270,13 +271,18 @@ def test_other_type_wins_over_bad_data() -> None:
     assert _refusal(body).code is ErrorCode.UNSUPPORTED_TASK
 
 
+BACKEND_TASK_ID = "660f9511-f3ac-52e5-b827-557766551111"
+
+
 @pytest.mark.parametrize(
     "body, expected",
     [
         (BACKEND_MESSAGE, 456),
         (BACKEND_MESSAGE.encode("utf-8"), 456),
-        (_with(_documented_document(), "data.parameters.width", 100), 456),
+        (_with(_backend_document(), "data.aspect_ratio", "9:9"), 456),
         (_with(_backend_document(), "type", "style_training"), 456),
+        (_with(_backend_document(), "data.generation_id", LARGEST_INT64), LARGEST_INT64),
+        (_with(_backend_document(), "data.generation_id", LARGEST_INT64 + 1), None),
         (_with(_backend_document(), "data.generation_id", "789"), None),
         (_with(_backend_document(), "data.generation_id", _MISSING), None),
         (_with(_backend_document(), "data", _MISSING), None),
@@ -289,18 +295,59 @@ def test_other_type_wins_over_bad_data() -> None:
         (_with(_backend_document(), "data.generation_id", "abc"), None),
         (_with(_backend_document(), "data.generation_id", 4.5), None),
         (_with(_backend_document(), "data.generation_id", None), None),
-        ("[456]", None),
-        ("not json", None),
-        (b"\xff\xfe\x00garbage", None),
     ],
 )
-def test_peek_generation_id(body: bytes | str, expected: int | None) -> None:
-    assert peek_generation_id(body) == expected
+def test_peek_identity_reads_the_generation_id_by_the_model_rule(
+    body: bytes | str, expected: int | None
+) -> None:
+    generation_id, task_id = peek_identity(body)
+    assert generation_id == expected
+    assert task_id == BACKEND_TASK_ID
+
+
+@pytest.mark.parametrize(
+    "task_id, expected",
+    [
+        ("t-1", "t-1"),
+        ("", ""),
+        ("x" * 200, "x" * 200),
+        ("x" * 201, None),
+        (_MISSING, None),
+        (None, None),
+        (7, None),
+        (True, None),
+        (["t-1"], None),
+        ({"id": "t-1"}, None),
+    ],
+)
+def test_peek_identity_reads_the_task_id_by_the_model_rule(
+    task_id: Any, expected: str | None
+) -> None:
+    assert peek_identity(_with(_backend_document(), "task_id", task_id)) == (456, expected)
+
+
+def test_peek_identity_refuses_a_task_id_that_is_not_unicode() -> None:
+    body = BACKEND_MESSAGE.replace(BACKEND_TASK_ID, "\\ud800")
+    assert '"\\ud800"' in body
+    assert peek_identity(body) == (456, None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["[456]", "not json", b"\xff\xfe\x00garbage", "", "null", '"456"', '{"data": 456}'],
+)
+def test_peek_identity_of_no_object_is_nothing(body: bytes | str) -> None:
+    assert peek_identity(body) == (None, None)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "str"])
+def test_peek_identity_of_the_documented_shape(kind: str) -> None:
+    assert peek_identity(_as_body(DOCUMENTED_MESSAGE, kind)) == (456, "…")
 
 
 @pytest.mark.parametrize("raw", ["²", "１２"])
-def test_peek_generation_id_never_raises_on_unicode_digits(raw: str) -> None:
+def test_peek_identity_never_raises_on_unicode_digits(raw: str) -> None:
     # str.isdigit() is True for "²" but int("²") raises; a best-effort peek on a poison message
     # must answer, not raise (else the runner retries the poison message instead of parking it).
     body = _with(_backend_document(), "data.generation_id", raw)
-    assert peek_generation_id(body) in (None, 12)
+    assert peek_identity(body) == (None, BACKEND_TASK_ID)

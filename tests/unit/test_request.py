@@ -172,6 +172,9 @@ SMALL_POLICY = RequestPolicy(
         ({"cfg_scale": 12.5}, {}, "data.parameters.cfg_scale"),
         ({}, {"prompt": "x" * 41}, "data.prompt"),
         ({}, {"prompt": "x" * 30, "prompt_tags": ["longer tag"]}, "data.prompt"),
+        ({}, {"negative_prompt": "x" * 41}, "data.negative_prompt"),
+        ({"negative_prompt": "x" * 41}, {}, "data.parameters.negative_prompt"),
+        ({"negative_prompt": "x"}, {"negative_prompt": "x" * 41}, "data.negative_prompt"),
     ],
 )
 def test_policy_bounds_are_enforced_naming_the_field(
@@ -189,10 +192,60 @@ def test_values_on_the_bounds_are_accepted() -> None:
         {"width": 256, "height": 768, "steps": 60, "cfg_scale": 12.0},
         policy=SMALL_POLICY,
         prompt="x" * 40,
+        negative_prompt="y" * 40,
     )
     assert (request.width, request.height, request.steps) == (256, 768, 60)
     assert request.guidance_scale == 12.0
     assert len(request.prompt) == 40
+    assert request.negative_prompt == "y" * 40
+
+
+def test_negative_prompt_in_parameters_on_the_bound_is_accepted() -> None:
+    request = _normalize({"negative_prompt": "y" * 40}, policy=SMALL_POLICY)
+    assert request.negative_prompt == "y" * 40
+
+
+def test_negative_prompt_is_measured_after_folding_whitespace() -> None:
+    request = _normalize(policy=SMALL_POLICY, negative_prompt="  " + "y " * 20 + "\n\t ")
+    assert request.negative_prompt == " ".join(["y"] * 20)
+
+
+def test_default_policy_bounds_the_negative_prompt_like_the_prompt() -> None:
+    assert _normalize(negative_prompt="y" * 2000).negative_prompt == "y" * 2000
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(negative_prompt="y" * 2001)
+    assert caught.value.message == "data.negative_prompt: 2001 characters, more than 2000"
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(prompt="x" * 2001)
+    assert caught.value.message == "data.prompt: 2001 characters, more than 2000"
+
+
+class RecordingCompose:
+    """Stands in for ``compose_prompt`` and records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, prompt: str, tags: list[str]) -> str:
+        self.calls.append((prompt, list(tags)))
+        return compose_prompt(prompt, tags)
+
+
+def test_prompt_too_long_is_refused_before_composing(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = RecordingCompose()
+    monkeypatch.setattr("domain.request.compose_prompt", recorder)
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(policy=SMALL_POLICY, prompt="x" * 41, prompt_tags=["ink", "oil"])
+    assert caught.value.message == "data.prompt: 41 characters, more than 40"
+    assert not recorder.calls
+    _normalize(policy=SMALL_POLICY, prompt="x" * 30, prompt_tags=["ink"])
+    assert recorder.calls == [("x" * 30, ["ink"])]
+
+
+def test_sixty_four_tags_are_composed() -> None:
+    tags = [f"t{i}" for i in range(64)]
+    request = _normalize(prompt="ink", prompt_tags=tags)
+    assert request.prompt == ", ".join(["ink", *tags])
 
 
 def test_aspect_ratio_beyond_max_size_is_refused() -> None:
@@ -372,6 +425,32 @@ def test_invalid_signature_config_is_signature_invalid(raw: dict[str, Any], fiel
     assert field in caught.value.message
 
 
+def _nested_list(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"position": "p" * 50000},
+        {"size": "s" * 50000},
+        {"opacity": "o" * 50000},
+        {"opacity": 10**4000},
+        {"position": _nested_list(100000)},
+        {"opacity": _nested_list(100000)},
+    ],
+    ids=["long-position", "long-size", "long-opacity", "huge-opacity", "deep-position", "deep-op"],
+)
+def test_signature_config_refusal_is_brief_whatever_the_value(raw: dict[str, Any]) -> None:
+    with pytest.raises(SignatureInvalid) as caught:
+        SignatureConfig.parse(raw)
+    assert caught.value.message.startswith("data.signature_config.")
+    assert len(caught.value.message) < 200
+
+
 def test_invalid_signature_config_in_a_message_is_signature_invalid() -> None:
     with pytest.raises(SignatureInvalid) as caught:
         _normalize(signature_path="sig.png", signature_config={"position": "centre"})
@@ -462,6 +541,15 @@ def test_image_signature_keeps_the_artist_name_as_text() -> None:
         ("style c++ art", ["c++", "a.t"], "style c++ art, a.t"),
         ("sunset", [], "sunset"),
         ("", [], ""),
+        # A tag already added counts as present, like the prompt.
+        ("sunset", ["oil painting", "painting", "OIL"], "sunset, oil painting"),
+        # A tag is never found across two parts.
+        (
+            "oil",
+            ["painting", "oil, painting", "oil painting"],
+            "oil, painting, oil, painting, oil painting",
+        ),
+        ("a b", ["c", "b c"], "a b, c, b c"),
     ],
 )
 def test_compose_prompt(prompt: str, tags: list[str], expected: str) -> None:

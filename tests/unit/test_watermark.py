@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -161,3 +163,167 @@ def test_decode_rejects_too_many_pixels() -> None:
 def test_stamp_without_image_or_text_is_signature_invalid(watermarker: Watermarker) -> None:
     with pytest.raises(SignatureInvalid):
         watermarker.stamp(Image.new("RGB", (64, 64)), SignatureSpec(config=SignatureConfig()))
+
+
+# --- text signatures: one set of rules for check_text and stamp --------------------------------
+
+
+class BoxFont:
+    """A fake font: each character is half the font size wide, the text one size high."""
+
+    def __init__(self, size: int, *, failure: Exception | None = None, empty: bool = False):
+        self.size = size
+        self.failure = failure
+        self.empty = empty
+
+    def getbbox(self, text: str, stroke_width: int = 0) -> tuple[int, int, int, int]:
+        """The inked box of ``text``, or the configured failure."""
+        if self.failure is not None:
+            raise self.failure
+        if self.empty:
+            return (0, 0, 0, 0)
+        return (0, 0, len(text) * self.size // 2 + 2 * stroke_width, self.size + 2 * stroke_width)
+
+
+class RecordingFonts:
+    """A font loader that records every size asked for; ``BoxFont``s unless given another."""
+
+    def __init__(
+        self,
+        inner: Callable[[int], Any] | None = None,
+        *,
+        failure: Exception | None = None,
+        empty: bool = False,
+    ) -> None:
+        self.sizes: list[int] = []
+        self.inner = inner
+        self.failure = failure
+        self.empty = empty
+
+    def __call__(self, size: int) -> Any:
+        self.sizes.append(size)
+        if self.inner is not None:
+            return self.inner(size)
+        return BoxFont(size, failure=self.failure, empty=self.empty)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Ana Rivera",
+        "  Ada \t Lovelace\n",
+        "x" * 100,
+        "x" * 50 + "    " + "x" * 49,
+        "Zoë Ñandú",
+        "i",
+    ],
+)
+def test_check_text_accepts_what_stamp_draws(watermarker: Watermarker, text: str) -> None:
+    watermarker.check_text(text)
+    spec = SignatureSpec(config=SignatureConfig(opacity=1.0), text=text)
+    stamped = watermarker.stamp(Image.new("RGB", (512, 512), BLACK), spec)
+    assert stamped.getbbox() is not None  # something was drawn
+
+
+BAD_TEXTS = [
+    pytest.param("", "empty", id="empty"),
+    pytest.param(" \t\n ", "empty", id="blank"),
+    pytest.param("x" * 101, "101 characters, more than 100", id="101-chars"),
+    pytest.param("x" * 50 + " " + "x" * 50, "101 characters", id="101-chars-folded"),
+    pytest.param("Ana\x00", "U+0000", id="nul"),
+    pytest.param("Ana\x07", "U+0007", id="bell"),
+    pytest.param("Ana\x1b[31m", "U+001B", id="escape"),
+    pytest.param("Ana\x7f", "U+007F", id="delete"),
+    pytest.param("Ana\u200b", "U+200B", id="zero-width-space"),
+    pytest.param("Ana\u202eavir", "U+202E", id="right-to-left-override"),
+    pytest.param("Ana\ud800", "U+D800", id="lone-surrogate"),
+    pytest.param("Ana\U000f0000", "U+F0000", id="private-use"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_TEXTS)
+def test_check_text_refuses_what_cannot_be_stamped(
+    watermarker: Watermarker, text: str, fragment: str
+) -> None:
+    with pytest.raises(SignatureInvalid) as caught:
+        watermarker.check_text(text)
+    assert caught.value.code is ErrorCode.SIGNATURE_INVALID and not caught.value.retryable
+    assert fragment in caught.value.message
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_TEXTS)
+def test_stamp_refuses_by_the_same_rules(
+    watermarker: Watermarker, text: str, fragment: str
+) -> None:
+    spec = SignatureSpec(config=SignatureConfig(), text=text)
+    with pytest.raises(SignatureInvalid) as caught:
+        watermarker.stamp(Image.new("RGB", (512, 512)), spec)
+    assert fragment in caught.value.message
+
+
+def test_check_text_sizes_the_font_for_a_512_wide_image() -> None:
+    fonts = RecordingFonts()
+    Watermarker(font_loader=fonts).check_text("ab")
+    # "ab" is 64 px wide at the 64 px probe; medium on 512 is 128 px wide: a 128 px font.
+    assert fonts.sizes == [64, 128]
+
+
+def test_check_text_measures_as_stamp_does_on_a_512_wide_image() -> None:
+    fonts = RecordingFonts(SignatureFonts())
+    marker = Watermarker(font_loader=fonts)
+    marker.check_text("Ana Rivera")
+    checked = list(fonts.sizes)
+    fonts.sizes.clear()
+    marker.stamp(Image.new("RGB", (512, 512)), SignatureSpec(SignatureConfig(), text="Ana Rivera"))
+    assert fonts.sizes == checked and len(checked) == 2
+    fonts.sizes.clear()
+    marker.stamp(Image.new("RGB", (1024, 512)), SignatureSpec(SignatureConfig(), text="Ana Rivera"))
+    assert fonts.sizes[1] > checked[1]
+
+
+def test_font_size_stays_between_6_and_512_pixels() -> None:
+    fonts = RecordingFonts(SignatureFonts())
+    marker = Watermarker(font_loader=fonts)
+    large = SignatureSpec(SignatureConfig(size="large"), text="i")
+    stamped = marker.stamp(Image.new("RGB", (1024, 1024)), large)  # "i" would ask for ~1000 px
+    assert fonts.sizes[-1] == 512 and stamped.size == (1024, 1024)
+    marker.check_text("x" * 100)  # would ask for ~2 px
+    assert fonts.sizes[-1] == 6
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError("raster overflow"), ValueError("bad text"), RuntimeError("raqm_layout() failed.")],
+)
+def test_text_the_font_cannot_lay_out_is_signature_invalid(failure: Exception) -> None:
+    marker = Watermarker(font_loader=RecordingFonts(failure=failure))
+    with pytest.raises(SignatureInvalid, match="cannot be laid out") as caught:
+        marker.check_text("Ana")
+    assert str(failure) in caught.value.message
+
+
+def test_text_with_nothing_to_draw_is_signature_invalid() -> None:
+    marker = Watermarker(font_loader=RecordingFonts(empty=True))
+    with pytest.raises(SignatureInvalid, match="nothing to draw"):
+        marker.check_text("Ana")
+
+
+def test_a_font_that_cannot_load_is_not_blamed_on_the_text() -> None:
+    # A broken font file is the worker's fault: it must not become SIGNATURE_INVALID.
+    def broken_loader(size: int) -> BoxFont:
+        raise OSError(f"cannot open the font at {size} px")
+
+    marker = Watermarker(font_loader=broken_loader)
+    with pytest.raises(OSError, match="cannot open the font"):
+        marker.check_text("Ana")
+
+
+def test_narrow_text_on_a_large_image_stays_in_its_box(watermarker: Watermarker) -> None:
+    config = SignatureConfig(position="top-right", size="large", opacity=1.0)
+    image = Image.new("RGB", (1024, 512), BLACK)
+    stamped = watermarker.stamp(image, SignatureSpec(config=config, text="."))
+    box = signature_box(image.size, watermarker.render_text(".", 1024, config).size, config)
+    inked = stamped.getbbox()
+    assert inked is not None
+    assert box.left <= inked[0] and inked[2] <= box.left + box.width
+    assert box.top <= inked[1] and inked[3] <= box.top + box.height
