@@ -1,22 +1,20 @@
-"""Storage on S3 or an S3-compatible server (MinIO) through boto3.
+"""Storage on S3 or an S3-compatible server (MinIO, Cloud Storage's XML API) through boto3.
 
 LoRAs go through a ``LoraDiskCache`` keyed by bucket, key and ETag: every fetch costs one HEAD
 (or one listing for a PEFT folder) to learn the current version, and a download only when that
 version is not on disk yet, so a changed object is fetched again and a warm style costs nothing
 more. Pickle formats, non-safetensors files and oversized LoRAs are refused before any download.
-Outputs are PNGs with their metadata in a JSON sidecar, because S3 user metadata is limited to
-2 KB of ASCII.
+References are parsed by ``object_references`` (every form the backend stores), failures mapped
+by ``s3_errors``; outputs are written once by ``s3_outputs``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import boto3
 from botocore.config import Config
@@ -24,29 +22,40 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache
 from adapters.lora_files import DEFAULT_MAX_BYTES, PEFT_CONFIG, PEFT_WEIGHTS, check_lora_file_name
+from adapters.object_references import ObjectLocation, ObjectReferences, is_gcs_endpoint
+from adapters.s3_errors import (
+    error_code,
+    http_status,
+    is_not_found,
+    reading_error,
+    scrubbed,
+    storage_error,
+)
+from adapters.s3_outputs import S3OutputStore
 from domain.errors import (
     GenerationError,
-    InvalidRequest,
     LoraInvalid,
     LoraNotFound,
     SignatureInvalid,
     StorageError,
 )
-from ports.storage import LoraArtifact, StoredOutput
+from ports.storage import LoraArtifact, ReferenceKind, StoredOutput
 
 log = logging.getLogger(__name__)
 
-NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NoSuchBucket", "NotFound"})
-ACCESS_DENIED_CODES = frozenset(
-    {"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
-)
-METADATA_SIDECAR_SUFFIX = ".metadata.json"
-HEADER_METADATA_KEYS = ("generation-id", "content-sha256")
-"""Small ASCII entries also stored as ``x-amz-meta-*`` on the PNG; the sidecar holds them all."""
 EXTRA_TEXT_SUFFIXES = frozenset({".md", ".txt", ".json"})
 """Besides the two required files, a PEFT folder's small text files (README.md) are downloaded."""
 MAX_EXTRA_TEXT_BYTES = 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+GCS_CREATE_ONLY_HEADER = "x-goog-if-generation-match"
+"""Cloud Storage's XML API documents ``If-None-Match`` and ``If-Match`` for reads only; its
+preconditions on uploads are ``x-goog-if-generation-match: 0`` (create only, sent beside
+``If-None-Match: *``) and ``x-goog-if-generation-match: <generation>`` (replace that generation
+only, sent instead of an ``If-Match`` naming the generation)."""
+GCS_GENERATION_HEADER = "x-goog-generation"
+"""Cloud Storage's answer header naming an object's generation (GET, HEAD and PUT answers)."""
+GCS_PRECONDITIONS_HANDLER = "stylelicense-gcs-preconditions"
+"""The ``unique_id`` of the handler that adds the precondition header: registered once."""
 
 
 def make_s3_client(
@@ -62,8 +71,12 @@ def make_s3_client(
     """A boto3 S3 client; path-style addressing with an endpoint (MinIO), default chain if no keys.
 
     ``max_attempts`` counts the first try (boto3's "standard" retry mode, which retries
-    connection errors, 5xx and throttling with backoff).
+    connection errors, 5xx and throttling with backoff). On Cloud Storage's endpoint, conditional
+    puts also carry its own precondition header (``register_gcs_preconditions``), and checksums
+    are computed only where an operation requires one: botocore's default sends uploads
+    ``aws-chunked`` with a trailing checksum, which Cloud Storage's XML API does not take.
     """
+    gcs = is_gcs_endpoint(endpoint_url)
     config = Config(
         region_name=region,
         signature_version="s3v4",
@@ -72,9 +85,11 @@ def make_s3_client(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         s3={"addressing_style": "path"} if endpoint_url else None,
+        request_checksum_calculation="when_required" if gcs else None,
+        response_checksum_validation="when_required" if gcs else None,
     )
     try:
-        return boto3.session.Session().client(
+        client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint_url,
             region_name=region,
@@ -83,7 +98,35 @@ def make_s3_client(
             config=config,
         )
     except (BotoCoreError, ValueError) as exc:
-        raise StorageError(f"cannot create the S3 client: {exc}") from exc
+        raise StorageError(f"cannot create the S3 client: {scrubbed(str(exc))}") from exc
+    if gcs:
+        register_gcs_preconditions(client)
+    return client
+
+
+def register_gcs_preconditions(client: Any) -> None:
+    """Make the client's conditional puts conditional on Cloud Storage too; idempotent.
+
+    Before signing (so the header is signed), a PutObject with ``If-None-Match: *`` also gets
+    ``x-goog-if-generation-match: 0``, and one with ``If-Match: <generation>`` (digits: Cloud
+    Storage's generation, never an ETag) gets ``x-goog-if-generation-match: <generation>`` in its
+    place. Cloud Storage answers 412 when the precondition fails.
+    """
+    client.meta.events.register(
+        "before-sign.s3.PutObject", _gcs_preconditions, unique_id=GCS_PRECONDITIONS_HANDLER
+    )
+
+
+def _gcs_preconditions(request: Any, **_: Any) -> None:
+    """Add Cloud Storage's precondition to a create-only put or a put replacing a generation."""
+    if request.headers.get("If-None-Match") == "*":
+        request.headers[GCS_CREATE_ONLY_HEADER] = "0"
+    generation = request.headers.get("If-Match")
+    if isinstance(generation, bytes):
+        generation = generation.decode("ascii", "replace")
+    if isinstance(generation, str) and generation.isascii() and generation.isdigit():
+        del request.headers["If-Match"]
+        request.headers[GCS_CREATE_ONLY_HEADER] = generation
 
 
 @dataclass(frozen=True)
@@ -96,24 +139,27 @@ class _Object:
 
 
 class S3Storage:
-    """Implements ``Storage`` on S3; raises LORA_NOT_FOUND, LORA_INVALID, SIGNATURE_INVALID or
-    STORAGE_ERROR.
+    """Implements ``Storage`` on S3; raises INVALID_REQUEST, LORA_NOT_FOUND, LORA_INVALID,
+    SIGNATURE_INVALID or STORAGE_ERROR.
 
     ``client`` comes from ``make_s3_client``; ``lora_cache`` holds the downloaded LoRAs (shared
     with the metrics, which read its ``stats``). ``max_lora_bytes`` refuses a larger LoRA
-    before it is downloaded. ``public_base_url`` (a CDN, or a MinIO public URL) wins over the
-    endpoint's or AWS's URL in ``result_url``; ``max_signature_bytes`` bounds a signature image
-    before it is read.
+    before it is downloaded; ``max_signature_bytes`` bounds a signature image before it is
+    read. ``models_bucket`` (S3_MODELS_BUCKET) is optional: without it a LoRA is named by
+    ``s3://bucket/key`` or a URL. ``allowed_buckets`` (S3_ALLOWED_BUCKETS; None or empty: any)
+    limits the buckets a message may name. ``public_base_url`` (S3_PUBLIC_BASE_URL) wins over
+    the endpoint's or AWS's URL in ``result_url``, and its URLs name outputs as references.
     """
 
     def __init__(
         self,
         *,
         client: Any,
-        models_bucket: str,
         media_bucket: str,
         output_bucket: str,
         lora_cache: LoraDiskCache,
+        models_bucket: str | None = None,
+        allowed_buckets: frozenset[str] | None = None,
         max_lora_bytes: int = DEFAULT_MAX_BYTES,
         public_base_url: str | None = None,
         endpoint_url: str | None = None,
@@ -121,57 +167,79 @@ class S3Storage:
         max_signature_bytes: int = 5 * 1024 * 1024,
     ) -> None:
         self._client = client
-        self._models_bucket = models_bucket
-        self._media_bucket = media_bucket
-        self._output_bucket = output_bucket
         self.lora_cache = lora_cache
         self._max_lora_bytes = max_lora_bytes
-        self._public_base_url = public_base_url
-        self._endpoint_url = endpoint_url
-        self._region = region
         self._max_signature_bytes = max_signature_bytes
+        self._references = ObjectReferences(
+            models_bucket=models_bucket,
+            media_bucket=media_bucket,
+            output_bucket=output_bucket,
+            endpoint_url=endpoint_url,
+            public_base_url=public_base_url,
+            allowed_buckets=allowed_buckets,
+        )
+        self._outputs = S3OutputStore(
+            client=client,
+            bucket=output_bucket,
+            public_base_url=public_base_url,
+            endpoint_url=endpoint_url,
+            region=region,
+        )
+        self._configured: dict[str, str] = {}
+        """Each configured bucket and the setting that names it, in the order ``check`` heads."""
+        self._configured.setdefault(media_bucket, "AWS_STORAGE_BUCKET_NAME")
+        self._configured.setdefault(output_bucket, "S3_OUTPUT_BUCKET")
+        if models_bucket:
+            self._configured.setdefault(models_bucket, "S3_MODELS_BUCKET")
 
     # -- references ---------------------------------------------------------------------------
 
-    @staticmethod
-    def parse_ref(ref: str, default_bucket: str) -> tuple[str, str]:
-        """``(bucket, key)`` of ``s3://bucket/key`` or of a bare key in ``default_bucket``."""
-        if ref.startswith("s3://"):
-            bucket, _, key = ref[len("s3://") :].partition("/")
-        else:
-            bucket, key = default_bucket, ref.lstrip("/")
-        if not bucket or not key or key == "/":
-            raise InvalidRequest(f"storage reference {ref!r} needs a bucket and a key")
-        return bucket, key
+    def check_reference(self, ref: str, kind: ReferenceKind) -> None:
+        """Refuse, without any network call, a reference this storage will not read."""
+        self._references.resolve(ref, kind)
+
+    def _reading_error(
+        self, exc: ClientError | BotoCoreError, where: ObjectLocation, not_found: GenerationError
+    ) -> GenerationError:
+        return reading_error(
+            exc,
+            _named(where),
+            not_found=not_found,
+            configured_bucket=where.bucket in self._configured,
+        )
 
     # -- LoRAs --------------------------------------------------------------------------------
 
     def fetch_lora(self, ref: str) -> LoraArtifact:
         """The ``.safetensors`` file or PEFT folder at ``ref``, from the disk cache if current."""
-        bucket, key = self.parse_ref(ref, self._models_bucket)
+        where = self._references.resolve(ref, "lora")
+        bucket, key = where.bucket, where.key
         try:
             if key.endswith("/"):
-                cached = self._fetch_folder(ref, bucket, key)
+                cached = self._fetch_folder(where, bucket, key)
             else:
                 head = self._head_or_none(bucket, key)
                 if head is not None:
-                    cached = self._fetch_file(ref, bucket, key, head)
+                    cached = self._fetch_file(where, bucket, key, head)
                 else:
-                    cached = self._fetch_folder(ref, bucket, key + "/")
+                    cached = self._fetch_folder(where, bucket, key + "/")
         except (ClientError, BotoCoreError) as exc:
-            raise _mapped(
-                exc, f"LoRA {ref!r}", not_found=LoraNotFound(f"no LoRA at {ref!r}")
-            ) from exc
+            missing = LoraNotFound(f"no LoRA at {_named(where)}")
+            raise self._reading_error(exc, where, missing) from exc
         except OSError as exc:
-            raise StorageError(f"cannot store LoRA {ref!r} locally: {exc}") from exc
+            raise StorageError(
+                f"cannot store LoRA {_named(where)} locally: {exc.strerror or exc}"
+            ) from exc
         if cached.hit:
-            log.debug("LoRA %s served from the disk cache", ref)
+            log.debug("LoRA %s served from the disk cache", where.uri)
         return LoraArtifact(ref=ref, path=str(cached.path), checksum=cached.checksum)
 
-    def _fetch_file(self, ref: str, bucket: str, key: str, head: Mapping[str, Any]) -> CachedLora:
+    def _fetch_file(
+        self, where: ObjectLocation, bucket: str, key: str, head: Mapping[str, Any]
+    ) -> CachedLora:
         name = key.rsplit("/", 1)[-1]
         check_lora_file_name(name)
-        self._check_size(ref, int(head.get("ContentLength", 0)))
+        self._check_size(where, int(head.get("ContentLength", 0)))
         obj = _Object(key=key, name=name, etag=head["ETag"])
         return self.lora_cache.fetch(
             LoraCacheKey.of(f"s3://{bucket}/{key}", [(obj.name, obj.etag)]),
@@ -180,13 +248,15 @@ class S3Storage:
             folder=False,
         )
 
-    def _fetch_folder(self, ref: str, bucket: str, prefix: str) -> CachedLora:
+    def _fetch_folder(self, where: ObjectLocation, bucket: str, prefix: str) -> CachedLora:
         objects = list(self._list_folder(bucket, prefix))
         if not objects:
-            raise LoraNotFound(f"no LoRA at {ref!r}")
+            raise LoraNotFound(f"no LoRA at {_named(where)}")
         names = {obj.name for obj, _ in objects}
         if PEFT_WEIGHTS not in names or PEFT_CONFIG not in names:
-            raise LoraInvalid(f"LoRA folder {ref!r} must hold {PEFT_CONFIG} and {PEFT_WEIGHTS}")
+            raise LoraInvalid(
+                f"LoRA folder {_named(where)} must hold {PEFT_CONFIG} and {PEFT_WEIGHTS}"
+            )
         wanted = [
             (obj, size)
             for obj, size in objects
@@ -196,7 +266,7 @@ class S3Storage:
                 and size <= MAX_EXTRA_TEXT_BYTES
             )
         ]
-        self._check_size(ref, sum(size for _, size in wanted))
+        self._check_size(where, sum(size for _, size in wanted))
 
         def fill(target: Path) -> None:
             for obj, _ in wanted:
@@ -209,10 +279,12 @@ class S3Storage:
             folder=True,
         )
 
-    def _check_size(self, ref: str, size: int) -> None:
+    def _check_size(self, where: ObjectLocation, size: int) -> None:
         """Refuse a LoRA larger than ``max_lora_bytes`` before downloading any of it."""
         if size > self._max_lora_bytes:
-            raise LoraInvalid(f"LoRA {ref!r} is {size} bytes; the limit is {self._max_lora_bytes}")
+            raise LoraInvalid(
+                f"LoRA {_named(where)} is {size} bytes; the limit is {self._max_lora_bytes}"
+            )
 
     def _list_folder(self, bucket: str, prefix: str) -> Iterable[tuple[_Object, int]]:
         """The files directly in the folder (sub-folders are not part of a PEFT adapter)."""
@@ -248,129 +320,79 @@ class S3Storage:
 
     def fetch_signature(self, ref: str) -> bytes:
         """The signature image's bytes, refused unread when larger than ``max_signature_bytes``."""
-        bucket, key = self.parse_ref(ref, self._media_bucket)
+        where = self._references.resolve(ref, "signature")
         try:
-            response = self._client.get_object(Bucket=bucket, Key=key)
+            response = self._client.get_object(Bucket=where.bucket, Key=where.key)
             body = response["Body"]
             try:
                 size = response.get("ContentLength", 0)
                 if size > self._max_signature_bytes:
                     raise SignatureInvalid(
-                        f"signature image {ref!r} is {size} bytes; "
+                        f"signature image {_named(where)} is {size} bytes; "
                         f"the limit is {self._max_signature_bytes}"
                     )
                 return body.read()
             finally:
                 body.close()
         except (ClientError, BotoCoreError) as exc:
-            missing = SignatureInvalid(f"no signature image at {ref!r}")
-            raise _mapped(exc, f"signature {ref!r}", not_found=missing) from exc
+            missing = SignatureInvalid(f"no signature image at {_named(where)}")
+            raise self._reading_error(exc, where, missing) from exc
 
     # -- outputs ------------------------------------------------------------------------------
 
     def find_output(self, key: str) -> StoredOutput | None:
-        """The PNG under ``key`` with its metadata (sidecar, else the PNG's headers), or None."""
-        try:
-            head = self._head_or_none(self._output_bucket, key)
-        except (ClientError, BotoCoreError) as exc:
-            raise _mapped(exc, f"output {key!r}") from exc
-        if head is None:
-            return None
-        metadata: dict[str, str] = dict(head.get("Metadata", {}))
-        metadata.update(self._read_sidecar(key))
-        return StoredOutput(key=key, url=self.result_url(key), metadata=metadata)
-
-    def _read_sidecar(self, key: str) -> dict[str, str]:
-        """The sidecar's string entries; empty (never an error) when missing or unreadable."""
-        try:
-            response = self._client.get_object(
-                Bucket=self._output_bucket, Key=key + METADATA_SIDECAR_SUFFIX
-            )
-            with response["Body"] as body:
-                document = json.loads(body.read().decode("utf-8"))
-        except (ClientError, BotoCoreError, ValueError) as exc:
-            log.warning("metadata of %r unreadable, using the image's headers: %s", key, exc)
-            return {}
-        if not isinstance(document, dict):
-            log.warning("metadata of %r is not a JSON object, using the image's headers", key)
-            return {}
-        return {str(name): value for name, value in document.items() if isinstance(value, str)}
+        """The PNG under ``key`` with its metadata (its sidecar, else its headers), or None."""
+        return self._outputs.find(key)
 
     def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
-        """Store the metadata sidecar, then the PNG; the PNG existing means the job is done."""
-        headers = {
-            name: metadata[name]
-            for name in HEADER_METADATA_KEYS
-            if isinstance(metadata.get(name), str) and metadata[name].isascii()
-        }
-        try:
-            self._client.put_object(
-                Bucket=self._output_bucket,
-                Key=key + METADATA_SIDECAR_SUFFIX,
-                Body=json.dumps(dict(metadata)).encode("utf-8"),
-                ContentType="application/json",
-            )
-            self._client.put_object(
-                Bucket=self._output_bucket,
-                Key=key,
-                Body=data,
-                ContentType="image/png",
-                Metadata=headers,
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise _mapped(exc, f"output {key!r}") from exc
-        return StoredOutput(key=key, url=self.result_url(key), metadata=dict(metadata))
+        """Store the PNG unless an image is there already (the first writer wins)."""
+        return self._outputs.put(key, data, metadata)
 
     def result_url(self, key: str) -> str:
         """Where a browser opens the output: public base URL, else the endpoint's, else AWS's."""
-        quoted = quote(key, safe="/")
-        if self._public_base_url:
-            return f"{self._public_base_url.rstrip('/')}/{quoted}"
-        if self._endpoint_url:
-            return f"{self._endpoint_url.rstrip('/')}/{self._output_bucket}/{quoted}"
-        return f"https://{self._output_bucket}.s3.{self._region}.amazonaws.com/{quoted}"
+        return self._outputs.url(key)
 
-    # -- start-up -----------------------------------------------------------------------------
+    # -- start-up and readiness ---------------------------------------------------------------
 
-    def check_buckets(self) -> None:
-        """Fail fast at start-up if a bucket is missing, forbidden or unreachable."""
-        for bucket in dict.fromkeys((self._models_bucket, self._media_bucket, self._output_bucket)):
+    def check(self) -> None:
+        """Every configured bucket exists and answers; ``StorageError`` naming the bucket and
+        its setting (never the endpoint) otherwise."""
+        for bucket, setting in self._configured.items():
+            what = f"bucket {bucket!r} ({setting})"
             try:
                 self._client.head_bucket(Bucket=bucket)
-            except (ClientError, BotoCoreError) as exc:
-                raise _mapped(exc, f"bucket {bucket!r}", missing="does not exist") from exc
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise StorageError(f"{what} does not exist") from exc
+                raise storage_error(exc, what) from exc
+            except BotoCoreError as exc:
+                raise storage_error(exc, what) from exc
 
     def _head_or_none(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """The object's headers, or None.
+
+        A refused HEAD has no body, so no error code, and a 4xx needs one: a 403 may be
+        AccessDenied (on another's bucket: the message's fault) or InvalidAccessKeyId (ours), a
+        400 InvalidArgument or RequestTimeout. A one-byte GET asks for it.
+        """
         try:
             return self._client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in NOT_FOUND_CODES:
+            if is_not_found(exc):
                 return None
+            status = http_status(exc)
+            decided = status == 403 and bucket in self._configured
+            if decided or error_code(exc) != str(status) or not 400 <= (status or 0) < 500:
+                raise
+            try:
+                response = self._client.get_object(Bucket=bucket, Key=key, Range="bytes=0-0")
+            except ClientError as explained:
+                raise explained from exc
+            response["Body"].close()
             raise
 
 
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _mapped(
-    exc: ClientError | BotoCoreError,
-    what: str,
-    *,
-    not_found: GenerationError | None = None,
-    missing: str = "not found",
-) -> GenerationError:
-    """The domain error for a boto3 failure; never carries credentials."""
-    if isinstance(exc, BotoCoreError):
-        return StorageError(f"{what}: S3 unreachable: {exc}")
-    code = _error_code(exc)
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in NOT_FOUND_CODES:
-        if not_found is not None:
-            return not_found
-        return StorageError(f"{what}: {missing} ({code})")
-    if code in ACCESS_DENIED_CODES or status == 403:
-        return StorageError(f"{what}: access denied ({code})")
-    if status == 412:
-        return StorageError(f"{what}: changed while being downloaded ({code})")
-    return StorageError(f"{what}: S3 error {code} (HTTP {status})")
+def _named(where: ObjectLocation) -> str:
+    """How messages name an object: ``'s3://bucket/key'``, shortened, never an endpoint URL."""
+    uri = where.uri
+    return repr(uri if len(uri) <= 200 else uri[:200] + "...")

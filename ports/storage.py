@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+ReferenceKind = Literal["lora", "signature"]
+"""What a message's reference names: ``data.lora_path`` or ``data.signature_path``."""
 
 
 @dataclass(frozen=True)
@@ -22,25 +25,45 @@ class LoraArtifact:
 
 @dataclass(frozen=True)
 class StoredOutput:
-    """A generated image in storage, with the metadata it was stored with."""
+    """A generated image in storage, with the metadata it was stored with.
+
+    ``created`` is False when ``put_output`` found an image already stored under the key (by
+    another copy of the job): the stored image and its metadata are returned, not the caller's.
+    """
 
     key: str
     url: str
     metadata: Mapping[str, str] = field(default_factory=dict)
+    created: bool = True
 
 
 @runtime_checkable
 class Storage(Protocol):
-    """Object storage; raises LORA_NOT_FOUND, SIGNATURE_INVALID or STORAGE_ERROR."""
+    """Object storage; raises INVALID_REQUEST, LORA_NOT_FOUND, LORA_INVALID, SIGNATURE_INVALID or
+    STORAGE_ERROR. No error message names an endpoint URL or a credential."""
+
+    def check_reference(self, ref: str, kind: ReferenceKind) -> None:
+        """Refuse, without any network call, a reference this storage will not read.
+
+        ``InvalidRequest`` saying why (a form it does not know, a bucket name S3 would refuse,
+        a bucket outside the allow-list); the caller names the message field.
+        """
 
     def fetch_lora(self, ref: str) -> LoraArtifact:
-        """Make the LoRA at ``ref`` (``s3://bucket/key`` or a key in the models bucket) local."""
+        """Make the LoRA at ``ref`` local (``s3://bucket/key``, a public URL of the storage, or
+        a key in the models bucket)."""
 
     def fetch_signature(self, ref: str) -> bytes:
-        """The signature image's bytes (``s3://bucket/key`` or a key in the media bucket)."""
+        """The signature image's bytes (the same forms as ``fetch_lora``; keys in the media
+        bucket)."""
 
     def find_output(self, key: str) -> StoredOutput | None:
         """The stored output under ``key``, or None; makes redeliveries idempotent."""
 
     def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
-        """Store a PNG under ``key`` with string metadata; return where a browser can open it."""
+        """Store a PNG under ``key`` with string metadata unless one is there already (the first
+        writer wins, across processes: S3 ``If-None-Match: *``); where a browser opens it."""
+
+    def check(self) -> None:
+        """Start-up and readiness: every configured bucket is reachable; ``StorageError`` naming
+        the bucket and the setting otherwise."""

@@ -118,7 +118,10 @@ def calls_of(client: Any, operation: str) -> list[dict[str, Any]]:
 
 
 def everything_in(folder: Path) -> list[Path]:
-    return sorted(folder.rglob("*")) if folder.exists() else []
+    """Every file and folder under ``folder`` except the LoRA cache's lock files."""
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.rglob("*") if ".locks" not in p.relative_to(folder).parts)
 
 
 def local_checksum(tmp_path: Path, files: dict[str, bytes]) -> str:
@@ -209,11 +212,16 @@ def test_missing_lora_is_not_found_and_not_retryable(
 
 
 @pytest.mark.parametrize("ref", ["", "/", "s3://", "s3:///styles/1", "s3://bucket", "s3://bucket/"])
-def test_malformed_references_are_invalid_requests(storage: S3Storage, ref: str) -> None:
-    with pytest.raises(InvalidRequest, match="storage reference"):
-        storage.fetch_lora(ref)
-    with pytest.raises(InvalidRequest, match="storage reference"):
-        storage.fetch_signature(ref)
+def test_malformed_references_are_invalid_requests(
+    storage: S3Storage, client: Any, ref: str
+) -> None:
+    sent = calls_of(client, "*")
+    for fetch in (storage.fetch_lora, storage.fetch_signature):
+        with pytest.raises(InvalidRequest) as caught:
+            fetch(ref)
+        assert caught.value.message.startswith(repr(ref))
+        assert not caught.value.retryable
+    assert not sent, "a malformed reference is refused before any request"
 
 
 def test_same_version_is_downloaded_once_and_a_new_version_again(
@@ -450,7 +458,10 @@ def test_output_round_trip_with_large_non_ascii_metadata(
     stored = storage.put_output(key, PNG, metadata)
     found = storage.find_output(key)
 
-    assert [call["Key"] for call in puts] == [f"{key}.metadata.json", key]
+    sidecar_key = f"{key}.{hashlib.sha256(PNG).hexdigest()[:16]}.metadata.json"
+    assert [call["Key"] for call in puts] == [sidecar_key, key]
+    assert [call["IfNoneMatch"] for call in puts] == ["*", "*"]
+    assert stored.created
     assert stored.url == storage.result_url(key) == f"{storage.result_url('')}{key}"
     assert found is not None and found.url == stored.url and found.key == key
     assert dict(found.metadata) == metadata == dict(stored.metadata)
@@ -461,8 +472,9 @@ def test_output_round_trip_with_large_non_ascii_metadata(
         "generation-id": "500",
         "content-sha256": hashlib.sha256(PNG).hexdigest(),
     }
-    sidecar = admin.head_object(Bucket=buckets.output, Key=f"{key}.metadata.json")
+    sidecar = admin.get_object(Bucket=buckets.output, Key=sidecar_key)
     assert sidecar["ContentType"] == "application/json"
+    assert json.loads(sidecar["Body"].read()) == metadata
 
     # A browser can open the result URL once the bucket is public (MinIO enforces this policy).
     policy = {
@@ -492,6 +504,132 @@ def test_output_without_a_readable_sidecar_keeps_the_header_metadata(
     admin.put_object(Bucket=buckets.output, Key=key, Body=PNG, Metadata={"generation-id": "9"})
     found = storage.find_output(key)
     assert found is not None and dict(found.metadata) == {"generation-id": "9"}
+
+
+def sidecar_keys(admin: Any, bucket: str, key: str) -> list[str]:
+    listing = admin.list_objects_v2(Bucket=bucket, Prefix=key + ".")
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def output_metadata(png: bytes, seed: str) -> dict[str, str]:
+    return {
+        METADATA_KEY: json.dumps({"seed": seed}),
+        "generation-id": "600",
+        "content-sha256": hashlib.sha256(png).hexdigest(),
+    }
+
+
+def in_parallel(*actions: Callable[[], Any]) -> list[Any]:
+    """The actions' results, the actions released at once from threads of their own."""
+    start = threading.Barrier(len(actions))
+    results: dict[int, Any] = {}
+
+    def run(number: int) -> None:
+        start.wait()
+        results[number] = actions[number]()
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(len(actions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return [results[number] for number in range(len(actions))]
+
+
+def test_racing_workers_keep_one_output_with_its_own_metadata(
+    admin: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
+) -> None:
+    """Two workers (two clients) render one job with different seeds: one image is kept."""
+    key = "generations/600.png"
+    workers = [make_storage(client_for(s3), buckets, s3, tmp_path / str(n)) for n in range(2)]
+    images = [PNG + b"worker-0", PNG + b"worker-1"]
+    results = in_parallel(
+        *(
+            lambda n=n: workers[n].put_output(key, images[n], output_metadata(images[n], str(n)))
+            for n in range(2)
+        )
+    )
+    assert sorted(result.created for result in results) == [False, True]
+    winner = next(number for number, result in enumerate(results) if result.created)
+    expected = output_metadata(images[winner], seed=str(winner))
+    assert [dict(result.metadata) for result in results] == [expected, expected]
+    assert results[0].url == results[1].url == workers[0].result_url(key)
+    stored = admin.get_object(Bucket=buckets.output, Key=key)
+    assert stored["Body"].read() == images[winner]
+    digest = hashlib.sha256(images[winner]).hexdigest()
+    assert stored["Metadata"]["content-sha256"] == digest
+    sidecar = f"{key}.{digest[:16]}.metadata.json"
+    assert sidecar_keys(admin, buckets.output, key) == [sidecar], "the loser removed its own"
+    body = admin.get_object(Bucket=buckets.output, Key=sidecar)["Body"].read()
+    assert json.loads(body) == expected
+    found = workers[0].find_output(key)
+    assert found is not None and dict(found.metadata) == expected
+
+
+def test_a_later_writer_reports_the_stored_output(
+    storage: S3Storage, client: Any, buckets: Buckets, admin: Any
+) -> None:
+    key = "generations/601.png"
+    first = storage.put_output(key, PNG, output_metadata(PNG, seed="1"))
+    puts = calls_of(client, "PutObject")
+    later = storage.put_output(key, PNG + b"other", output_metadata(PNG + b"other", seed="2"))
+    assert first.created and not later.created
+    assert dict(later.metadata) == dict(first.metadata) and later.url == first.url
+    assert all(call["IfNoneMatch"] == "*" for call in puts)
+    assert admin.get_object(Bucket=buckets.output, Key=key)["Body"].read() == PNG
+    assert sidecar_keys(admin, buckets.output, key) == [
+        f"{key}.{hashlib.sha256(PNG).hexdigest()[:16]}.metadata.json"
+    ]
+
+
+def test_the_writer_of_the_image_owns_its_sidecar(
+    storage: S3Storage, admin: Any, buckets: Buckets
+) -> None:
+    """A writer of the same bytes (same seed) lost the image race after writing the sidecar."""
+    key = "generations/602.png"
+    sidecar = f"{key}.{hashlib.sha256(PNG).hexdigest()[:16]}.metadata.json"
+    admin.put_object(Bucket=buckets.output, Key=sidecar, Body=b'{"seed": "other writer"}')
+    mine = output_metadata(PNG, seed="mine")
+    stored = storage.put_output(key, PNG, mine)
+    found = storage.find_output(key)
+    assert stored.created and found is not None and dict(found.metadata) == mine
+
+
+def test_find_output_prefers_the_sidecar_of_the_stored_image(
+    storage: S3Storage, admin: Any, buckets: Buckets
+) -> None:
+    key = "generations/603.png"
+    digest = hashlib.sha256(PNG).hexdigest()
+    admin.put_object(Bucket=buckets.output, Key=key, Body=PNG, Metadata={"content-sha256": digest})
+    admin.put_object(Bucket=buckets.output, Key=f"{key}.metadata.json", Body=b'{"seed": "old"}')
+    found = storage.find_output(key)
+    assert found is not None and found.metadata["seed"] == "old", "the legacy sidecar"
+    admin.put_object(
+        Bucket=buckets.output, Key=f"{key}.{digest[:16]}.metadata.json", Body=b'{"seed": "new"}'
+    )
+    found = storage.find_output(key)
+    assert found is not None and dict(found.metadata) == {"content-sha256": digest, "seed": "new"}
+
+
+def test_a_sidecar_that_cannot_be_read_now_is_a_retryable_error(tmp_path: Path) -> None:
+    """Completing with the headers alone would report an image without its metadata."""
+    client = make_s3_client(
+        endpoint_url=None, region="us-east-1", access_key_id="k", secret_access_key="s"
+    )
+    storage = S3Storage(
+        client=client,
+        media_bucket="media",
+        output_bucket="output",
+        lora_cache=LoraDiskCache(root=tmp_path, max_bytes=0),
+    )
+    digest = hashlib.sha256(PNG).hexdigest()
+    with Stubber(client) as stubber:
+        stubber.add_response("head_object", {"Metadata": {"content-sha256": digest}})
+        stubber.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+        with pytest.raises(StorageError, match="S3 error SlowDown") as caught:
+            storage.find_output("generations/1.png")
+        stubber.assert_no_pending_responses()
+    assert caught.value.retryable
 
 
 def test_result_url_in_the_three_modes(tmp_path: Path) -> None:
@@ -542,7 +680,7 @@ OPERATIONS: dict[str, Callable[[S3Storage], object]] = {
     "fetch_signature": lambda storage: storage.fetch_signature("signatures/1.png"),
     "find_output": lambda storage: storage.find_output("generations/1.png"),
     "put_output": lambda storage: storage.put_output("generations/1.png", PNG, {}),
-    "check_buckets": lambda storage: storage.check_buckets(),
+    "check": lambda storage: storage.check(),
 }
 
 
@@ -577,23 +715,52 @@ def test_unreachable_endpoint_is_a_fast_retryable_storage_error(
     assert len(attempts) == 2, "max_attempts counts every try, the first one included"
     assert caught.value.code is ErrorCode.STORAGE_ERROR and caught.value.retryable
     assert everything_in(tmp_path) == []
+    for shown in (caught.value.message, str(caught.value)):
+        assert "http://" not in shown and "127.0.0.1" not in shown
+        assert endpoint.rsplit(":", 1)[1] not in shown, "the port is part of the endpoint"
 
 
-def test_check_buckets_on_existing_and_missing_buckets(
-    storage: S3Storage, client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
+def test_check_heads_the_configured_buckets_only(
+    client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path
 ) -> None:
+    """The backend's environment names one bucket: the worker starts with that one alone."""
     heads = calls_of(client, "HeadBucket")
-    storage.check_buckets()
+    media_only = S3Storage(
+        client=client,
+        media_bucket=buckets.media,
+        output_bucket=buckets.media,
+        lora_cache=LoraDiskCache(root=tmp_path, max_bytes=0),
+        endpoint_url=s3.endpoint_url,
+    )
+    media_only.check()
+    assert [call["Bucket"] for call in heads] == [buckets.media]
+    heads.clear()
+    make_storage(client, buckets, s3, tmp_path).check()
     assert sorted(call["Bucket"] for call in heads) == sorted(
         [buckets.models, buckets.media, buckets.output]
     )
+
+
+@pytest.mark.parametrize(
+    ("missing_one", "setting"),
+    [
+        ("media", "AWS_STORAGE_BUCKET_NAME"),
+        ("output", "S3_OUTPUT_BUCKET"),
+        ("models", "S3_MODELS_BUCKET"),
+    ],
+)
+def test_check_names_a_missing_bucket_and_its_setting(
+    client: Any, buckets: Buckets, s3: S3Service, tmp_path: Path, missing_one: str, setting: str
+) -> None:
     missing = f"missing-{uuid.uuid4().hex[:12]}"
-    broken = make_storage(client, Buckets(buckets.models, buckets.models, missing), s3, tmp_path)
-    heads.clear()
-    with pytest.raises(StorageError, match=f"bucket '{missing}': does not exist") as caught:
-        broken.check_buckets()
+    names = {"models": buckets.models, "media": buckets.media, "output": buckets.output}
+    names[missing_one] = missing
+    broken = make_storage(client, Buckets(**names), s3, tmp_path)
+    with pytest.raises(StorageError) as caught:
+        broken.check()
+    assert caught.value.message == f"bucket {missing!r} ({setting}) does not exist"
     assert caught.value.retryable
-    assert [call["Bucket"] for call in heads] == [buckets.models, missing]
+    assert s3.endpoint_url not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -621,7 +788,7 @@ def test_service_errors_become_storage_errors(
     with Stubber(client) as stubber:
         for operation in ("head_object", "get_object", "head_object", "put_object", "head_bucket"):
             stubber.add_client_error(operation, service_error_code=code, http_status_code=status)
-        for call in ("fetch_lora", "fetch_signature", "find_output", "put_output", "check_buckets"):
+        for call in ("fetch_lora", "fetch_signature", "find_output", "put_output", "check"):
             with pytest.raises(StorageError, match=expected) as caught:
                 OPERATIONS[call](storage)
             assert caught.value.retryable
