@@ -2,19 +2,29 @@
 
 The connection lives on its own thread, which does nothing but I/O: it pumps
 ``process_data_events`` a few times a second, so heartbeats flow while a generation runs for
-minutes on another thread. Deliveries are handed over through an in-process queue; acks,
-retries and parking come back through ``add_callback_threadsafe``.
+minutes on another thread. Deliveries are handed over through an in-process queue; settlements
+and consumer changes come back through ``add_callback_threadsafe``.
 
-Retries: the queue is the backend's (durable, no arguments), so the worker cannot give it a
-dead-letter policy. A retried job is re-published, with publisher confirms, to
-``<queue>.retry.<N>s`` (a queue of ours whose TTL dead-letters back to the main queue after N
-seconds) with its attempt count (and any decided failure) in headers; only then is the
-original acked. Poison messages are re-published to ``<queue>.parked`` with the reason in a
-header, then acked. Waiting for those confirms happens on the I/O thread, inside pika's
-BlockingChannel, which keeps servicing the connection (heartbeats included) while it waits; it
-is one broker round trip per retried or parked job, never per generated one. When the
-connection drops, deliveries not yet settled are simply redelivered by the broker to a new
-connection; the use case's idempotency makes that harmless.
+The queue is the backend's (durable, no arguments), so the worker cannot give it a dead-letter
+policy; it dead-letters by itself. A retried message is re-published, with publisher confirms,
+to a rung of a ladder of delay queues ``<queue>.retry.<N>s`` (queues of ours whose TTL
+dead-letters back to the main queue after N seconds; N = base * 4**k below the cap, then the
+cap); a parked one to ``<queue>.parked``. Only then is the original acked; a copy the broker
+refuses twice sends the original back to the queue as it is, after a delay (the retry's delay,
+at least ``REFUSED_HANDBACK_SECONDS``), so a refusing broker does not turn it into a hot loop.
+Waiting for a confirm happens on the I/O thread inside pika's BlockingChannel, which keeps
+servicing the connection meanwhile.
+
+The hold is the channel's prefetch, set with ``global_qos``: a change applies to the running
+consumer at once and counts every delivery unsettled on the channel, whichever consumer got it.
+
+Nothing a message carries may stop it reaching intake: headers pika cannot decode are replaced
+by a marker (``adapters.amqp_headers``), and whatever fails while reading the headers we do
+decode hands the delivery on as a first one (attempt 0, nothing carried), so its body decides.
+A message the broker keeps redelivering at the head of the queue would starve every consumer.
+
+A delivery tag is only valid on the connection it came on: each connection has an epoch, and a
+settlement of an earlier epoch is dropped (the broker delivers that message again).
 """
 
 from __future__ import annotations
@@ -26,8 +36,8 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,19 +45,49 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
+from adapters.amqp_headers import (
+    ORIGINAL_HEADERS_DROPPED,
+    UNDECODABLE_HEADERS,
+    install_tolerant_header_decoding,
+)
 from domain.errors import ErrorCode, FailureReport
-from ports.task_source import Delivery
+from ports.task_source import Delivery, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
+install_tolerant_header_decoding()
+
 ATTEMPT_HEADER = "x-retry-count"
+HANDBACK_HEADER = "x-handback-count"
 PENDING_FAILURE_HEADER = "x-pending-failure"
+"""Legacy: an earlier version carried a decided failure here; read, never written."""
 REASON_HEADER = "x-reason"
 PARK_REASON_HEADER = "x-park-reason"
+DECIDED_OUTCOME_HEADER = "x-decided-outcome"
+OUTCOME_TRUNCATED_HEADER = "x-decided-outcome-truncated"
+"""Set, to the full size in bytes, when ``x-decided-outcome`` was cut to its limit."""
+MAX_REASON_CHARS = 1000
+MAX_OUTCOME_BYTES = 16 * 1024
+REFUSED_HANDBACK_SECONDS = 5.0
+"""The least wait before an original whose copy the broker refused twice goes back to the queue."""
 
 
-class BrokerUnavailable(ConnectionError):
-    """The broker cannot be reached (start-up check)."""
+class BrokerUnavailable(SourceUnavailable):
+    """The broker cannot be reached at start-up."""
+
+
+def retry_ladder(base_seconds: int, max_seconds: int) -> tuple[int, ...]:
+    """The delays of the retry queues: base * 4**k while below the cap, then the cap."""
+    if base_seconds < 1 or max_seconds < base_seconds:
+        raise ValueError(
+            f"retry delays need 1 <= base <= max, got base {base_seconds}s, max {max_seconds}s"
+        )
+    rungs, delay = [], base_seconds
+    while delay < max_seconds:
+        rungs.append(delay)
+        delay *= 4
+    rungs.append(max_seconds)
+    return tuple(rungs)
 
 
 @dataclass(frozen=True)
@@ -56,11 +96,17 @@ class _Tag:
 
     epoch: int
     delivery_tag: int
-    properties: Any
+    properties: Any = field(compare=False)
 
 
 class RabbitMQTaskSource:
-    """Implements ``TaskSource``; start() connects, close() settles and disconnects."""
+    """Implements ``TaskSource``; start() connects, close() settles and disconnects.
+
+    ``prefetch`` is the initial hold and its upper bound; ``retry_delay_seconds`` and
+    ``retry_max_delay_seconds`` span the ladder of retry queues (5, 20, 80, 320, 600 by default).
+    ``refused_republishes`` counts the deliveries handed back because the broker refused their
+    copy twice (for metrics; written on the I/O thread only).
+    """
 
     def __init__(
         self,
@@ -73,11 +119,14 @@ class RabbitMQTaskSource:
         queue_name: str = "image_generation",
         prefetch: int = 10,
         retry_delay_seconds: int = 5,
+        retry_max_delay_seconds: int = 600,
         heartbeat_seconds: int = 60,
         reconnect_max_seconds: float = 30.0,
         connection_name: str | None = None,
         depth_refresh_seconds: float = 5.0,
     ) -> None:
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self._parameters = pika.ConnectionParameters(
             host=host,
             port=port,
@@ -94,12 +143,16 @@ class RabbitMQTaskSource:
         )
         self.queue_name = queue_name
         self.parked_queue = f"{queue_name}.parked"
-        self.retry_queue = f"{queue_name}.retry.{retry_delay_seconds}s"
-        self._retry_delay_ms = retry_delay_seconds * 1000
+        self.retry_delays = retry_ladder(retry_delay_seconds, retry_max_delay_seconds)
         self._prefetch = prefetch
         self._reconnect_max = reconnect_max_seconds
         self._inbox: queue.Queue[Delivery] = queue.Queue()
+        # The gate guards the epoch and what the caller holds: tags handed out, not settled.
+        self._gate = threading.Condition()
         self._epoch = 0
+        self._hold = prefetch
+        self._handed_out: set[int] = set()
+        self._reserved = 0
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
@@ -107,30 +160,43 @@ class RabbitMQTaskSource:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._first_error: BaseException | None = None
+        self._last_error: BaseException | None = None
         self._depth: int | None = None
         self._depth_checked = 0.0
         self._depth_refresh = depth_refresh_seconds
+        self.refused_republishes = 0
+
+    def retry_queue_for(self, delay_seconds: float) -> str:
+        """The retry queue for a delay: the largest rung not above it, at least the first."""
+        rung = max((d for d in self.retry_delays if d <= delay_seconds), default=None)
+        return f"{self.queue_name}.retry.{rung or self.retry_delays[0]}s"
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, timeout: float = 15.0, *, consume: bool = True) -> None:
-        """Connect on the I/O thread; BrokerUnavailable if no connection within ``timeout``.
+    def start(self, *, consume: bool = True, timeout: float = 15.0) -> None:
+        """Connect on the I/O thread; ``BrokerUnavailable`` if no connection within ``timeout``.
 
         With ``consume=False`` the queues are declared but no delivery arrives until
         ``start_consuming()``.
         """
         if self._thread is not None:
-            return
+            if not self._stop.is_set():
+                return
+            self._thread.join(timeout=30)
+        self._stop, self._last_error = threading.Event(), None
         self._want_consume = consume
-        self._thread = threading.Thread(target=self._run, name="rabbitmq-io", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), name="rabbitmq-io", daemon=True
+        )
         self._thread.start()
         if not self._connected.wait(timeout):
-            reason = self._first_error or "timed out"
             self._stop.set()
+            self._thread.join(timeout=10)
+            error = self._last_error
+            cause = f"{type(error).__name__}: {error}" if error else f"no answer in {timeout:g}s"
             raise BrokerUnavailable(
                 f"RabbitMQ at {self._parameters.host}:{self._parameters.port} is not reachable:"
-                f" {reason}"
+                f" {cause}"
             )
 
     @property
@@ -149,17 +215,23 @@ class RabbitMQTaskSource:
         self._want_consume = True
         self._call_soon(self._begin_consuming)
 
-    def _begin_consuming(self) -> None:
-        channel = self._channel
-        if self._want_consume and self._consumer_tag is None and channel is not None:
-            self._consumer_tag = channel.basic_consume(
-                queue=self.queue_name, on_message_callback=self._on_message, auto_ack=False
-            )
-
     def stop_consuming(self) -> None:
         """Take no more deliveries; those received but not handed out go back to the queue."""
         self._want_consume = False
         self._call_soon(self._cancel_consumer)
+
+    def hold_at_most(self, count: int) -> None:
+        """Hold at most ``count`` (capped by ``prefetch``) unsettled deliveries from now on;
+        0 takes none. Kept across reconnects."""
+        if count < 0:
+            raise ValueError(f"hold_at_most needs a count >= 0, got {count}")
+        count = min(count, self._prefetch)
+        with self._gate:
+            if count == self._hold:
+                return
+            lowered, self._hold = count < self._hold, count
+            self._gate.notify_all()
+        self._call_soon(lambda: self._apply_hold(lowered))
 
     def close(self, timeout: float = 30.0) -> None:
         """Settle what was scheduled, return unsettled deliveries to the queue, disconnect."""
@@ -171,83 +243,133 @@ class RabbitMQTaskSource:
     # --- TaskSource --------------------------------------------------------------------------
 
     def receive(self, timeout: float) -> Delivery | None:
-        """The next delivery from the current connection, or None after ``timeout`` seconds."""
+        """The next delivery from the current connection, or None after ``timeout`` seconds;
+        none is handed out while the caller holds as many as ``hold_at_most`` allows."""
         deadline = time.monotonic() + timeout
         while True:
+            with self._gate:
+                while len(self._handed_out) + self._reserved >= self._hold:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._gate.wait(remaining)
+                self._reserved += 1
             try:
-                delivery = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                delivery: Delivery | None = self._inbox.get(
+                    timeout=max(0.0, deadline - time.monotonic())
+                )
             except queue.Empty:
-                return None
-            if isinstance(delivery.tag, _Tag) and delivery.tag.epoch == self._epoch:
-                return delivery
+                delivery = None
+            with self._gate:
+                self._reserved -= 1
+                self._gate.notify_all()
+                if delivery is None:
+                    return None
+                tag = delivery.tag
+                if isinstance(tag, _Tag) and tag.epoch == self._epoch:
+                    self._handed_out.add(tag.delivery_tag)
+                    return delivery
             # From a connection that died: the broker redelivers it on the new one.
+
+    def still_held(self, delivery: Delivery) -> bool:
+        """Whether the delivery's connection is the current one and open."""
+        tag = delivery.tag
+        with self._gate:
+            current = isinstance(tag, _Tag) and tag.epoch == self._epoch
+        return current and self._connected.is_set()
 
     def ack(self, delivery: Delivery) -> None:
         """Ack on the I/O thread (dropped if the delivery's connection is gone)."""
-        self._settle(delivery, lambda channel, tag: channel.basic_ack(tag.delivery_tag))
+        self._settle(delivery, "ack", lambda channel, tag: channel.basic_ack(tag.delivery_tag))
 
-    def retry(
-        self, delivery: Delivery, reason: str, pending_failure: FailureReport | None = None
-    ) -> None:
-        """Re-publish to the retry queue with attempt + 1 (confirmed), then ack the original."""
+    def retry(self, delivery: Delivery, *, reason: str, attempt: int, delay_seconds: float) -> None:
+        """Re-publish to the retry queue of the delay's rung (confirmed), then ack the original."""
         headers = {
-            ATTEMPT_HEADER: delivery.attempt + 1,
-            REASON_HEADER: reason[:1000],
+            ATTEMPT_HEADER: attempt,
+            HANDBACK_HEADER: delivery.handbacks + 1,
+            REASON_HEADER: str(reason)[:MAX_REASON_CHARS],
         }
-        if pending_failure is not None:
-            headers[PENDING_FAILURE_HEADER] = json.dumps(
-                {**asdict(pending_failure), "code": pending_failure.code.value}
-            )
-        self._republish(delivery, self.retry_queue, headers)
+        # Bounded by the ladder's cap: an unsettled delivery must not outlast the broker's
+        # consumer timeout.
+        hand_back_after = max(
+            REFUSED_HANDBACK_SECONDS, min(float(delay_seconds), float(self.retry_delays[-1]))
+        )
+        self._republish(
+            delivery, "retry", self.retry_queue_for(delay_seconds), headers, hand_back_after
+        )
 
-    def park(self, delivery: Delivery, reason: str) -> None:
-        """Re-publish to the parked queue with the reason (confirmed), then ack the original."""
-        headers = {
-            PARK_REASON_HEADER: reason[:1000],
+    def release(self, delivery: Delivery) -> None:
+        """Nack with requeue on the I/O thread: the message goes back as it is."""
+        self._settle(
+            delivery,
+            "release",
+            lambda channel, tag: channel.basic_nack(tag.delivery_tag, requeue=True),
+        )
+
+    def park(
+        self, delivery: Delivery, reason: str, *, outcome: Mapping[str, Any] | None = None
+    ) -> None:
+        """Re-publish to the parked queue with the reason and the decided outcome (confirmed),
+        then ack the original."""
+        headers: dict[str, Any] = {
+            PARK_REASON_HEADER: str(reason)[:MAX_REASON_CHARS],
             "x-parked-at": datetime.now(timezone.utc).isoformat(),
             "x-original-queue": self.queue_name,
             ATTEMPT_HEADER: delivery.attempt,
+            HANDBACK_HEADER: delivery.handbacks,
         }
-        self._republish(delivery, self.parked_queue, headers)
+        if outcome is not None:
+            headers.update(_outcome_headers(outcome))
+        self._republish(delivery, "park", self.parked_queue, headers, REFUSED_HANDBACK_SECONDS)
 
-    # --- the I/O thread ----------------------------------------------------------------------
+    # --- settling, from any thread -----------------------------------------------------------
 
-    def _call_soon(self, callback: Callable[[], None]) -> None:
+    def _call_soon(self, callback: Callable[[], None]) -> bool:
         connection = self._connection
         if connection is None or not connection.is_open:
-            return
+            return False
         try:
             connection.add_callback_threadsafe(callback)
-        except AMQPError:
-            log.warning("broker connection closed; the delivery will be redelivered")
+            return True
+        except (AMQPError, OSError):
+            return False
 
-    def _settle(self, delivery: Delivery, action: Callable[[BlockingChannel, _Tag], None]) -> None:
+    def _settle(
+        self, delivery: Delivery, what: str, action: Callable[[BlockingChannel, _Tag], None]
+    ) -> None:
         tag = delivery.tag
         if not isinstance(tag, _Tag):
             raise TypeError("not a delivery of this source")
+        with self._gate:
+            current = tag.epoch == self._epoch
+            if current:
+                self._handed_out.discard(tag.delivery_tag)
+                self._gate.notify_all()
 
         def run() -> None:
             channel = self._channel
             if tag.epoch != self._epoch or channel is None or not channel.is_open:
-                log.warning("delivery %s outlived its connection; redelivered", tag.delivery_tag)
+                _log_dropped(what, tag)
                 return
             action(channel, tag)
 
-        self._call_soon(run)
+        if not current or not self._call_soon(run):
+            _log_dropped(what, tag)
 
-    def _republish(self, delivery: Delivery, target: str, headers: dict[str, Any]) -> None:
+    def _republish(
+        self,
+        delivery: Delivery,
+        what: str,
+        target: str,
+        headers: dict[str, Any],
+        hand_back_after: float,
+    ) -> None:
+        """Publish a copy to ``target`` (confirmed), then ack the original. A copy refused twice
+        sends the original back as it is ``hand_back_after`` seconds later: nacked at once, it
+        would come straight back and be refused again, many times a second."""
+
         def action(channel: BlockingChannel, tag: _Tag) -> None:
-            original = tag.properties
-            merged = dict(getattr(original, "headers", None) or {})
-            merged.pop(PENDING_FAILURE_HEADER, None)
-            merged.update(headers)
-            properties = pika.BasicProperties(
-                content_type=getattr(original, "content_type", None) or "application/json",
-                delivery_mode=pika.DeliveryMode.Persistent,
-                message_id=getattr(original, "message_id", None),
-                correlation_id=getattr(original, "correlation_id", None),
-                headers=merged,
-            )
+            properties = _copy_properties(tag.properties, headers)
             for last_try in (False, True):
                 try:
                     channel.basic_publish(
@@ -257,32 +379,124 @@ class RabbitMQTaskSource:
                         properties=properties,
                         mandatory=True,
                     )
-                    break
                 except (UnroutableError, NackError) as exc:
                     if last_try:
-                        # Never an instant requeue (it would loop): the delivery stays
-                        # unsettled and returns to the queue when this connection closes.
-                        log.error("could not re-publish to %s (%s); left unsettled", target, exc)
+                        self._hand_back_later(tag, target, exc, hand_back_after)
                         return
+                    log.warning("the broker refused the copy for %s (%r); again", target, exc)
                     self._declare(channel)  # the target queue may have been deleted
-            channel.basic_ack(tag.delivery_tag)
+                    continue
+                channel.basic_ack(tag.delivery_tag)
+                return
 
-        self._settle(delivery, action)
+        self._settle(delivery, what, action)
+
+    def _hand_back_later(self, tag: _Tag, target: str, exc: Exception, delay: float) -> None:
+        """On the I/O thread: nack the original with requeue after ``delay`` seconds."""
+        self.refused_republishes += 1
+        log.error(
+            "the broker refused the copy of delivery %s for %s twice (%r); the message goes"
+            " back as it is in %.0fs",
+            tag.delivery_tag,
+            target,
+            exc,
+            delay,
+        )
+
+        def hand_back() -> None:
+            channel = self._channel
+            if tag.epoch != self._epoch or channel is None or not channel.is_open:
+                _log_dropped("hand-back", tag)
+                return
+            channel.basic_nack(tag.delivery_tag, requeue=True)
+
+        connection = self._connection
+        if connection is None:
+            _log_dropped("hand-back", tag)
+            return
+        connection.call_later(delay, hand_back)
+
+    # --- the I/O thread ----------------------------------------------------------------------
+
+    def _begin_consuming(self) -> None:
+        channel = self._channel
+        if (
+            self._want_consume
+            and self._hold >= 1
+            and self._consumer_tag is None
+            and channel is not None
+            and channel.is_open
+        ):
+            self._consumer_tag = channel.basic_consume(
+                queue=self.queue_name, on_message_callback=self._on_message, auto_ack=False
+            )
 
     def _cancel_consumer(self) -> None:
         channel, consumer_tag = self._channel, self._consumer_tag
-        if channel is not None and channel.is_open and consumer_tag is not None:
+        if channel is None or not channel.is_open:
+            return
+        if consumer_tag is not None:
             channel.basic_cancel(consumer_tag)
             self._consumer_tag = None
-        # Deliveries received but not handed out yet go straight back to the queue.
+        self._return_inbox(channel)
+
+    def _return_inbox(self, channel: BlockingChannel) -> None:
+        """Deliveries received but not handed out go straight back to the queue."""
+        while True:
+            try:
+                delivery = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            tag = delivery.tag
+            if isinstance(tag, _Tag) and tag.epoch == self._epoch:
+                channel.basic_nack(tag.delivery_tag, requeue=True)
+
+    def _return_surplus(self, channel: BlockingChannel) -> None:
+        """Hand back the deliveries received but not handed out beyond what the hold allows
+        next to those the caller holds; the first received stay, in order."""
+        with self._gate:
+            room = max(0, self._hold - len(self._handed_out))
+        kept: list[Delivery] = []
         while True:
             try:
                 delivery = self._inbox.get_nowait()
             except queue.Empty:
                 break
             tag = delivery.tag
-            if isinstance(tag, _Tag) and tag.epoch == self._epoch and channel and channel.is_open:
+            if not isinstance(tag, _Tag) or tag.epoch != self._epoch:
+                continue  # from a connection that died: the broker redelivers it
+            if len(kept) < room:
+                kept.append(delivery)
+            else:
                 channel.basic_nack(tag.delivery_tag, requeue=True)
+        for delivery in kept:
+            self._inbox.put(delivery)
+
+    def _apply_hold(self, lowered: bool) -> None:
+        """Set the channel's prefetch (global: it applies to the running consumer at once and
+        counts every unsettled delivery); a hold of 0 cancels the consumer (a prefetch of 0
+        would mean no limit)."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return  # applied by the next connection
+        if self._hold == 0:
+            self._cancel_consumer()
+            return
+        channel.basic_qos(prefetch_count=self._hold, global_qos=True)
+        if lowered:
+            self._return_surplus(channel)
+        self._begin_consuming()
+
+    def _on_consumer_cancelled(self, method_frame: Any) -> None:
+        """The broker cancelled our consumer (the queue was deleted): declare, consume again."""
+        if method_frame.method.consumer_tag != self._consumer_tag:
+            return
+        log.warning("the broker cancelled the consumer of %s; consuming again", self.queue_name)
+        self._consumer_tag = None
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            self._declare(channel)
+            self._begin_consuming()
 
     def _on_message(
         self,
@@ -291,66 +505,76 @@ class RabbitMQTaskSource:
         properties: Any,
         body: bytes,
     ) -> None:
-        headers = getattr(properties, "headers", None) or {}
-        attempt = headers.get(ATTEMPT_HEADER, 0)
-        delivery = Delivery(
-            body=body,
-            attempt=attempt if isinstance(attempt, int) and attempt >= 0 else 0,
-            tag=_Tag(self._epoch, method.delivery_tag, properties),
-            pending_failure=_pending_failure(headers.get(PENDING_FAILURE_HEADER)),
-            redelivered=bool(method.redelivered),
-        )
+        """A pika callback: nothing may escape it (it would tear the connection down, and the
+        broker would deliver the same message again, at the head of the queue, forever)."""
+        received_at = time.monotonic()
+        tag = _Tag(self._epoch, method.delivery_tag, properties)
+        try:
+            delivery = _read_delivery(body, properties, received_at, tag)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.warning(
+                "the headers of delivery %s cannot be read (%s: %.200s); taken as a first"
+                " delivery with nothing carried",
+                method.delivery_tag,
+                type(exc).__name__,
+                exc,
+            )
+            delivery = Delivery(body=body, received_at=received_at, tag=tag)
         self._inbox.put(delivery)
 
     def _connect(self) -> None:
         connection = pika.BlockingConnection(self._parameters)
+        self._connection = connection  # closed by _drop_connection if the set-up fails
         channel = connection.channel()
         self._declare(channel)
         channel.confirm_delivery()
-        channel.basic_qos(prefetch_count=self._prefetch)
-        self._epoch += 1
-        self._connection, self._channel = connection, channel
-        self._consumer_tag = None
+        channel.add_on_cancel_callback(self._on_consumer_cancelled)
+        channel.basic_qos(prefetch_count=max(1, self._hold), global_qos=True)
+        with self._gate:
+            self._epoch += 1
+            self._handed_out.clear()
+        self._channel, self._consumer_tag = channel, None
         self._begin_consuming()
 
     def _declare(self, channel: BlockingChannel) -> None:
         # Exactly as the backend declares it: durable, no arguments.
         channel.queue_declare(queue=self.queue_name, durable=True)
         channel.queue_declare(queue=self.parked_queue, durable=True)
-        channel.queue_declare(
-            queue=self.retry_queue,
-            durable=True,
-            arguments={
-                "x-message-ttl": self._retry_delay_ms,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.queue_name,
-            },
-        )
+        for delay in self.retry_delays:
+            channel.queue_declare(
+                queue=self.retry_queue_for(delay),
+                durable=True,
+                arguments={
+                    "x-message-ttl": delay * 1000,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self.queue_name,
+                },
+            )
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         backoff = 0.5
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 self._connect()
                 backoff = 0.5
                 self._connected.set()
-                log.info("connected to RabbitMQ, consuming %s", self.queue_name)
-                while not self._stop.is_set():
+                log.info("connected to RabbitMQ, queue %s", self.queue_name)
+                while not stop.is_set():
                     self._connection.process_data_events(time_limit=0.2)  # type: ignore[union-attr]
                     self._refresh_depth()
                 self._shutdown()
                 return
             except Exception as exc:  # pylint: disable=broad-exception-caught
                 # Any failure (not only AMQP's) must end in a reconnect, never a dead I/O thread.
-                self._first_error = self._first_error or exc
+                self._last_error = exc
                 self._drop_connection()
                 if isinstance(exc, (AMQPError, OSError)):
                     log.warning(
-                        "RabbitMQ connection lost (%s); reconnecting in %.1fs", exc, backoff
+                        "RabbitMQ connection lost (%r); reconnecting in %.1fs", exc, backoff
                     )
                 else:
                     log.exception("RabbitMQ I/O thread failed; reconnecting in %.1fs", backoff)
-                self._stop.wait(backoff)
+                stop.wait(backoff)
                 backoff = min(backoff * 2, self._reconnect_max)
 
     def _refresh_depth(self) -> None:
@@ -363,11 +587,18 @@ class RabbitMQTaskSource:
         frame = channel.queue_declare(queue=self.queue_name, passive=True)
         self._depth = frame.method.message_count
 
+    def _forget_deliveries(self) -> None:
+        """Deliveries of the connection that ends are stale from now on."""
+        with self._gate:
+            self._epoch += 1
+            self._handed_out.clear()
+            self._gate.notify_all()
+
     def _drop_connection(self) -> None:
         """Forget a broken connection: its deliveries are stale from now on."""
         self._connected.clear()
         self._depth, self._depth_checked = None, 0.0
-        self._epoch += 1  # receive() stops handing out deliveries of the dead connection
+        self._forget_deliveries()
         connection = self._connection
         self._connection, self._channel, self._consumer_tag = None, None, None
         if connection is not None and connection.is_open:
@@ -387,24 +618,107 @@ class RabbitMQTaskSource:
             connection.process_data_events(time_limit=0)
             connection.close()
         except (AMQPError, OSError) as exc:
-            log.warning("RabbitMQ connection closed uncleanly: %s", exc)
+            log.warning("RabbitMQ connection closed uncleanly: %r", exc)
         finally:
             self._connected.clear()
-            self._connection, self._channel = None, None
+            self._forget_deliveries()
+            self._connection, self._channel, self._consumer_tag = None, None, None
 
 
-def _pending_failure(raw: object) -> FailureReport | None:
-    if not isinstance(raw, (str, bytes)):
+def _log_dropped(what: str, tag: _Tag) -> None:
+    log.warning(
+        "%s of delivery %s dropped: its connection is gone; the broker delivers it again",
+        what,
+        tag.delivery_tag,
+    )
+
+
+def _read_delivery(body: bytes, properties: Any, received_at: float, tag: _Tag) -> Delivery:
+    """A delivery with the counts and the failure its headers carry."""
+    headers = getattr(properties, "headers", None) or {}
+    attempt = _count(headers.get(ATTEMPT_HEADER))
+    handbacks = _count(headers.get(HANDBACK_HEADER))
+    return Delivery(
+        body=body,
+        attempt=attempt or 0,
+        # Copies retried by an earlier version carry the attempt only; each was a hand-back.
+        handbacks=handbacks if handbacks is not None else attempt or 0,
+        received_at=received_at,
+        tag=tag,
+        carried_failure=_carried_failure(headers.get(PENDING_FAILURE_HEADER)),
+    )
+
+
+def _copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProperties:
+    """The original's properties for a re-published copy: persistent, headers merged.
+
+    The marker of undecodable headers is not copied as if it were a header of the message: the
+    copy says instead, in ``x-original-headers-dropped``, that the original's were lost and why
+    (the copy's own headers decode, so it is an ordinary delivery from then on)."""
+    merged = dict(getattr(original, "headers", None) or {})
+    merged.pop(PENDING_FAILURE_HEADER, None)
+    undecodable = merged.pop(UNDECODABLE_HEADERS, None)
+    if undecodable is not None:
+        merged[ORIGINAL_HEADERS_DROPPED] = undecodable
+    merged.update(headers)
+    return pika.BasicProperties(
+        content_type=getattr(original, "content_type", None) or "application/json",
+        content_encoding=getattr(original, "content_encoding", None),
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=getattr(original, "message_id", None),
+        correlation_id=getattr(original, "correlation_id", None),
+        timestamp=getattr(original, "timestamp", None),
+        type=getattr(original, "type", None),
+        app_id=getattr(original, "app_id", None),
+        headers=merged,
+    )
+
+
+def _outcome_headers(outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """``outcome`` as JSON text, cut to MAX_OUTCOME_BYTES (and then said so)."""
+    try:
+        text = json.dumps(dict(outcome), default=str, ensure_ascii=False)
+    except (TypeError, ValueError):  # keys JSON cannot take, a circular reference
+        text = json.dumps({"repr": repr(outcome)}, ensure_ascii=False)
+    raw = text.encode()
+    if len(raw) <= MAX_OUTCOME_BYTES:
+        return {DECIDED_OUTCOME_HEADER: text}
+    return {
+        DECIDED_OUTCOME_HEADER: raw[:MAX_OUTCOME_BYTES].decode(errors="ignore"),
+        OUTCOME_TRUNCATED_HEADER: len(raw),
+    }
+
+
+def _count(raw: object) -> int | None:
+    """A non-negative integer header, or None."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    return None
+
+
+def _carried_failure(raw: object) -> FailureReport | None:
+    """The legacy ``x-pending-failure`` header, read strictly: anything else is ignored."""
+    if raw is None:
         return None
     try:
-        data = json.loads(raw)
-        return FailureReport(
-            generation_id=int(data["generation_id"]),
+        data = json.loads(raw)  # type: ignore[arg-type]
+        report = FailureReport(
+            generation_id=data["generation_id"],
             code=ErrorCode(data["code"]),
-            message=str(data["message"]),
-            retry_count=int(data["retry_count"]),
-            poison=bool(data.get("poison", False)),
+            message=data["message"],
+            retry_count=data["retry_count"],
+            poison=data.get("poison", False),
         )
-    except (ValueError, KeyError, TypeError):
-        log.warning("unreadable %s header ignored", PENDING_FAILURE_HEADER)
+    # Anything: RecursionError from deeply nested JSON, an error of an odd header type...
+    except Exception:  # pylint: disable=broad-exception-caught
+        report = None
+    if (
+        report is None
+        or _count(report.generation_id) is None
+        or not isinstance(report.message, str)
+        or _count(report.retry_count) is None
+        or not isinstance(report.poison, bool)
+    ):
+        log.warning("unreadable %s header ignored: %.200r", PENDING_FAILURE_HEADER, raw)
         return None
+    return report
