@@ -21,7 +21,8 @@ def progress_bar(percent: int, width: int = BAR_WIDTH) -> str:
 
 
 class ConsoleNotifier:
-    """Implements ``Notifier`` by writing to a stream; never fails."""
+    """Implements ``Notifier`` by writing to a stream; never fails, so no backend is involved
+    and ``check_access`` always accepts."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
@@ -51,3 +52,6 @@ class ConsoleNotifier:
         self._write(
             f"generation {generation_id} FAILED {code.value} (retry_count={retry_count}): {message}"
         )
+
+    def check_access(self) -> None:
+        """Accepts: there is no backend to refuse credentials (nothing is written)."""

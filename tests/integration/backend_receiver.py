@@ -11,9 +11,23 @@ It enforces the backend's rules and records every request::
 Answers, in this order: 404 for an unknown path, 405 for a wrong method, 401 for a missing or
 wrong bearer token, 403 for a wrong ``X-Request-Source``, 415 for a body that is not declared as
 JSON, 401 for a bad Standard Webhooks signature (only when ``signing_secret`` is given), 400 for a
-body that is not a JSON object or misses a field, 404 for a generation id listed as unknown, and
-200 ``{"success": true}`` otherwise. Failures injected with ``fail_next`` and delays set with
-``set_delay`` come before all of these, like an outage in front of the real backend.
+body that is not a JSON object or misses a field, 404 for a generation id listed as unknown or,
+once generations are registered (``generations=`` or ``register``), for one not registered, and
+200 ``{"success": true}`` otherwise. Failures injected with ``fail_next`` (the next N calls) or
+``fail_for`` (a while) and delays set with ``set_delay`` come before all of these, like an outage
+in front of the real backend or a view whose transaction rolls back: they change no state. An
+injected failure with ``applied=True`` is a gateway that lost the view's answer instead: the call
+goes through the rules and is applied as usual, then answered with the injected status.
+
+It also holds what the real backend's views store, per generation (``state``)::
+
+    progress  -> the stored progress JSON is REPLACED by the call's ``progress``
+    complete  -> status "completed", ``result_url`` set, ``metadata`` MERGED into the progress JSON
+    failed    -> status "failed", and the user's tokens REFUNDED on every call, whatever the
+                 status was (``refunds`` counts them): a second ``failed`` refunds twice
+
+A call is applied when it is answered, after any delay: a client that timed out waiting has still
+had its call applied, as with a backend that committed before the answer was lost.
 
 Every accessor is thread-safe. Requests are recorded when answered and listed in arrival order.
 """
@@ -91,6 +105,52 @@ class RecordedRequest:
         return self.payload.get("generation_id") if isinstance(self.payload, dict) else None
 
 
+PENDING = "pending"
+COMPLETED = "completed"
+FAILED = "failed"
+"""The statuses a generation can have here (the backend has more; these are the worker's)."""
+
+
+@dataclass(frozen=True)
+class GenerationState:
+    """What the backend holds for one generation after the calls applied so far."""
+
+    generation_id: int
+    status: str
+    """``pending``, ``completed`` or ``failed``."""
+    progress: Mapping[str, Any] | None
+    """The stored progress JSON: the last progress call's object, with completion metadata merged
+    in; None before either arrived."""
+    result_url: str | None
+    refunds: int
+    """How many times the user's tokens were refunded (one per applied ``failed`` call)."""
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass
+class _Generation:
+    status: str = PENDING
+    progress: dict[str, Any] | None = None
+    result_url: str | None = None
+    refunds: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def frozen(self, generation_id: int) -> GenerationState:
+        """An immutable copy, for callers outside the lock."""
+        progress = None if self.progress is None else MappingProxyType(dict(self.progress))
+        return GenerationState(
+            generation_id=generation_id,
+            status=self.status,
+            progress=progress,
+            result_url=self.result_url,
+            refunds=self.refunds,
+            error_code=self.error_code,
+            error_message=self.error_message,
+        )
+
+
 @dataclass
 class _FailureRule:
     remaining: int | None
@@ -98,6 +158,16 @@ class _FailureRule:
     kind: str | None
     headers: dict[str, str]
     body: bytes
+    until: float | None = None
+    """``time.monotonic()`` after which the rule no longer answers; None: no time limit."""
+    applied: bool = False
+    """Whether the call is applied (when the rules accept it) before the injected answer."""
+
+    def matches(self, kind: str | None, now: float) -> bool:
+        """Whether the rule answers a request to ``kind`` arriving at ``now``."""
+        if self.kind not in (None, kind) or self.remaining == 0:
+            return False
+        return self.until is None or now < self.until
 
 
 @dataclass(frozen=True)
@@ -105,6 +175,8 @@ class _Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    applied: bool = False
+    """For an injected answer: the call is applied first, as when no rule answered."""
 
 
 def verify_signature(
@@ -147,9 +219,12 @@ def verify_signature(
 class BackendReceiver:
     """The backend's webhook endpoints on ``127.0.0.1`` (a free port), served by threads.
 
-    ``token``: the accepted bearer token. ``signing_secret``: when given, unsigned or badly signed
-    requests get 401. ``unknown_generation_ids``: ids answered with 404. ``delay_seconds``: wait
-    before answering any request (see ``set_delay``). Use as a context manager, or ``start()`` and
+    ``token``: the accepted bearer token (see ``set_token``). ``signing_secret``: when given,
+    unsigned or badly signed requests get 401. ``unknown_generation_ids``: ids answered with 404.
+    ``generations``: the generations that exist (pending); when given, or once ``register`` was
+    called, any other id is answered with 404 as the real backend does; by default every id is
+    accepted and its state created on its first applied call. ``delay_seconds``: wait before
+    answering any request (see ``set_delay``). Use as a context manager, or ``start()`` and
     ``stop()``.
     """
 
@@ -159,6 +234,7 @@ class BackendReceiver:
         token: str = DEFAULT_TOKEN,
         signing_secret: str | None = None,
         unknown_generation_ids: Iterable[int] = (),
+        generations: Iterable[int] | None = None,
         delay_seconds: float = 0.0,
         host: str = "127.0.0.1",
     ) -> None:
@@ -175,6 +251,10 @@ class BackendReceiver:
         self._seq = 0
         self._in_flight = 0
         self._max_in_flight = 0
+        self._generations: dict[int, _Generation] = {}
+        self._registered_only = generations is not None
+        for generation_id in generations or ():
+            self._generations[generation_id] = _Generation()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -238,13 +318,81 @@ class BackendReceiver:
         retry_after: str | float | None = None,
         body: bytes | str | None = None,
         headers: Mapping[str, str] | None = None,
+        applied: bool = False,
     ) -> None:
         """Answer the next ``count`` requests (None: all, until ``clear``) with ``status``.
 
         ``kind`` limits the rule to one endpoint; ``retry_after`` adds a ``Retry-After`` header
         (seconds or an HTTP date); ``body`` replaces the default JSON error body. Rules queue up:
-        the first one with calls left that matches a request answers it.
+        the first one with calls left that matches a request answers it. ``applied``: the view
+        runs and commits first (when its rules accept the call), then a gateway in front answers
+        ``status`` instead of the view's answer (``fail_next(1, 502, applied=True)``: nginx's
+        502 after the refund was committed).
         """
+        self._add_rule(
+            count=count,
+            until=None,
+            status=status,
+            kind=kind,
+            retry_after=retry_after,
+            body=body,
+            headers=headers,
+            applied=applied,
+        )
+
+    def fail_for(
+        self,
+        seconds: float,
+        status: int = 503,
+        *,
+        kind: str | None = None,
+        retry_after: str | float | None = None,
+        body: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Answer every request (to ``kind``, or all) with ``status`` for the next ``seconds``.
+
+        ``fail_for(2, 500, kind="failed")``: the failed view raising at commit for a while (the
+        refund rolls back, nothing changes); ``fail_for(5, 401)``: the token rotated on one side
+        for a while. Otherwise like ``fail_next``.
+        """
+        if seconds < 0:
+            raise ValueError(f"seconds must not be negative, got {seconds}")
+        until = time.monotonic() + seconds
+        self._add_rule(
+            count=None,
+            until=until,
+            status=status,
+            kind=kind,
+            retry_after=retry_after,
+            body=body,
+            headers=headers,
+        )
+
+    def set_token(self, token: str) -> None:
+        """Accept ``token`` from now on, refusing the old one (rotated on the backend's side)."""
+        with self._lock:
+            self.token = token
+
+    def register(self, *generation_ids: int) -> None:
+        """Create these generations (pending); from now on any other id is answered with 404."""
+        with self._lock:
+            self._registered_only = True
+            for generation_id in generation_ids:
+                self._generations.setdefault(generation_id, _Generation())
+
+    def _add_rule(
+        self,
+        *,
+        count: int | None,
+        until: float | None,
+        status: int,
+        kind: str | None,
+        retry_after: str | float | None,
+        body: bytes | str | None,
+        headers: Mapping[str, str] | None,
+        applied: bool = False,
+    ) -> None:
         if kind is not None and kind not in METHODS:
             raise ValueError(f"kind must be one of {sorted(METHODS)}, got {kind!r}")
         extra = dict(headers or {})
@@ -254,7 +402,7 @@ class BackendReceiver:
             body = json.dumps({"success": False, "error": f"injected {status}"})
         data = body.encode("utf-8") if isinstance(body, str) else body
         with self._lock:
-            self._rules.append(_FailureRule(count, status, kind, extra, data))
+            self._rules.append(_FailureRule(count, status, kind, extra, data, until, applied))
 
     def set_delay(self, seconds: float, *, kind: str | None = None) -> None:
         """Wait ``seconds`` before answering (one kind, or every request when ``kind`` is None)."""
@@ -262,13 +410,43 @@ class BackendReceiver:
             self._delays[kind] = seconds
 
     def clear(self) -> None:
-        """Forget recorded requests, failure rules and delays."""
+        """Forget recorded requests, failure rules and delays (not what the generations hold)."""
         with self._lock:
             self._records.clear()
             self._rules.clear()
             self._arrivals.clear()
             self._delays = {None: 0.0}
             self._max_in_flight = self._in_flight
+
+    # What the backend holds.
+
+    def state(self, generation_id: int) -> GenerationState | None:
+        """What the backend holds for a generation, or None when it does not exist (here)."""
+        with self._lock:
+            generation = self._generations.get(generation_id)
+            return None if generation is None else generation.frozen(generation_id)
+
+    def wait_for_state(
+        self,
+        generation_id: int,
+        predicate: Callable[[GenerationState | None], bool],
+        *,
+        timeout: float = 5.0,
+    ) -> GenerationState | None:
+        """Block until ``predicate(state(generation_id))`` holds; that state, or TimeoutError."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                generation = self._generations.get(generation_id)
+                current = None if generation is None else generation.frozen(generation_id)
+                if predicate(current):
+                    return current
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"generation {generation_id} not as expected within {timeout} s: {current}"
+                    )
+                self._changed.wait(left)
 
     # What happened.
 
@@ -341,7 +519,14 @@ class BackendReceiver:
             if delay > 0:
                 time.sleep(delay)
             payload = _parse_json(body)
-            answer = self._injected_failure(kind) or self._check(method, kind, headers, body)
+            injected = self._injected_failure(kind)
+            answer = injected or self._check(method, kind, headers, body)
+            if injected is not None and injected.applied:
+                # A gateway lost the view's answer: the view ran, and committed if it accepted.
+                if self._check(method, kind, headers, body).status == 200 and kind is not None:
+                    self._apply(kind, payload)
+            elif answer.status == 200 and kind is not None:
+                self._apply(kind, payload)
             record = RecordedRequest(
                 seq=seq,
                 method=method,
@@ -362,14 +547,32 @@ class BackendReceiver:
             with self._lock:
                 self._in_flight -= 1
 
+    def _apply(self, kind: str, payload: dict[str, Any]) -> None:
+        """Store what the backend's view stores for an accepted call."""
+        generation_id = payload["generation_id"]
+        with self._lock:
+            generation = self._generations.setdefault(generation_id, _Generation())
+            if kind == "progress":
+                generation.progress = dict(payload["progress"])
+            elif kind == "complete":
+                generation.status = COMPLETED
+                generation.result_url = payload["result_url"]
+                generation.progress = {**(generation.progress or {}), **payload["metadata"]}
+            else:
+                generation.status = FAILED
+                generation.refunds += 1
+                generation.error_code = payload["error_code"]
+                generation.error_message = payload["error_message"]
+
     def _injected_failure(self, kind: str | None) -> _Answer | None:
+        now = time.monotonic()
         with self._lock:
             for rule in self._rules:
-                if rule.kind not in (None, kind) or rule.remaining == 0:
+                if not rule.matches(kind, now):
                     continue
                 if rule.remaining is not None:
                     rule.remaining -= 1
-                return _Answer(rule.status, rule.body, dict(rule.headers))
+                return _Answer(rule.status, rule.body, dict(rule.headers), rule.applied)
         return None
 
     def _check(
@@ -383,22 +586,27 @@ class BackendReceiver:
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         payload = _parse_json(body)
         problem = _invalid_field(kind, payload)
+        with self._lock:
+            token = self.token
+            unknown = problem is None and self._unknown(payload["generation_id"])
         refusals = (
-            (headers.get("authorization") != f"Bearer {self.token}", 401, "bad or missing token"),
+            (headers.get("authorization") != f"Bearer {token}", 401, "bad or missing token"),
             (headers.get("x-request-source") != REQUEST_SOURCE, 403, "invalid request source"),
             (media_type != "application/json", 415, f"unsupported media type {media_type!r}"),
             (not self._signed_correctly(headers, body), 401, "invalid webhook signature"),
             (problem is not None, 400, str(problem)),
-            (
-                problem is None and payload["generation_id"] in self.unknown_generation_ids,
-                404,
-                "generation not found",
-            ),
+            (unknown, 404, "generation not found"),
         )
         for refused, status, message in refusals:
             if refused:
                 return _error(status, message)
         return _Answer(200, json.dumps({"success": True}).encode())
+
+    def _unknown(self, generation_id: int) -> bool:
+        """Whether the backend answers 404 for this id; lock held."""
+        if generation_id in self.unknown_generation_ids:
+            return True
+        return self._registered_only and generation_id not in self._generations
 
     def _signed_correctly(self, headers: Mapping[str, str], body: bytes) -> bool:
         if self.signing_secret is None:

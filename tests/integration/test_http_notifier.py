@@ -25,10 +25,23 @@ from adapters.http_notifier import (
     PROGRESS_PATH,
     HttpNotifier,
 )
-from domain.errors import ErrorCode, NotifyError, WebhookRejected
+from domain.errors import (
+    ErrorCode,
+    NotifyError,
+    WebhookNotFound,
+    WebhookOutcomeUnknown,
+    WebhookRejected,
+    WebhookUnauthorized,
+)
 from domain.progress import ProgressUpdate
 from ports.notifier import Notifier
-from tests.integration.backend_receiver import BackendReceiver, RecordedRequest
+from tests.integration.backend_receiver import (
+    COMPLETED,
+    FAILED,
+    PENDING,
+    BackendReceiver,
+    RecordedRequest,
+)
 from tests.integration.services import free_port
 from tests.unit.fakes import FakeTelemetry
 
@@ -178,33 +191,83 @@ def test_failure_body_carries_the_code_string(
 # Refusals and retries.
 
 
-def test_wrong_token_is_rejected_once(
+def test_wrong_token_is_unauthorized_at_once_without_naming_it(
     receiver: BackendReceiver, make_notifier: NotifierFactory, fake_time: FakeTime
 ) -> None:
     notifier = make_notifier(token="not-the-token")
-    with pytest.raises(WebhookRejected, match="401"):
+    with pytest.raises(WebhookUnauthorized, match="401.*INTERNAL_API_TOKEN") as caught:
         notifier.completed(1, "https://cdn/1.png", {})
+    assert "not-the-token" not in str(caught.value) and TOKEN not in str(caught.value)
     assert [r.status for r in receiver.requests] == [401]
     assert not fake_time.sleeps
+    assert receiver.state(1) is None
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 409, 422])
-def test_other_client_errors_are_rejected_without_retry(
-    receiver: BackendReceiver, make_notifier: NotifierFactory, status: int
+REFUSALS = [
+    (401, WebhookUnauthorized),
+    (403, WebhookUnauthorized),
+    (404, WebhookNotFound),
+    (400, WebhookRejected),
+    (409, WebhookRejected),
+    (410, WebhookRejected),
+    (422, WebhookRejected),
+]
+
+
+@pytest.mark.parametrize(("status", "error"), REFUSALS)
+def test_each_refusal_raises_its_own_error_without_retry(
+    receiver: BackendReceiver,
+    make_notifier: NotifierFactory,
+    fake_time: FakeTime,
+    status: int,
+    error: type[NotifyError],
 ) -> None:
-    receiver.fail_next(1, status, body='{"error": "field error_code: bad"}')
-    with pytest.raises(WebhookRejected, match=f"{status}.*field error_code: bad"):
+    receiver.fail_next(1, status, kind="failed", body='{"error": "field error_code: bad"}')
+    with pytest.raises(NotifyError, match=f"{status}.*field error_code: bad") as caught:
         make_notifier().failed(1, ErrorCode.MODEL_ERROR, "boom", 0)
-    assert len(receiver.requests) == 1
+    assert type(caught.value) is error  # pylint: disable=unidiomatic-typecheck
+    assert len(receiver.requests) == 1 and not fake_time.sleeps
+    assert receiver.state(1) is None  # an injected refusal changes nothing
 
 
-def test_unknown_generation_is_rejected(make_notifier: NotifierFactory) -> None:
-    with BackendReceiver(token=TOKEN, unknown_generation_ids=[404404]) as backend:
+def test_credential_refusals_name_what_to_check(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    receiver.fail_next(1, 403)
+    with pytest.raises(WebhookUnauthorized, match="403.*X-Request-Source"):
+        make_notifier().completed(1, "https://cdn/1.png", {})
+
+
+def test_a_refusal_carries_a_short_excerpt_without_the_token(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    receiver.fail_next(1, 422, body=f"token {TOKEN} " + "x" * 5000)
+    with pytest.raises(WebhookRejected) as caught:
+        make_notifier(signing_secret="sign-me-secret").completed(1, "https://cdn/1.png", {})
+    message = str(caught.value)
+    assert TOKEN not in message and "token ***" in message
+    assert len(message) < 300 and message.endswith("...")
+
+
+def test_an_unknown_generation_is_not_found_and_changes_nothing(
+    make_notifier: NotifierFactory,
+) -> None:
+    with BackendReceiver(token=TOKEN, generations=[1]) as backend:
         notifier = make_notifier(base_url=backend.base_url)
-        with pytest.raises(WebhookRejected, match="404"):
+        with pytest.raises(WebhookNotFound, match="404.*generation 404404"):
             notifier.completed(404404, "https://cdn/x.png", {})
-        notifier.completed(1, "https://cdn/1.png", {})
+        notifier.completed(1, "https://cdn/1.png", {"seed": 3})
         assert [r.status for r in backend.requests] == [404, 200]
+        assert backend.state(404404) is None
+        state = backend.state(1)
+    assert state is not None and state.status == COMPLETED
+    assert state.result_url == "https://cdn/1.png" and state.progress == {"seed": 3}
+
+
+def test_listed_unknown_ids_are_not_found(make_notifier: NotifierFactory) -> None:
+    with BackendReceiver(token=TOKEN, unknown_generation_ids=[5]) as backend:
+        with pytest.raises(WebhookNotFound):
+            make_notifier(base_url=backend.base_url).failed(5, ErrorCode.MODEL_ERROR, "m", 0)
 
 
 def test_redirects_are_not_followed(
@@ -236,13 +299,24 @@ def test_backoff_ceiling_is_capped(
     assert fake_time.sleeps == [expected.uniform(0, c) for c in (1.0, 1.5, 1.5, 1.5)]
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 504])
-def test_transient_statuses_are_retried(
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried_for_a_completion(
     receiver: BackendReceiver, make_notifier: NotifierFactory, status: int
 ) -> None:
-    receiver.fail_next(1, status)
+    receiver.fail_next(1, status, applied=True)  # applied or not: repeating it is harmless
+    make_notifier().completed(3, "https://cdn/3.png", {"seed": 1})
+    assert [r.status for r in receiver.requests] == [status, 200]
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_statuses_that_apply_nothing_are_retried_for_a_failure(
+    receiver: BackendReceiver, make_notifier: NotifierFactory, status: int
+) -> None:
+    receiver.fail_next(1, status, kind="failed")
     make_notifier().failed(3, ErrorCode.STORAGE_ERROR, "s3 down", 1)
     assert [r.status for r in receiver.requests] == [status, 200]
+    state = receiver.state(3)
+    assert state is not None and state.refunds == 1
 
 
 def test_retry_after_seconds_is_honoured(
@@ -260,7 +334,8 @@ def test_retry_after_http_date_is_honoured_and_capped(
     soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=10), usegmt=True)
     receiver.fail_next(1, 503, retry_after=soon)
     receiver.fail_next(1, 503, retry_after=3600)
-    make_notifier(backoff_max_seconds=30.0).completed(7, "https://cdn/7.png", {})
+    notifier = make_notifier(backoff_max_seconds=30.0, retry_budget_seconds=60.0)
+    notifier.completed(7, "https://cdn/7.png", {})
     assert len(fake_time.sleeps) == 2
     assert 8.0 <= fake_time.sleeps[0] <= 10.0
     assert fake_time.sleeps[1] == 30.0
@@ -302,8 +377,66 @@ def test_connection_refused_is_a_notify_error(
     notifier = make_notifier(base_url=f"http://127.0.0.1:{unused_port()}", max_attempts=3)
     with pytest.raises(NotifyError, match="3 attempt.*ConnectionError") as caught:
         notifier.failed(7, ErrorCode.MODEL_ERROR, "boom", 0)
-    assert not isinstance(caught.value, WebhookRejected)
+    assert type(caught.value) is NotifyError  # pylint: disable=unidiomatic-typecheck
+    assert "answer was lost" not in str(caught.value)  # nothing reached a backend
     assert len(fake_time.sleeps) == 2
+
+
+def test_defaults_retry_briefly_three_attempts(
+    receiver: BackendReceiver, fake_time: FakeTime
+) -> None:
+    receiver.fail_next(None, 503)
+    with HttpNotifier(
+        base_url=receiver.base_url, token=TOKEN, sleep=fake_time.sleep, clock=fake_time.clock
+    ) as notifier:
+        with pytest.raises(NotifyError, match="3 attempt"):
+            notifier.completed(7, "https://cdn/7.png", {})
+    assert len(receiver.requests) == 3
+
+
+def test_defaults_give_up_within_ten_seconds(
+    receiver: BackendReceiver, fake_time: FakeTime
+) -> None:
+    receiver.fail_next(None, 503, retry_after=6)
+    with HttpNotifier(
+        base_url=receiver.base_url, token=TOKEN, sleep=fake_time.sleep, clock=fake_time.clock
+    ) as notifier:
+        with pytest.raises(NotifyError, match="2 attempt"):
+            notifier.completed(7, "https://cdn/7.png", {})
+    assert fake_time.sleeps == [6.0]
+
+
+def test_a_failure_whose_answer_is_lost_is_never_sent_again(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    # The backend refunds on every failure call: a call it may have applied is not repeated.
+    receiver.set_delay(0.4, kind="failed")
+    notifier = make_notifier(timeout_seconds=0.1, max_attempts=3)
+    with pytest.raises(WebhookOutcomeUnknown, match="answer was lost: the backend may have"):
+        notifier.failed(7, ErrorCode.MODEL_ERROR, "boom", 0)
+    state = receiver.wait_for_state(7, lambda s: s is not None and s.refunds == 1)
+    assert state is not None and state.status == FAILED
+    time.sleep(0.5)  # let a second attempt arrive, if one was sent
+    assert len(receiver.of_kind("failed")) == 1 and receiver.state(7).refunds == 1
+
+
+def test_a_completion_whose_answer_is_lost_is_sent_again(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    receiver.set_delay(0.4, kind="complete")
+    notifier = make_notifier(timeout_seconds=0.1, max_attempts=2)
+    with pytest.raises(NotifyError, match="an answer was lost"):
+        notifier.completed(7, "https://cdn/7.png", {"seed": 1})
+    assert len(receiver.wait_for(lambda seen: len(seen) >= 2)) == 2
+
+
+def test_a_failure_refused_at_connect_is_retried(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    receiver.fail_next(2, status=503, kind="failed")
+    notifier = make_notifier(max_attempts=3)
+    notifier.failed(8, ErrorCode.MODEL_ERROR, "boom", 0)
+    assert receiver.state(8).refunds == 1 and len(receiver.of_kind("failed")) == 3
 
 
 def test_slow_receiver_times_out_is_retried_then_gives_up(
@@ -368,7 +501,7 @@ def test_whsec_prefix_is_decoded_not_used_verbatim(make_notifier: NotifierFactor
 def test_wrong_secret_is_refused_by_the_receiver(make_notifier: NotifierFactory) -> None:
     with BackendReceiver(token=TOKEN, signing_secret=WHSEC) as backend:
         notifier = make_notifier(base_url=backend.base_url, signing_secret="whsec_" + "QUJD")
-        with pytest.raises(WebhookRejected, match="401"):
+        with pytest.raises(WebhookUnauthorized, match="401"):
             notifier.completed(7, "https://cdn/7.png", {})
 
 
@@ -637,8 +770,9 @@ def test_every_http_attempt_is_reported_to_telemetry(
     receiver.fail_next(2, 503, kind="complete")
     notifier.completed(8, "https://cdn/8.png", {"seed": 1})
     receiver.fail_next(1, 401, kind="failed")
-    with pytest.raises(WebhookRejected):
+    with pytest.raises(WebhookUnauthorized):
         notifier.failed(9, ErrorCode.LORA_INVALID, "bad", 0)
+    notifier.check_access()
     assert telemetry.of("webhook") == [
         {"kind": "completed", "ok": False},
         {"kind": "completed", "ok": False},
@@ -656,3 +790,157 @@ def test_a_connection_error_is_a_failed_attempt(make_notifier: NotifierFactory) 
     with pytest.raises(NotifyError):
         notifier.completed(10, "https://cdn/10.png", {})
     assert telemetry.of("webhook") == [{"kind": "completed", "ok": False}] * 2
+
+
+# What the backend ends up holding.
+
+
+def test_the_completion_metadata_survives_late_progress(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    notifier = make_notifier()
+    notifier.progress(31, update(0))
+    receiver.wait_for_state(31, lambda s: s is not None and s.progress is not None)
+    notifier.completed(31, "https://cdn/31.png", {"seed": 42, "steps": 50})
+    notifier.progress(31, update(45))  # late: must not replace the stored JSON
+    notifier.progress(32, update(10))
+    receiver.wait_for_state(32, lambda s: s is not None)
+    state = receiver.state(31)
+    assert state is not None and (state.status, state.result_url) == (
+        COMPLETED,
+        "https://cdn/31.png",
+    )
+    assert state.progress == {
+        **update(0).as_payload(),
+        "seed": 42,
+        "steps": 50,
+    }
+
+
+def test_a_failure_retried_through_a_rolled_back_commit_refunds_once(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    receiver.fail_next(2, 500, kind="failed")
+    make_notifier().failed(12, ErrorCode.GPU_OOM, "GPU out of memory", 0)
+    state = receiver.state(12)
+    assert state is not None
+    assert (state.status, state.refunds, state.error_code) == (FAILED, 1, "GPU_OOM")
+    assert [r.status for r in receiver.of_kind("failed")] == [500, 500, 200]
+
+
+def test_an_outage_longer_than_the_budget_raises_and_changes_nothing(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    receiver.fail_for(60, 503, kind="failed")
+    with pytest.raises(NotifyError, match="4 attempt"):
+        make_notifier().failed(13, ErrorCode.GPU_OOM, "oom", 0)
+    assert receiver.state(13) is None
+
+
+# Asking whether the backend accepts the credentials.
+
+ACCESS_BODY = (
+    b'{"generation_id":0,"progress":{"current_step":0,"total_steps":1,'
+    b'"progress_percent":0,"estimated_seconds":null}}'
+)
+
+
+def test_check_access_accepts_the_real_backends_404_and_changes_nothing(
+    make_notifier: NotifierFactory,
+) -> None:
+    telemetry = FakeTelemetry()
+    with BackendReceiver(token=TOKEN, generations=[1]) as backend:
+        make_notifier(base_url=backend.base_url, telemetry=telemetry).check_access()
+        [request] = backend.requests
+        assert backend.state(0) is None
+        untouched = backend.state(1)
+    assert (request.method, request.path, request.status) == ("PATCH", PROGRESS_PATH, 404)
+    assert_common_headers(request)
+    assert request.body == ACCESS_BODY
+    assert telemetry.of("webhook") == []  # a probe, not a webhook
+    assert untouched is not None and (untouched.status, untouched.progress) == (PENDING, None)
+
+
+@pytest.mark.parametrize("status", [200, 204, 400, 404])
+def test_check_access_accepts_any_answer_a_view_gives(
+    receiver: BackendReceiver, make_notifier: NotifierFactory, status: int
+) -> None:
+    receiver.fail_next(1, status)
+    make_notifier().check_access()
+    assert [r.status for r in receiver.requests] == [status]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_check_access_refused_names_the_token_and_the_status(
+    receiver: BackendReceiver, make_notifier: NotifierFactory, fake_time: FakeTime, status: int
+) -> None:
+    receiver.fail_next(1, status, body=f"bad token {TOKEN}")
+    with pytest.raises(WebhookUnauthorized, match=f"HTTP {status}") as caught:
+        make_notifier().check_access()
+    assert "INTERNAL_API_TOKEN" in str(caught.value) and TOKEN not in str(caught.value)
+    assert len(receiver.requests) == 1 and not fake_time.sleeps
+
+
+def test_check_access_with_a_wrong_token_is_refused(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    with pytest.raises(WebhookUnauthorized, match="401.*INTERNAL_API_TOKEN"):
+        make_notifier(token="stale-token").check_access()
+    assert [r.status for r in receiver.requests] == [401]
+
+
+@pytest.mark.parametrize("status", [500, 503, 429, 405])
+def test_check_access_cannot_tell_on_other_answers_and_tries_once(
+    receiver: BackendReceiver, make_notifier: NotifierFactory, fake_time: FakeTime, status: int
+) -> None:
+    receiver.fail_next(None, status)
+    with pytest.raises(NotifyError, match=f"HTTP {status}") as caught:
+        make_notifier().check_access()
+    assert not isinstance(caught.value, WebhookUnauthorized)
+    assert len(receiver.requests) == 1 and not fake_time.sleeps
+
+
+def test_check_access_unreachable_or_slow_is_a_notify_error(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    with pytest.raises(NotifyError, match="no answer.*ConnectionError") as refused:
+        make_notifier(base_url=f"http://127.0.0.1:{unused_port()}").check_access()
+    assert not isinstance(refused.value, WebhookUnauthorized)
+    receiver.set_delay(0.5)
+    started = time.monotonic()
+    with pytest.raises(NotifyError, match="no answer.*Timeout"):
+        make_notifier(timeout_seconds=0.1).check_access()
+    assert time.monotonic() - started < 0.45
+
+
+def test_check_access_is_signed_like_the_webhooks(make_notifier: NotifierFactory) -> None:
+    with BackendReceiver(token=TOKEN, signing_secret=WHSEC) as backend:
+        make_notifier(base_url=backend.base_url, signing_secret=WHSEC).check_access()
+        with pytest.raises(WebhookUnauthorized):
+            make_notifier(base_url=backend.base_url, signing_secret="whsec_QUJD").check_access()
+        first, second = backend.requests
+    assert backend.verify(first) and not backend.verify(second)
+
+
+def test_check_access_follows_a_token_rotation(
+    receiver: BackendReceiver, make_notifier: NotifierFactory
+) -> None:
+    notifier = make_notifier()
+    notifier.check_access()
+    receiver.set_token("rotated-token")
+    with pytest.raises(WebhookUnauthorized):
+        notifier.check_access()
+    with pytest.raises(WebhookUnauthorized):
+        notifier.completed(3, "https://cdn/3.png", {})
+    receiver.set_token(TOKEN)
+    notifier.check_access()
+    notifier.completed(3, "https://cdn/3.png", {})
+    state = receiver.state(3)
+    assert state is not None and state.status == COMPLETED
+
+
+def test_check_access_after_close_is_a_notify_error(make_notifier: NotifierFactory) -> None:
+    notifier = make_notifier()
+    notifier.close()
+    with pytest.raises(NotifyError, match="closed"):
+        notifier.check_access()
