@@ -7,6 +7,13 @@ one. ``LOG_FORMAT=text`` writes the same on one readable line. Either way a reda
 replaces the configured secret values, ``Bearer <token>`` and ``Authorization:`` header values
 with ``***`` in the message, its arguments, extra fields and exception text before anything is
 formatted: the code must never log a secret, and this is the second line of defence.
+
+Whatever reaches the root logger goes through that one handler: records of any logger that
+propagates (also those libraries create later), Python warnings, uncaught exceptions of any
+thread and "exception ignored" reports. It is also logging's last resort, used for a logger that
+neither propagates nor has a handler, so no record leaves in another format. (Libraries that
+install their own stderr handler, such as diffusers and transformers, are pointed at the root
+logger where they are loaded.)
 """
 
 from __future__ import annotations
@@ -112,11 +119,41 @@ class RedactingFilter(logging.Filter):
         for key, value in list(vars(record).items()):
             if key in _RECORD_ATTRIBUTES or isinstance(value, _PLAIN_TYPES):
                 continue
-            text = value if isinstance(value, str) else str(value)
+            try:
+                text = value if isinstance(value, str) else str(value)
+            except Exception:  # pylint: disable=broad-exception-caught
+                setattr(record, key, f"<unprintable {type(value).__name__}>")
+                continue
             cleaned = redact(text)
             if cleaned != text:
                 setattr(record, key, cleaned)
         return True
+
+
+class _RootHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler ``configure_logging`` installs.
+
+    A record that cannot be written becomes a short line in the same format naming its logger
+    and the error, instead of logging's default: a traceback and the record's text on stderr.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Write a replacement line; never raises."""
+        kind = sys.exc_info()[0]
+        try:
+            replacement = logging.LogRecord(
+                name="logging",
+                level=logging.ERROR,
+                pathname=__file__,
+                lineno=0,
+                msg="a log record from %s could not be written: %s",
+                args=(record.name, kind.__name__ if kind is not None else "unknown error"),
+                exc_info=None,
+            )
+            self.stream.write(self.format(replacement) + self.terminator)
+            self.flush()
+        except Exception:  # pylint: disable=broad-exception-caught
+            pass  # the stream itself is broken: nothing left to write to
 
 
 class JsonFormatter(logging.Formatter):
@@ -190,11 +227,12 @@ def configure_logging(
 ) -> logging.Handler:
     """Send every logger's records to ``stream`` (stderr) in ``fmt``; the handler installed.
 
-    Replaces the root logger's handlers (as ``basicConfig(force=True)`` does), stamps job ids,
-    redacts ``secrets`` (the values of INTERNAL_API_TOKEN, AWS keys, RABBITMQ_PASS,
-    WEBHOOK_SIGNING_SECRET...) and credentials, routes ``warnings`` through logging and, with
-    ``capture_uncaught``, logs uncaught exceptions of any thread through it too, so even a crash
-    stays one redacted JSON line.
+    Replaces the root logger's handlers (as ``basicConfig(force=True)`` does) and logging's last
+    resort with one handler, stamps job ids, redacts ``secrets`` (the values of
+    INTERNAL_API_TOKEN, AWS keys, RABBITMQ_PASS, WEBHOOK_SIGNING_SECRET...) and credentials, routes
+    ``warnings`` through logging and, with ``capture_uncaught``, logs uncaught exceptions of any
+    thread and "exception ignored" reports through it too, so even a crash stays one redacted
+    JSON line.
     """
     if fmt not in ("json", "text"):
         raise ValueError(f"log format must be 'json' or 'text', got {fmt!r}")
@@ -203,13 +241,15 @@ def configure_logging(
         root.removeHandler(old)
         if getattr(old, _OWNED, False):
             old.close()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _RootHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _OWNED, True)
     handler.addFilter(JobContextFilter())
     handler.addFilter(RedactingFilter(SecretRedactor(secrets)))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # A logger that neither propagates nor has a handler would write plain text through this.
+    logging.lastResort = handler
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -220,6 +260,7 @@ def configure_logging(
     if capture_uncaught:
         sys.excepthook = _log_uncaught
         threading.excepthook = _log_uncaught_in_thread
+        sys.unraisablehook = _log_unraisable
     return handler
 
 
@@ -243,6 +284,20 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         args.exc_type.__name__,
         name,
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    """An exception Python could not raise (in ``__del__``, a finalizer...): logged, not printed."""
+    try:
+        where = repr(unraisable.object)
+    except Exception:  # pylint: disable=broad-exception-caught
+        where = f"<unprintable {type(unraisable.object).__name__}>"
+    logging.getLogger("uncaught").warning(
+        "%s: %s",
+        unraisable.err_msg or "Exception ignored in",
+        where,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
     )
 
 

@@ -7,28 +7,38 @@
   the process). Until the first beat, ``startup_grace_seconds`` covers the model's load.
 - ``/readyz`` (readiness): 200 only when every registered check passes (model loaded, broker
   connected, storage reachable...). Checks run concurrently, each within a time limit; a check
-  that raises or does not answer in time counts as failing, with the reason in the JSON body.
+  that raises or does not answer in time counts as failing.
 
-Built on the standard library's ``ThreadingHTTPServer`` on a daemon thread: three read-only
-routes with JSON bodies and custom status codes need no framework, every request gets its own
-thread (a slow readiness check never delays a scrape), and ``close()`` stops it cleanly.
-Responses carry only states, durations and the checks' own short details, never settings;
-``redact`` (the log redactor) is applied to every detail as a second line of defence.
+The endpoint is reachable by anyone on the network, so ``/readyz`` says little: each check shows
+one of the short phrases registered with it (``Readiness.add(..., phrases=...)``), else a fixed
+one (``ok``, ``failing``, ``check failed``, ``no answer in time``); never exception text, URLs,
+hosts or bucket names. The full detail goes to the log, redacted, once per change of a check's
+state rather than on every probe.
+
+Built on the standard library's ``HTTPServer`` on a daemon thread: three read-only routes with
+JSON bodies and custom status codes need no framework. A fixed number of handler threads serve
+requests (a slow readiness check never delays a scrape); a connection arriving while all are
+busy is answered 503 at once, so a scraper storm cannot exhaust the worker's threads. Starting
+on an address in use raises ``OpsServerError`` naming METRICS_PORT; ``close()`` stops cleanly.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import logging
+import queue
+import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from types import TracebackType
 from typing import Any
 
@@ -39,11 +49,32 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 9100
+HANDLER_THREADS = 8
+"""Requests served at once; a connection beyond them is answered 503 at once."""
+REQUEST_READ_SECONDS = 5
+"""How long a client may take to send its request before its handler thread is freed."""
+BUSY_WAIT_SECONDS = 0.05
+"""How long a refused connection's request may take to arrive, so the 503 is read, not reset."""
 DETAIL_CHARS = 300
-"""How much of a check's detail (or exception text) a response carries."""
+"""How much of a liveness detail a response carries."""
+PHRASE_CHARS = 40
+"""The longest phrase a readiness check may register to show in ``/readyz``."""
+PASSING = "ok"
+FAILING = "failing"
+CHECK_FAILED = "check failed"
+NO_ANSWER = "no answer in time"
+"""What ``/readyz`` shows for a check whose detail is not one of its registered phrases, for one
+that raised, and for one that did not answer within the time limit."""
 
 ReadinessCheck = Callable[[], tuple[bool, str]]
-"""A readiness check: ``(ok, detail)``; ``detail`` says what is wrong (or what is fine)."""
+"""A readiness check: ``(ok, detail)``; ``detail`` says what is wrong (or what is fine).
+
+``/readyz`` shows ``detail`` only when it is one of the phrases registered with the check; the
+full ``detail`` goes to the log."""
+
+
+class OpsServerError(OSError):
+    """The operations endpoint cannot be served at its address (METRICS_HOST:METRICS_PORT)."""
 
 
 class Liveness:
@@ -112,27 +143,69 @@ class Liveness:
         return alive, body
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One run of a check: its answer and, for the log, the full detail and any exception."""
+
+    ok: bool
+    detail: str
+    seconds: float
+    error: BaseException | None = None
+    answered: bool = True
+
+
 class Readiness:
     """Named readiness checks, evaluated together for ``/readyz``.
 
     A check still running from an earlier probe is not started again: the new probe waits on
     the same run (so a hung check holds one thread, not one per probe). With no checks
     registered the worker counts as ready: register them before the server starts.
+
+    What a probe shows per check is ``{"ok", "detail", "seconds"}`` where ``detail`` is one of
+    the check's registered ``phrases`` or a fixed phrase (``PASSING``, ``FAILING``,
+    ``CHECK_FAILED``, ``NO_ANSWER``). The full detail, passed through ``redact``, is logged when
+    a check's shown state changes (WARNING when it starts failing, INFO when it passes), with
+    the traceback of a check that raised.
     """
 
-    def __init__(self, *, timeout_seconds: float = 3.0, max_threads: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_seconds: float = 3.0,
+        max_threads: int = 8,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         if timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
         self.timeout_seconds = timeout_seconds
+        self._redact = redact if redact is not None else (lambda text: text)
         self._checks: dict[str, ReadinessCheck] = {}
-        self._running: dict[str, Future[tuple[bool, str, float]]] = {}
+        self._phrases: dict[str, frozenset[str]] = {}
+        self._shown: dict[str, tuple[bool, str]] = {}
+        self._running: dict[str, Future[_Run]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="readyz-check")
 
-    def add(self, name: str, check: ReadinessCheck) -> None:
-        """Register (or replace) the check called ``name``."""
+    def add(self, name: str, check: ReadinessCheck, *, phrases: Iterable[str] = ()) -> None:
+        """Register (or replace) the check called ``name``.
+
+        ``phrases``: the details the check returns that ``/readyz`` may show as they are (short
+        fixed words such as "loaded", "loading", "disconnected"). A detail that starts with one
+        of them and ": " shows that phrase alone ("unreachable: AccessDenied on bucket x" shows
+        "unreachable"; the log gets it all). Any other detail shows as ``ok``/``failing``. A
+        phrase must be one line of at most ``PHRASE_CHARS`` characters.
+        """
+        allowed = frozenset(phrases)
+        for phrase in allowed:
+            if not phrase or len(phrase) > PHRASE_CHARS or not phrase.isprintable():
+                raise ValueError(
+                    f"readiness phrase for {name!r} must be one printable line of 1-{PHRASE_CHARS}"
+                    f" characters, got {phrase!r:.60}"
+                )
         with self._lock:
             self._checks[name] = check
+            self._phrases[name] = allowed
+            self._shown.pop(name, None)
 
     def evaluate(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         """``(ready, {name: {"ok", "detail", "seconds"}})``, within about ``timeout_seconds``."""
@@ -143,18 +216,24 @@ class Readiness:
         checks: dict[str, dict[str, Any]] = {}
         for name, future in sorted(futures.items()):
             if future.done():
-                ok, detail, seconds = future.result()
+                run = future.result()
             else:
-                ok, detail = False, f"no answer within {self.timeout_seconds:g} s"
-                seconds = time.monotonic() - started
-            checks[name] = {"ok": ok, "detail": detail, "seconds": round(seconds, 3)}
+                run = _Run(
+                    ok=False,
+                    detail=f"no answer within {self.timeout_seconds:g} s",
+                    seconds=time.monotonic() - started,
+                    answered=False,
+                )
+            shown = self._show(name, run)
+            self._log_change(name, run, shown)
+            checks[name] = {"ok": run.ok, "detail": shown, "seconds": round(run.seconds, 3)}
         return all(check["ok"] for check in checks.values()), checks
 
     def close(self) -> None:
         """Stop the check threads (a hung check is abandoned, not awaited)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _start(self, name: str, check: ReadinessCheck) -> Future[tuple[bool, str, float]]:
+    def _start(self, name: str, check: ReadinessCheck) -> Future[_Run]:
         """The running evaluation of ``check``, started now unless one is running; lock held."""
         running = self._running.get(name)
         if running is not None and not running.done():
@@ -163,11 +242,44 @@ class Readiness:
         self._running[name] = future
         return future
 
+    def _show(self, name: str, run: _Run) -> str:
+        """The phrase ``/readyz`` shows for a run: registered, or a fixed one."""
+        if not run.answered:
+            return NO_ANSWER
+        if run.error is not None:
+            return CHECK_FAILED
+        with self._lock:
+            allowed = self._phrases.get(name, frozenset())
+        phrase = run.detail if run.detail in allowed else run.detail.partition(": ")[0]
+        if phrase in allowed:
+            return phrase
+        return PASSING if run.ok else FAILING
+
+    def _log_change(self, name: str, run: _Run, shown: str) -> None:
+        """Log the full detail when the check's shown state changed since the last probe."""
+        with self._lock:
+            if self._shown.get(name) == (run.ok, shown):
+                return
+            self._shown[name] = (run.ok, shown)
+        detail = self._redact(" ".join(run.detail.split()))
+        if run.ok:
+            log.info("readiness check %s passes: %s", name, detail)
+            return
+        error = run.error
+        log.warning(
+            "readiness check %s failing: %s",
+            name,
+            detail,
+            exc_info=(type(error), error, error.__traceback__) if error is not None else None,
+        )
+
 
 class OpsServer:
     """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` from a daemon thread.
 
     ``port=0`` binds an ephemeral port (tests); ``port`` tells the bound one after ``start()``.
+    ``handler_threads`` requests are served at once; more are answered 503 without a thread.
+    ``redact`` is applied to everything a response says, as a second line of defence.
     """
 
     def __init__(
@@ -179,9 +291,13 @@ class OpsServer:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         redact: Callable[[str], str] | None = None,
+        handler_threads: int = HANDLER_THREADS,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must lie within 0-65535, got {port}")
+        if handler_threads < 1:
+            raise ValueError(f"handler_threads must be at least 1, got {handler_threads}")
+        self.handler_threads = handler_threads
         self.registry = registry
         self.liveness = liveness if liveness is not None else Liveness()
         self.readiness = readiness if readiness is not None else Readiness()
@@ -204,10 +320,16 @@ class OpsServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> OpsServer:
-        """Bind and serve; OSError (e.g. the port is taken) is raised here, not in the thread."""
+        """Bind and serve; ``OpsServerError`` (e.g. the port is taken) is raised here, not in
+        the thread, as one line naming METRICS_PORT and the address."""
         if self._server is not None:
             return self
-        server = _Server((self.host, self._port), self)
+        try:
+            server = _Server((self.host, self._port), self, handler_threads=self.handler_threads)
+        except OSError as exc:
+            error = OpsServerError(_bind_problem(self.host, self._port, exc))
+            error.errno = exc.errno
+            raise error from exc
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -264,22 +386,96 @@ class OpsServer:
         return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 3] + "..."
 
 
-class _Server(ThreadingHTTPServer):
-    """One thread per request, daemon threads, IPv6 when the host is an IPv6 address."""
+class _Server(HTTPServer):
+    """A fixed pool of handler threads; a connection finding none free is answered 503 at once.
 
-    daemon_threads = True
+    The accepting thread only queues a connection when a handler slot is free, so at most
+    ``handler_threads`` connections are being served and no thread is created per connection.
+    IPv6 when the host is an IPv6 address.
+    """
+
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], ops: OpsServer) -> None:
+    def __init__(self, address: tuple[str, int], ops: OpsServer, *, handler_threads: int) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.ops = ops
-        super().__init__(address, _Handler)
+        self._slots = threading.BoundedSemaphore(handler_threads)
+        self._accepted: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+        self._handlers = [
+            threading.Thread(target=self._serve_accepted, name=f"ops-handler-{i}", daemon=True)
+            for i in range(handler_threads)
+        ]
+        super().__init__(address, _Handler)  # binds: may raise before any thread starts
+        for thread in self._handlers:
+            thread.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a free handler thread, or refuse it with 503 at once."""
+        # Released by the handler thread once it has served the connection, not in a block.
+        if not self._slots.acquire(blocking=False):  # pylint: disable=consider-using-with
+            self._refuse(request)
+            return
+        self._accepted.put((request, client_address))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Through logging (the standard one prints a traceback to stderr)."""
+        log.debug("ops request from %s failed", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        """Close the socket and let the handler threads finish what they hold, then end."""
+        super().server_close()
+        for _ in self._handlers:
+            self._accepted.put(None)
+
+    def _serve_accepted(self) -> None:
+        while True:
+            item = self._accepted.get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # pylint: disable=broad-exception-caught
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 on the accepting thread, after reading what has arrived (closing a socket with
+        unread data resets it, and the client would see a reset instead of the 503)."""
+        try:
+            readable, _, _ = select.select([request], [], [], BUSY_WAIT_SECONDS)
+            if readable:
+                request.setblocking(False)
+                try:
+                    for _ in range(4):
+                        if not request.recv(65536):
+                            break
+                except OSError:
+                    pass
+            request.settimeout(BUSY_WAIT_SECONDS * 4)
+            request.sendall(_BUSY_RESPONSE)
+        except OSError:
+            log.debug("ops: a refused client went away")
+        finally:
+            self.shutdown_request(request)
+        log.debug("ops: all %d handler threads busy, answered 503", len(self._handlers))
+
+
+_BUSY_BODY = b'{"error": "busy"}\n'
+_BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n"
+    b"Retry-After: 1\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n" + _BUSY_BODY
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = 10  # seconds a client may take to send its request
+    timeout = REQUEST_READ_SECONDS
     server_version = "stylelicense-ops"
 
     def do_GET(self) -> None:  # pylint: disable=invalid-name
@@ -330,16 +526,35 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("ops %s %s", self.address_string(), format % args)
 
 
-def _run_check(check: ReadinessCheck) -> tuple[bool, str, float]:
-    """``(ok, detail, seconds)`` of one run; an exception or a malformed answer is a failure."""
+def _run_check(check: ReadinessCheck) -> _Run:
+    """One run; an exception or a malformed answer is a failure (kept for the log)."""
     began = time.monotonic()
     try:
         value: object = check()
     except Exception as exc:  # pylint: disable=broad-exception-caught
-        ok, detail = False, f"{type(exc).__name__}: {exc}"
-    else:
-        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], bool):
-            ok, detail = value[0], str(value[1])
-        else:
-            ok, detail = False, f"the check returned {value!r:.60}, not (bool, str)"
-    return ok, detail, time.monotonic() - began
+        return _Run(
+            ok=False,
+            detail=f"{type(exc).__name__}: {exc}",
+            seconds=time.monotonic() - began,
+            error=exc,
+        )
+    seconds = time.monotonic() - began
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], bool):
+        return _Run(ok=value[0], detail=str(value[1]), seconds=seconds)
+    malformed = TypeError(f"the check returned {value!r:.60}, not (bool, str)")
+    return _Run(ok=False, detail=str(malformed), seconds=seconds, error=malformed)
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    """One line for an operator: which setting, which address, what to do."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"METRICS_PORT {port}: {address} is already in use, so /metrics, /healthz and"
+            " /readyz cannot be served; each worker on a host needs its own METRICS_PORT"
+        )
+    reason = exc.strerror or type(exc).__name__
+    return (
+        f"METRICS_PORT {port} (METRICS_HOST {host}): cannot serve /metrics, /healthz and /readyz"
+        f" on {address}: {reason}; each worker on a host needs its own METRICS_PORT"
+    )

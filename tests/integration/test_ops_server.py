@@ -6,6 +6,7 @@ driven by real checks and an injected clock. ``submit`` publishes to the real br
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import logging
@@ -16,6 +17,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.error import HTTPError
 
@@ -25,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import main
 from app.metrics import PrometheusTelemetry
-from app.ops_server import Liveness, OpsServer, Readiness
+from app.ops_server import Liveness, OpsServer, OpsServerError, Readiness
 from tests.integration.services import RabbitService
 
 
@@ -144,8 +146,9 @@ def test_readiness_flips_with_its_checks_and_says_what_is_wrong(
     readiness.add(
         "broker",
         lambda: (True, "connected") if broker_up.is_set() else (False, "connection lost"),
+        phrases=("connected", "connection lost"),
     )
-    readiness.add("model", lambda: (True, "loaded"))
+    readiness.add("model", lambda: (True, "loaded"), phrases=["loaded"])
     with OpsServer(registry=telemetry.registry, readiness=readiness, port=0) as ops:
         status, body = get_json(f"{ops.url}/readyz")
         assert status == 503 and body["ready"] is False
@@ -160,9 +163,15 @@ def test_readiness_flips_with_its_checks_and_says_what_is_wrong(
         assert get_json(f"{ops.url}/readyz")[0] == 503
 
 
+def check_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    """The log records about one readiness check."""
+    return [r for r in caplog.records if f"readiness check {name} " in r.getMessage()]
+
+
 def test_a_raising_or_hung_check_fails_within_the_time_limit_without_piling_up(
-    telemetry: PrometheusTelemetry,
+    telemetry: PrometheusTelemetry, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="app.ops_server")
     release = threading.Event()
     calls = {"hung": 0}
 
@@ -175,42 +184,108 @@ def test_a_raising_or_hung_check_fails_within_the_time_limit_without_piling_up(
         raise PermissionError("AccessDenied on stylelicense-media")
 
     readiness = Readiness(timeout_seconds=0.3)
-    readiness.add("hung", hung)
-    readiness.add("storage", storage)
+    readiness.add("hung", hung, phrases=["late"])
+    readiness.add("storage", storage, phrases=["buckets reachable"])
     try:
         with OpsServer(registry=telemetry.registry, readiness=readiness, port=0) as ops:
             for _ in range(3):
                 began = time.monotonic()
-                status, body = get_json(f"{ops.url}/readyz")
+                status, headers, raw = get(f"{ops.url}/readyz")
                 assert time.monotonic() - began < 2.0
-                checks = body["checks"]
-                assert isinstance(checks, dict) and status == 503
-                assert checks["hung"]["detail"] == "no answer within 0.3 s"
+                checks = json.loads(raw)["checks"]
+                assert status == 503 and headers["Content-Type"] == "application/json"
+                assert checks["hung"]["detail"] == "no answer in time"
                 assert checks["storage"] == {
                     "ok": False,
-                    "detail": "PermissionError: AccessDenied on stylelicense-media",
+                    "detail": "check failed",
                     "seconds": checks["storage"]["seconds"],
                 }
+                assert b"stylelicense-media" not in raw and b"PermissionError" not in raw
             assert calls["hung"] == 1  # the hung run is shared, not started per probe
             release.set()
             time.sleep(0.1)
-            assert get_json(f"{ops.url}/readyz")[1]["checks"]["hung"]["ok"] is True
+            hung_now = get_json(f"{ops.url}/readyz")[1]["checks"]["hung"]
+            assert (hung_now["ok"], hung_now["detail"]) == (True, "late")
     finally:
         release.set()
+    [failing] = check_lines(caplog, "storage")  # three probes, one change of state: one line
+    assert failing.levelno == logging.WARNING
+    assert "PermissionError: AccessDenied on stylelicense-media" in failing.getMessage()
+    assert failing.exc_info is not None and failing.exc_info[0] is PermissionError
+    assert [(r.levelno, "0.3 s" in r.getMessage()) for r in check_lines(caplog, "hung")] == [
+        (logging.WARNING, True),
+        (logging.INFO, False),
+    ]
 
 
-def test_details_go_through_the_redactor(telemetry: PrometheusTelemetry) -> None:
-    readiness = Readiness()
-    readiness.add("backend", lambda: (False, "401 with Authorization: Bearer tok-123456"))
-    with OpsServer(
-        registry=telemetry.registry,
-        readiness=readiness,
-        port=0,
-        redact=lambda text: text.replace("tok-123456", "***"),
-    ) as ops:
+def test_only_registered_phrases_reach_the_body_the_rest_goes_to_the_log_redacted(
+    telemetry: PrometheusTelemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.ops_server")
+
+    def redact(text: str) -> str:
+        return text.replace("tok-123456", "***")
+
+    readiness = Readiness(redact=redact)
+    readiness.add(
+        "backend",
+        lambda: (False, "401 from https://api.internal:8443 with Authorization: Bearer tok-123456"),
+        phrases=["credentials refused"],
+    )
+    readiness.add("broker", lambda: (True, "connected to rabbitmq.internal:5672"))
+    readiness.add(
+        "storage",
+        lambda: (False, "unreachable: AccessDenied on stylelicense-media"),
+        phrases=["unreachable", "buckets reachable"],
+    )
+    readiness.add("model", lambda: (True, "loaded"), phrases=["loaded"])
+    with OpsServer(registry=telemetry.registry, readiness=readiness, port=0, redact=redact) as ops:
         _, headers, body = get(f"{ops.url}/readyz")
-    assert b"tok-123456" not in body and b"Bearer ***" in body
+    checks = json.loads(body)["checks"]
+    assert {name: check["detail"] for name, check in checks.items()} == {
+        "backend": "failing",
+        "broker": "ok",
+        "model": "loaded",
+        "storage": "unreachable",
+    }
+    for leak in (b"tok-123456", b"Bearer", b"api.internal", b"rabbitmq", b"https", b"Access"):
+        assert leak not in body
     assert headers["Cache-Control"] == "no-store"
+    logged = caplog.text
+    assert "https://api.internal:8443 with Authorization: Bearer ***" in logged
+    assert "connected to rabbitmq.internal:5672" in logged and "tok-123456" not in logged
+    assert "unreachable: AccessDenied on stylelicense-media" in logged
+
+
+def test_state_changes_are_logged_once_each(
+    telemetry: PrometheusTelemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.ops_server")
+    connected = threading.Event()
+    readiness = Readiness()
+    readiness.add(
+        "broker",
+        lambda: (connected.is_set(), "up" if connected.is_set() else "down at broker-7:5672"),
+    )
+    with OpsServer(registry=telemetry.registry, readiness=readiness, port=0) as ops:
+        for state in (False, False, True, True, True, False, False):
+            if state:
+                connected.set()
+            else:
+                connected.clear()
+            get(f"{ops.url}/readyz")
+    lines = check_lines(caplog, "broker")
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.INFO, logging.WARNING]
+    assert "broker-7:5672" in lines[0].getMessage()
+
+
+def test_a_phrase_must_be_one_short_line() -> None:
+    readiness = Readiness()
+    with pytest.raises(ValueError, match="'broker'"):
+        readiness.add("broker", lambda: (True, ""), phrases=["x" * 41])
+    with pytest.raises(ValueError, match="'broker'"):
+        readiness.add("broker", lambda: (True, ""), phrases=["two\nlines"])
+    readiness.close()
 
 
 def test_liveness_goes_503_when_the_heartbeat_is_stale(telemetry: PrometheusTelemetry) -> None:
@@ -245,12 +320,72 @@ def test_unknown_paths_are_404_and_close_releases_the_port(telemetry: Prometheus
     port = ops.port
     assert get_json(f"{ops.url}/nope")[0] == 404
     assert get_json(f"{ops.url}/")[1] == {"endpoints": ["/metrics", "/healthz", "/readyz"]}
-    with pytest.raises(OSError):
+    with pytest.raises(OpsServerError) as caught:
         OpsServer(registry=telemetry.registry, host="127.0.0.1", port=port).start()
+    message = str(caught.value)
+    assert message.startswith(f"METRICS_PORT {port}: 127.0.0.1:{port} is already in use")
+    assert message.endswith("each worker on a host needs its own METRICS_PORT")
+    assert "\n" not in message
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.EADDRINUSE
     ops.close()
     with pytest.raises(OSError):
         get(f"http://127.0.0.1:{port}/healthz")
     OpsServer(registry=telemetry.registry, host="127.0.0.1", port=port).start().close()
+
+
+def idle_connection(server: OpsServer) -> socket.socket:
+    """A client that connects and sends nothing: it holds a handler until it closes."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def handler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ops-handler")]
+
+
+def test_a_connection_storm_gets_503_without_a_thread_each(
+    telemetry: PrometheusTelemetry,
+) -> None:
+    with OpsServer(registry=telemetry.registry, port=0, handler_threads=2) as ops:
+        threads_before = threading.active_count()
+        holders = [idle_connection(ops) for _ in range(2)]
+        time.sleep(0.2)  # both are handed to the two handler threads
+        began = time.monotonic()
+        status, headers, body = get(f"{ops.url}/healthz")
+        assert time.monotonic() - began < 1.0
+        assert (status, json.loads(body)) == (503, {"error": "busy"})
+        assert headers["Retry-After"] == "1"
+        storm = [idle_connection(ops) for _ in range(20)]
+        time.sleep(0.3)
+        assert threading.active_count() <= threads_before
+        assert len(handler_threads()) == 2
+        for sock in storm:
+            assert sock.recv(4096).startswith(b"HTTP/1.0 503")
+            sock.close()
+        for sock in holders:
+            sock.close()
+        deadline = time.monotonic() + 3
+        while get(f"{ops.url}/healthz")[0] != 200:
+            assert time.monotonic() < deadline, "the handlers were not freed"
+            time.sleep(0.05)
+
+
+def test_concurrent_scrapes_are_answered_or_refused_never_reset(
+    telemetry: PrometheusTelemetry,
+) -> None:
+    with OpsServer(registry=telemetry.registry, port=0, handler_threads=2) as ops:
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            statuses = list(pool.map(lambda _: get(f"{ops.url}/metrics")[0], range(96)))
+    assert set(statuses) <= {200, 503} and 200 in statuses
+
+
+def test_closing_ends_the_handler_threads(telemetry: PrometheusTelemetry) -> None:
+    with OpsServer(registry=telemetry.registry, port=0, handler_threads=3) as ops:
+        assert get(f"{ops.url}/healthz")[0] == 200
+        mine = handler_threads()
+        assert len(mine) >= 3
+    for thread in mine:
+        thread.join(timeout=5)
+    assert not any(thread.is_alive() for thread in mine)
 
 
 # --- python -m app health ---------------------------------------------------------------------
@@ -275,7 +410,11 @@ def test_health_command_exits_0_when_ready_and_1_otherwise(
 ) -> None:
     ready = threading.Event()
     readiness = Readiness()
-    readiness.add("model", lambda: (ready.is_set(), "loaded" if ready.is_set() else "loading"))
+    readiness.add(
+        "model",
+        lambda: (ready.is_set(), "loaded" if ready.is_set() else "loading"),
+        phrases=("loaded", "loading"),
+    )
     with OpsServer(registry=telemetry.registry, readiness=readiness, port=0) as ops:
         port = str(ops.port)
         assert main(["health", "--port", port]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -33,14 +34,16 @@ def restore_logging() -> Iterator[None]:
     """configure_logging changes process-wide state; put it all back."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    hooks = (sys.excepthook, threading.excepthook)
+    hooks = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+    last_resort = logging.lastResort
     yield
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
-    sys.excepthook, threading.excepthook = hooks
+    sys.excepthook, threading.excepthook, sys.unraisablehook = hooks
+    logging.lastResort = last_resort
     logging.captureWarnings(False)
 
 
@@ -173,6 +176,137 @@ def test_warnings_become_json_lines_too() -> None:
         warnings.warn("deprecated thing", UserWarning, stacklevel=1)
     (line,) = json_lines(stream)
     assert line["logger"] == "py.warnings" and "deprecated thing" in str(line["message"])
+    assert line["level"] == "WARNING"
+
+
+def test_a_warning_from_a_thread_is_a_redacted_json_line() -> None:
+    stream = setup("json")
+
+    def warn() -> None:
+        warnings.warn(f"retrying with token {TOKEN}", RuntimeWarning, stacklevel=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        thread = threading.Thread(target=warn, name="library-thread")
+        thread.start()
+        thread.join()
+    (line,) = json_lines(stream)
+    assert line["logger"] == "py.warnings" and line["thread"] == "library-thread"
+    assert "RuntimeWarning: retrying with token ***" in str(line["message"])
+    assert TOKEN not in stream.getvalue()
+
+
+def test_a_secret_in_an_exception_and_its_cause_is_redacted_in_the_json_line() -> None:
+    stream = setup("json")
+    try:
+        try:
+            raise PermissionError(f"denied for {AWS_KEY_ID}")
+        except PermissionError as cause:
+            raise StorageError(f"upload failed, secret {AWS_SECRET}") from cause
+    except StorageError:
+        LOG.exception("upload failed")
+    (line,) = json_lines(stream)
+    exception = str(line["exception"])
+    assert "Traceback" in exception and "The above exception was the direct cause" in exception
+    assert "denied for ***" in exception and "upload failed, secret ***" in exception
+    assert AWS_KEY_ID not in stream.getvalue() and AWS_SECRET not in stream.getvalue()
+
+
+def test_a_secret_in_an_extra_field_is_redacted_and_other_extras_kept() -> None:
+    stream = setup("json")
+    LOG.info(
+        "connecting",
+        extra={
+            "broker_url": f"amqp://stylelicense:{RABBIT_PASS}@broker:5672/",
+            "headers": {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"},
+            "bucket": "stylelicense-media",
+            "sizes": [512, 768],
+        },
+    )
+    (line,) = json_lines(stream)
+    assert line["broker_url"] == "amqp://stylelicense:***@broker:5672/"
+    assert line["headers"] == "{'Authorization': '***', 'Accept': 'application/json'}"
+    assert line["bucket"] == "stylelicense-media" and line["sizes"] == [512, 768]
+
+
+def test_a_library_logger_created_later_writes_json() -> None:
+    stream = setup("json")
+    library = logging.getLogger(f"somelibrary.sub{id(stream)}")
+    library.setLevel(logging.DEBUG)
+    library.debug("loaded %s with key %s", "weights", AWS_SECRET)
+    (line,) = json_lines(stream)
+    assert line["logger"] == library.name and line["message"] == "loaded weights with key ***"
+
+
+def test_a_logger_without_propagation_or_handler_still_writes_json() -> None:
+    stream = setup("json")
+    isolated = logging.getLogger(f"isolated.library{id(stream)}")
+    isolated.propagate = False
+    isolated.warning("cannot reach %s", f"amqp://u:{RABBIT_PASS}@broker/")
+    (line,) = json_lines(stream)
+    assert (
+        line["logger"] == isolated.name and line["message"] == "cannot reach amqp://u:***@broker/"
+    )
+
+
+def test_one_handler_only_and_basic_config_adds_none() -> None:
+    setup("text")
+    stream = setup("json")
+    logging.basicConfig(level=logging.DEBUG)
+    root = logging.getLogger()
+    [handler] = root.handlers
+    assert logging.lastResort is handler
+    LOG.info("one line")
+    assert [line["message"] for line in json_lines(stream)] == ["one line"]
+
+
+def test_an_unprintable_extra_does_not_break_the_log_call() -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    stream = setup("json")
+    LOG.info("still logged", extra={"thing": Unprintable()})
+    (line,) = json_lines(stream)
+    assert (line["message"], line["thing"]) == ("still logged", "<unprintable Unprintable>")
+
+
+class RefusingStream(io.StringIO):
+    """A stream that cannot take one character, as an ASCII-only stderr cannot."""
+
+    def write(self, text: str) -> int:
+        if "\u2603" in text:
+            raise UnicodeEncodeError("ascii", text, 0, 1, "refused")
+        return super().write(text)
+
+
+def test_a_record_that_cannot_be_written_becomes_a_json_replacement_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stream = RefusingStream()
+    configure_logging("INFO", fmt="json", secrets=SECRETS, stream=stream)
+    LOG.info("snowman \u2603 with %s", TOKEN)
+    (line,) = json_lines(stream)
+    assert line["logger"] == "logging" and line["level"] == "ERROR"
+    assert line["message"] == (
+        "a log record from tests.logging could not be written: UnicodeEncodeError"
+    )
+    assert capsys.readouterr().err == ""  # not logging's traceback dump
+
+
+def test_an_exception_ignored_in_a_finalizer_is_a_redacted_json_line() -> None:
+    class Leaky:
+        def __del__(self) -> None:
+            raise RuntimeError(f"close failed with {TOKEN}")
+
+    stream = setup("json")
+    leaky = Leaky()
+    del leaky
+    gc.collect()
+    (line,) = json_lines(stream)
+    assert line["logger"] == "uncaught" and line["level"] == "WARNING"
+    assert str(line["message"]).startswith("Exception ignored in")
+    assert "RuntimeError: close failed with ***" in str(line["exception"])
 
 
 def test_configuring_again_replaces_the_handler_and_rejects_unknown_formats() -> None:
