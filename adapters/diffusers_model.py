@@ -13,16 +13,15 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import utils as hub_utils
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from adapters.gpu_tuning import GpuTuning, apply_tuning
 from adapters.lora_adapters import (
     BASE_ADAPTER,
     DEFAULT_CAPACITY,
@@ -43,19 +42,53 @@ from domain.request import BatchKey, GenerationRequest, batch_key
 from ports.image_model import BatchItem, StepCallback
 from ports.storage import LoraArtifact
 
+if TYPE_CHECKING:
+    # Imported where used: importing the pipeline logs already (transformers' notices), and
+    # ``route_library_logs`` must run first.
+    from diffusers import StableDiffusionPipeline
+
+    from adapters.gpu_tuning import GpuTuning
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 4
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
+    "LIBRARY_LOGGERS",
     "DiffusersImageModel",
     "is_cuda_oom",
     "plan_batches",
     "release_memory",
     "resolve_device",
     "resolve_dtype",
+    "route_library_logs",
 ]
+
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub")
+"""The libraries that give their root logger a stderr handler of their own."""
+
+
+def route_library_logs() -> None:
+    """Send diffusers', transformers' and huggingface_hub's log records through the root
+    logger (the worker's JSON formatter and secret redaction), and turn their progress bars off.
+
+    On first use those libraries give their root logger a stderr handler of their own, and
+    diffusers and transformers stop propagation: their warnings would reach stderr as plain
+    text. tqdm bars on stderr are not log lines either. Idempotent; call it before they log
+    (before importing a pipeline, which logs already). peft logs through plain ``logging``
+    loggers and ``warnings``, which the worker's logging setup captures.
+    """
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:  # pylint: disable=unidiomatic-typecheck
+            hub.removeHandler(handler)  # its own; a subclass (a FileHandler) is someone else's
+    hub.propagate = True
+    hub_utils.disable_progress_bars()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -75,13 +108,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_pipeline(
     *, model_id: str, device: str, dtype: str, cache_dir: str | None, local_files_only: bool
 ) -> StableDiffusionPipeline:
-    """The pipeline with DPM-Solver++ (2M) and SDPA, on its device; MODEL_ERROR if it cannot."""
+    """The pipeline with DPM-Solver++ (2M) and SDPA, on its device; MODEL_ERROR if it cannot.
+
+    The libraries' logs are routed first (``route_library_logs``), so that what they say while
+    importing and loading the pipeline goes through the worker's logging.
+    """
+    route_library_logs()
+    # pylint: disable-next=import-outside-toplevel
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if device == "auto" and target.type == "cpu":
         log.warning("no CUDA device visible: generating on the CPU in float32 (slow)")
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             model_id,
@@ -104,9 +143,16 @@ def load_pipeline(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     pipe.to(target)
-    pipe.set_progress_bar_config(disable=True)
     log.info("model %s loaded on %s as %s", model_id, target, torch_dtype)
     return pipe
+
+
+def _tune(pipe: StableDiffusionPipeline, tuning: GpuTuning) -> None:
+    """Apply the GPU speed-ups (imported here: the tuning module imports the pipeline)."""
+    from adapters.gpu_tuning import apply_tuning  # pylint: disable=import-outside-toplevel
+
+    applied = apply_tuning(pipe, tuning)
+    log.info("GPU tuning applied: %s", ", ".join(applied) or "nothing")
 
 
 class _Progress:
@@ -205,6 +251,7 @@ class DiffusersImageModel:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1; got {max_batch_size}")
         self._pipe = pipeline
+        self._pipe.set_progress_bar_config(disable=True)  # tqdm lines are not log lines
         self._model_id = model_id
         self._lock = threading.Lock()
         self._max_batch_size = max_batch_size
@@ -249,8 +296,7 @@ class DiffusersImageModel:
             local_files_only=local_files_only,
         )
         if tuning is not None:
-            applied = apply_tuning(pipe, tuning)
-            log.info("GPU tuning applied: %s", ", ".join(applied) or "nothing")
+            _tune(pipe, tuning)
         # torch.compile is lazy: the hot-swap slot created here is in the first compiled graph.
         return cls(
             pipe,

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from domain.errors import GenerationError, ModelError
@@ -43,6 +42,7 @@ from domain.request import GenerationRequest
 from ports.image_model import BatchItem
 
 if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
     from adapters.diffusers_model import DiffusersImageModel
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,9 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.utils.peft_utils import delete_adapter_layers
 from peft import LoraConfig, set_peft_model_state_dict
@@ -49,8 +48,11 @@ from adapters.lora_files import (
     LoraValidator,
     read_safetensors,
 )
-from domain.errors import GenerationError, GpuOutOfMemory, LoraInvalid
+from domain.errors import GenerationError, GpuOutOfMemory, LoraInvalid, StorageError
 from ports.storage import LoraArtifact
+
+if TYPE_CHECKING:  # importing the pipeline logs: see ``diffusers_model.route_library_logs``
+    from diffusers import StableDiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +290,58 @@ def forget_frames(exc: BaseException) -> None:
 
 
 @contextmanager
+def reading(lora: LoraArtifact) -> Iterator[None]:
+    """Turn a failure to read or load ``lora`` into the error its job reports.
+
+    STORAGE_ERROR (retryable) when the LoRA is no longer on disk: its path is gone, or a
+    ``FileNotFoundError`` caused the failure. The LoRA disk cache (shared by the worker
+    processes of a host) may evict it between the job's fetch and this load, and a retry
+    fetches it again. Any other failure is LORA_INVALID; a ``GenerationError`` stays as it is
+    and a CUDA out-of-memory error passes through for the caller.
+    """
+    try:
+        yield
+    except LoraInvalid as exc:
+        if left_the_disk(lora, exc):
+            raise _left_the_cache(lora) from exc
+        raise
+    except GenerationError:
+        raise
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        if is_cuda_oom(exc):
+            raise
+        if left_the_disk(lora, exc):
+            raise _left_the_cache(lora) from exc
+        raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
+
+
+def left_the_disk(lora: LoraArtifact, exc: BaseException) -> bool:
+    """Whether the failure ``exc`` came from ``lora``'s file or folder no longer being on disk."""
+    if not Path(lora.path).exists():
+        return True
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, FileNotFoundError):
+            return True
+        seen.add(id(current))
+        if current.__cause__ is not None:
+            current = current.__cause__
+        else:
+            current = None if current.__suppress_context__ else current.__context__
+    return False
+
+
+def _left_the_cache(lora: LoraArtifact) -> StorageError:
+    return StorageError(
+        f"LoRA {lora.ref!r} left the local cache before the model loaded it"
+        f" ({lora.path} is gone); it is fetched again on retry"
+    )
+
+
+@contextmanager
 def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
-    """Map a failed load to LORA_INVALID or GPU_OOM after ``undo`` removed what it left.
+    """Map a failed load as ``reading`` does, or to GPU_OOM, after ``undo`` removed what it left.
 
     On an OOM the failed call's frames are dropped and the memory released, outside the
     ``except`` block (so that no traceback keeps its tensors alive), before ``undo`` runs. An
@@ -299,14 +351,13 @@ def loading(lora: LoraArtifact, *, undo: Callable[[], None]) -> Iterator[None]:
     """
     failure: str | None = None
     try:
-        yield
+        with reading(lora):
+            yield
     except GenerationError:
         undo()
         raise
     except Exception as exc:  # pylint: disable=broad-exception-caught
-        if not is_cuda_oom(exc):
-            undo()
-            raise LoraInvalid(f"LoRA {lora.ref!r} cannot be loaded: {exc}") from exc
+        # ``reading`` lets only CUDA out-of-memory errors through.
         forget_frames(exc)
         failure = str(exc)
     if failure is None:
@@ -432,7 +483,8 @@ class LoraAdapterCache:
     def activate(self, lora: LoraArtifact, scale: float) -> str:
         """Make ``lora`` the only active adapter at ``scale`` (loading it on a miss); its name.
 
-        LORA_INVALID if it cannot be loaded, GPU_OOM if loading ran out of GPU memory.
+        LORA_INVALID if it cannot be loaded, GPU_OOM if loading ran out of GPU memory,
+        STORAGE_ERROR if its file left the disk before it was loaded (see ``reading``).
         """
         if self._hotswap:
             self._into_slot(lora)
@@ -720,16 +772,12 @@ class LoraAdapterCache:
     def _read(self, lora: LoraArtifact) -> ParsedLora:
         """Validate and parse ``lora`` into host memory (the one file read of a miss)."""
         path = Path(lora.path)
-        try:
+        with reading(lora):
             layout = self._validate(path)
             if path.is_dir():
                 parsed = parse_peft_as_diffusers(path)
             else:
                 parsed = parse_lora_file(self._pipe, path)
-        except GenerationError:
-            raise
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            raise LoraInvalid(f"LoRA {lora.ref!r} cannot be read: {exc}") from exc
         return dataclasses.replace(parsed, rank=layout.max_rank)
 
     def _swap_in(self, lora: LoraArtifact, parsed: ParsedLora) -> None:

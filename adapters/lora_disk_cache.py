@@ -1,18 +1,33 @@
-"""A disk LRU of downloaded LoRAs, keyed by the remote object's identity and ETag, capped in bytes.
+"""A disk LRU of downloaded LoRAs, keyed by the remote object's identity and ETag, capped in bytes,
+shared safely by the worker processes of one host (one per GPU) that use the same folder.
 
 Each entry is a folder ``<root>/<digest>/`` holding the payload (a ``.safetensors`` file or a
 PEFT folder, under a readable name) and ``entry.json`` (the key, the payload's SHA-256 and size).
 A download is assembled in a hidden ``.part`` folder, fsynced, and renamed into place in one
-step, so a final name only ever holds a complete entry; leftovers of a crash are swept at start.
-The last-use time is the mtime of ``entry.json`` (set explicitly on every hand-out), so a
-restarted worker keeps its warm cache in LRU order, and the checksum is computed once per entry.
+step, so a final name only ever holds a complete entry. The last-use time is the mtime of
+``entry.json``, stamped on every hand-out by whichever process hands it out: it orders the LRU
+across processes and restarts, and the checksum is computed once per entry.
 
-One cache folder belongs to one worker process: two processes sharing it would evict and sweep
-each other's files.
+Processes coordinate with ``flock`` locks on files in ``<root>/.locks/`` (Linux, on a local file
+system: ``flock`` is not dependable over NFS). The kernel drops a dead process's locks.
+
+- ``<digest>.lock`` is held while a process downloads that key (from creating its ``.part``
+  folder to the rename), while it hands the entry out (checks it, stamps its last use) and while
+  it evicts it. So a key is downloaded once across processes (the next one waits, then hits), an
+  entry is never evicted between another process's check and its stamp, and a ``.part`` folder
+  whose key lock is free belongs to a dead process and is swept.
+- ``folder.lock`` is held while a process looks at the whole folder: at start (index, sweep
+  leftovers) and to evict after each of its downloads. Evicting re-reads every entry's last use
+  from disk, so an entry any process handed out within ``protect_seconds`` stays, and an entry
+  whose key lock someone holds is skipped.
+
+A process waits for a key lock with nothing else held, and for the folder lock with at most one
+key lock held; holding the folder lock it only ever tries key locks without waiting: no deadlock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,20 +38,26 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 ENTRY_FILE = "entry.json"
 PART_SUFFIX = ".part"
 EVICTED_SUFFIX = ".evicted"
+LOCKS_FOLDER = ".locks"
+"""The lock files' folder inside the cache folder."""
 DEFAULT_PROTECT_SECONDS = 600.0
-"""An entry handed out this recently is never evicted: the model may not have loaded it yet."""
+"""An entry handed out this recently, by any process, is never evicted: the model may not have
+loaded it yet."""
+_FOLDER_LOCK = "folder.lock"
 _DIGEST = re.compile(r"[0-9a-f]{32}")
+_PART = re.compile(r"\.([0-9a-f]{32})\..+" + re.escape(PART_SUFFIX))
+"""A download's folder, ``.<digest>.<random>.part``."""
 _LEGACY_DOWNLOAD = re.compile(r"[0-9a-f]{32}-.+")
 """Files of the earlier download folder (``<digest>-<name>``), removed when found."""
 _ENTRY_VERSION = 1
@@ -101,24 +122,83 @@ class LoraDiskCacheStats:
     max_bytes: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Entry:
     digest: str
     payload: Path
     checksum: str
     size_bytes: int
-    handed_out: float | None
-    """When this process last handed it out (on the cache's clock); None since a restart."""
+
+
+class _FileLock:
+    """An exclusive ``flock`` on the file at ``path``, which its holder may delete (``unlink``).
+
+    A process that was waiting on a deleted file finds, once it holds that file's lock, that the
+    path names another file or none, and locks the file at the path instead. Locks conflict
+    between processes and between two ``_FileLock`` objects of one process alike.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._descriptor: int | None = None
+
+    def acquire(self, *, blocking: bool = True) -> bool:
+        """Take the lock, waiting for it unless not ``blocking``; whether it was taken."""
+        operation = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except FileNotFoundError:  # the locks' folder was removed behind the cache
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(descriptor, operation)
+            except BlockingIOError:
+                os.close(descriptor)
+                return False
+            except BaseException:
+                os.close(descriptor)
+                raise
+            if _names_file(self.path, descriptor):
+                self._descriptor = descriptor
+                return True
+            os.close(descriptor)  # deleted by its holder meanwhile: lock the one there now
+
+    def release(self) -> None:
+        """Let go of the lock (nothing if not held)."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def unlink(self) -> None:
+        """Delete the lock file; only while holding the lock."""
+        if self._descriptor is None:
+            raise RuntimeError(f"{self.path} is not locked by this object")
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> _FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        _kind: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 class LoraDiskCache:
-    """Thread-safe LRU of LoRA downloads on disk, capped at ``max_bytes`` in total.
+    """Thread- and process-safe LRU of LoRA downloads on disk, capped at ``max_bytes`` in total.
 
-    ``fetch`` returns the entry for a key, calling ``fill`` to download it on a miss; several
-    threads asking for one key at once share a single download. When the total exceeds
-    ``max_bytes``, the least recently used entries are removed, except those handed out in the
-    last ``protect_seconds`` (the cache may then stay above its cap for a while). ``hasher``
-    computes an entry's checksum once, when it is added; ``clock`` is monotonic seconds.
+    ``fetch`` returns the entry for a key, calling ``fill`` to download it on a miss; threads and
+    processes asking for one key at once share a single download. After a download, the least
+    recently used entries of the folder are removed until it is under ``max_bytes``, except
+    those any process handed out in the last ``protect_seconds`` and those another process is
+    using (the folder may then stay above its cap for a while). ``hasher`` computes an entry's
+    checksum once, when it is added; ``clock`` is wall-clock seconds (the last-use times on disk
+    are on it, so every process sharing the folder must use the same clock).
     """
 
     def __init__(
@@ -128,7 +208,7 @@ class LoraDiskCache:
         max_bytes: int,
         protect_seconds: float = DEFAULT_PROTECT_SECONDS,
         hasher: Callable[[Path], str] = sha256_of,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be at least 0, not {max_bytes}")
@@ -137,15 +217,15 @@ class LoraDiskCache:
         self.protect_seconds = protect_seconds
         self._hasher = hasher
         self._clock = clock
+        self._locks = self.root / LOCKS_FOLDER
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: dict[str, _Entry] = {}
         self._in_flight: dict[str, Future[CachedLora]] = {}
-        self._total = 0
         self._hits = 0
         self._misses = 0
         self._evictions = 0
         self._last_touch_ns = 0
-        self._load()
+        self._open()
 
     # -- public -------------------------------------------------------------------------------
 
@@ -156,29 +236,22 @@ class LoraDiskCache:
 
         ``name`` is the payload's readable name (keep the ``.safetensors`` suffix of a file);
         ``folder`` says whether the payload is a folder (created empty before ``fill``) or a
-        file. A failed ``fill`` leaves nothing behind and its exception reaches every caller
-        that waited for it.
+        file. A failed ``fill`` leaves nothing behind and its exception reaches every thread of
+        this process that waited for it (another process waiting for the key downloads it then).
         """
         digest = key.digest
         with self._lock:
-            served = self._hit_locked(digest)
-            if served is not None:
-                return served
             waiting = self._in_flight.get(digest)
             if waiting is None:
-                self._misses += 1
                 leader: Future[CachedLora] = Future()
                 self._in_flight[digest] = leader
         if waiting is not None:
             result = waiting.result()
             with self._lock:
                 self._hits += 1
-                entry = self._entries.get(digest)
-                if entry is not None:
-                    entry.handed_out = self._clock()
-            return CachedLora(result.path, result.checksum, result.size_bytes, hit=True)
+            return replace(result, hit=True)
         try:
-            result = self._download(key, fill, name=name, folder=folder)
+            result = self._serve(key, fill, name=name, folder=folder)
         except BaseException as exc:
             with self._lock:
                 del self._in_flight[digest]
@@ -191,9 +264,10 @@ class LoraDiskCache:
 
     @property
     def stats(self) -> LoraDiskCacheStats:
-        """Counters since start; ``entries`` and ``bytes`` include entries found on disk.
+        """Counters of this process since start; a fetch served without a download is a hit.
 
-        A fetch that waited for another thread's download of the same key counts as a hit.
+        ``entries`` and ``bytes`` are the folder's, as of this process's last look at it (at
+        start and after each of its downloads) and its own fetches since.
         """
         with self._lock:
             return LoraDiskCacheStats(
@@ -201,31 +275,54 @@ class LoraDiskCache:
                 misses=self._misses,
                 evictions=self._evictions,
                 entries=len(self._entries),
-                bytes=self._total,
+                bytes=sum(entry.size_bytes for entry in self._entries.values()),
                 max_bytes=self.max_bytes,
             )
 
     # -- hits and misses ----------------------------------------------------------------------
 
-    def _hit_locked(self, digest: str) -> CachedLora | None:
-        entry = self._entries.get(digest)
-        if entry is None:
-            return None
-        if not entry.payload.exists():
-            log.warning("LoRA cache entry %s vanished from disk; downloading it again", digest)
-            del self._entries[digest]
-            self._total -= entry.size_bytes
-            return None
-        self._hits += 1
-        self._mark_used_locked(entry)
+    def _serve(
+        self, key: LoraCacheKey, fill: Callable[[Path], None], *, name: str, folder: bool
+    ) -> CachedLora:
+        """Under the key's lock: the entry if on disk, else a download; then evict if needed."""
+        with self._key_lock(key.digest):
+            served = self._hand_out(key.digest)
+            if served is not None:
+                with self._lock:
+                    self._hits += 1
+                return served
+            with self._lock:
+                self._misses += 1
+            served = self._download(key, fill, name=name, folder=folder)
+            doomed = self._evict()  # the key's lock is held: this call never evicts its entry
+        for path in doomed:
+            _remove(path)
+        return served
+
+    def _hand_out(self, digest: str) -> CachedLora | None:
+        """The entry (indexed, or put on disk by another process), stamped as used; or None."""
+        with self._lock:
+            entry = self._entries.get(digest)
+        if entry is None or not entry.payload.exists():
+            found = _read_entry(self.root / digest)
+            with self._lock:
+                if found is None:
+                    if self._entries.pop(digest, None) is not None:
+                        log.info(
+                            "LoRA cache entry %s is no longer on disk (evicted by another"
+                            " process, or deleted); downloading it again",
+                            digest,
+                        )
+                    return None
+                entry = self._entries[digest] = found[1]
+        self._mark_used(entry)
         return CachedLora(entry.payload, entry.checksum, entry.size_bytes, hit=True)
 
-    def _mark_used_locked(self, entry: _Entry) -> None:
-        """Most recently used, here and on disk (the entry file's mtime), and protected."""
-        self._entries.move_to_end(entry.digest)
-        entry.handed_out = self._clock()
-        stamp = max(time.time_ns(), self._last_touch_ns + 1)
-        self._last_touch_ns = stamp
+    def _mark_used(self, entry: _Entry) -> None:
+        """Stamp the entry's last use on disk (its entry file's mtime), for every process."""
+        with self._lock:
+            stamp = max(int(self._clock() * 1e9), self._last_touch_ns + 1)
+            self._last_touch_ns = stamp
         try:
             os.utime(self.root / entry.digest / ENTRY_FILE, ns=(stamp, stamp))
         except OSError as exc:
@@ -234,7 +331,7 @@ class LoraDiskCache:
     def _download(
         self, key: LoraCacheKey, fill: Callable[[Path], None], *, name: str, folder: bool
     ) -> CachedLora:
-        """Fill a ``.part`` folder, checksum and fsync it, rename it into place, then evict."""
+        """Fill a ``.part`` folder, checksum and fsync it, rename it into place (key lock held)."""
         digest = key.digest
         payload_name = _payload_name(name, folder=folder)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -252,83 +349,189 @@ class LoraDiskCache:
             _fsync_tree(part)
             final = self.root / digest
             if final.exists():
-                # Left by an entry dropped from the index (its payload vanished): replace it.
+                # A broken entry of this key (its payload vanished): replace it.
                 _remove(_set_aside(final))
             os.replace(part, final)
             _fsync_path(self.root)
         except BaseException:
             _remove(part)
             raise
-        entry = _Entry(digest, final / payload_name, checksum, size, handed_out=None)
+        entry = _Entry(digest, final / payload_name, checksum, size)
         with self._lock:
             self._entries[digest] = entry
-            self._total += size
-            self._mark_used_locked(entry)
-            doomed = self._evict_locked()
-        for path in doomed:
-            _remove(path)
+        self._mark_used(entry)
         log.info("LoRA %s cached as %s (%d bytes)", key.source, digest, size)
         return CachedLora(entry.payload, checksum, size, hit=False)
 
-    def _evict_locked(self) -> list[Path]:
-        """Drop unprotected LRU entries until under the cap; the set-aside folders to delete."""
+    # -- the folder ---------------------------------------------------------------------------
+
+    def _key_lock(self, digest: str) -> _FileLock:
+        return _FileLock(self._locks / f"{digest}.lock")
+
+    def _folder_lock(self) -> _FileLock:
+        return _FileLock(self._locks / _FOLDER_LOCK)
+
+    def _open(self) -> None:
+        """Sweep what dead processes left, index the entries on disk, evict down to the cap."""
+        self._locks.mkdir(parents=True, exist_ok=True)
+        with self._folder_lock():
+            doomed = self._sweep()
+            found = _scan(self.root)
+            with self._lock:
+                self._entries = {entry.digest: entry for _, entry in found}
+                self._last_touch_ns = max((used_ns for used_ns, _ in found), default=0)
+            doomed += self._evict_scanned(found)
+        for path in doomed:
+            _remove(path)
+        if found:
+            stats = self.stats
+            log.info(
+                "LoRA cache at %s: %d entries, %d bytes", self.root, stats.entries, stats.bytes
+            )
+
+    def _sweep(self) -> list[Path]:
+        """Leftovers of dead processes and of earlier versions, set aside (folder lock held)."""
         doomed: list[Path] = []
-        now = self._clock()
-        for digest, entry in list(self._entries.items()):
-            if self._total <= self.max_bytes:
-                break
-            if entry.handed_out is not None and now - entry.handed_out < self.protect_seconds:
+        for child in self.root.iterdir():
+            name = child.name
+            if name == LOCKS_FOLDER:
                 continue
-            del self._entries[digest]
-            self._total -= entry.size_bytes
-            self._evictions += 1
-            try:
-                doomed.append(_set_aside(self.root / digest))
-            except FileNotFoundError:
-                pass
-            log.info("LoRA cache evicted %s (%d bytes)", digest, entry.size_bytes)
-        if self._total > self.max_bytes:
+            if name.startswith(".") and name.endswith(PART_SUFFIX):
+                doomed += self._sweep_part(child)
+            elif name.startswith(".") and name.endswith(EVICTED_SUFFIX):
+                log.info("removing the leftover %s from the LoRA cache", name)
+                doomed.append(child)
+            elif _DIGEST.fullmatch(name) and child.is_dir():
+                doomed += self._sweep_broken_entry(child)
+            elif _LEGACY_DOWNLOAD.fullmatch(name):
+                log.info("removing %s, a download of an earlier version", name)
+                doomed.append(child)
+            else:
+                log.warning("%s in the LoRA cache folder is not a cache entry; left alone", child)
+        for lock_file in self._locks.glob("*.lock"):
+            digest = lock_file.name.removesuffix(".lock")
+            if _DIGEST.fullmatch(digest) and not (self.root / digest).exists():
+                lock = _FileLock(lock_file)
+                if lock.acquire(blocking=False):
+                    lock.unlink()  # no entry and no download: a waiter will make a new one
+                    lock.release()
+        return doomed
+
+    def _sweep_part(self, part: Path) -> list[Path]:
+        """A download's folder, if no live process is downloading that key."""
+        match = _PART.fullmatch(part.name)
+        lock = self._key_lock(match.group(1)) if match else None
+        if lock is not None and not lock.acquire(blocking=False):
+            log.info("%s is a download in progress in another process; left alone", part.name)
+            return []
+        try:
+            log.info("removing the leftover %s from the LoRA cache", part.name)
+            return [_set_aside(part)]
+        except FileNotFoundError:
+            return []
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _sweep_broken_entry(self, folder: Path) -> list[Path]:
+        """An entry folder whose files do not add up, unless another process is at it."""
+        if _read_entry(folder) is not None:
+            return []
+        lock = self._key_lock(folder.name)
+        if not lock.acquire(blocking=False):
+            return []
+        try:
+            if not folder.exists() or _read_entry(folder) is not None:
+                return []
+            log.warning("removing the broken LoRA cache entry %s", folder.name)
+            return [_set_aside(folder)]
+        finally:
+            lock.release()
+
+    def _evict(self) -> list[Path]:
+        """Look at the folder again and evict down to the cap; the set-aside folders to delete."""
+        with self._folder_lock():
+            found = _scan(self.root)
+            scanned = {entry.digest: entry for _, entry in found}
+            with self._lock:
+                # Keep what a thread of this process indexed while the scan ran.
+                racing = {
+                    digest: entry
+                    for digest, entry in self._entries.items()
+                    if digest not in scanned and (self.root / digest).is_dir()
+                }
+                self._entries = {**scanned, **racing}
+            return self._evict_scanned(found)
+
+    def _evict_scanned(self, found: list[tuple[int, _Entry]]) -> list[Path]:
+        """Evict unprotected entries, least recently used first, until under the cap."""
+        total = sum(entry.size_bytes for _, entry in found)
+        doomed: list[Path] = []
+        for used_ns, entry in sorted(found, key=lambda item: (item[0], item[1].digest)):
+            if total <= self.max_bytes:
+                break
+            if self._protected(used_ns):
+                continue
+            victim = self._evict_entry(entry)
+            if victim is not None:
+                doomed.append(victim)
+                total -= entry.size_bytes
+        if total > self.max_bytes:
             log.warning(
                 "LoRA cache holds %d bytes, above its %d-byte cap: the rest is in recent use",
-                self._total,
+                total,
                 self.max_bytes,
             )
         return doomed
 
-    # -- start-up -----------------------------------------------------------------------------
+    def _evict_entry(self, entry: _Entry) -> Path | None:
+        """Set ``entry`` aside unless in use: its key locked elsewhere, or its last use (read
+        again from disk, under its key lock) within the protect window."""
+        lock = self._key_lock(entry.digest)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            used_ns = (self.root / entry.digest / ENTRY_FILE).stat().st_mtime_ns
+            if self._protected(used_ns):
+                return None
+            victim = _set_aside(self.root / entry.digest)
+            lock.unlink()
+        except FileNotFoundError:
+            return None
+        finally:
+            lock.release()
+        with self._lock:
+            self._entries.pop(entry.digest, None)
+            self._evictions += 1
+        log.info("LoRA cache evicted %s (%d bytes)", entry.digest, entry.size_bytes)
+        return victim
 
-    def _load(self) -> None:
-        """Index the entries on disk in LRU order; sweep partial downloads and broken entries."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        found: list[tuple[int, _Entry]] = []
-        for child in self.root.iterdir():
-            name = child.name
-            if name.startswith(".") and name.endswith((PART_SUFFIX, EVICTED_SUFFIX)):
-                log.info("removing the leftover %s from the LoRA cache", name)
-                _remove(child)
-            elif _DIGEST.fullmatch(name) and child.is_dir():
-                loaded = _read_entry(child)
-                if loaded is None:
-                    log.warning("removing the broken LoRA cache entry %s", name)
-                    _remove(child)
-                else:
-                    found.append(loaded)
-            elif _LEGACY_DOWNLOAD.fullmatch(name):
-                log.info("removing %s, a download of an earlier version", name)
-                _remove(child)
-            else:
-                log.warning("%s in the LoRA cache folder is not a cache entry; left alone", child)
-        for used_ns, entry in sorted(found, key=lambda item: (item[0], item[1].digest)):
-            self._entries[entry.digest] = entry
-            self._total += entry.size_bytes
-            self._last_touch_ns = max(self._last_touch_ns, used_ns)
-        doomed = self._evict_locked() if self._total > self.max_bytes else []
-        for path in doomed:
-            _remove(path)
-        if self._entries:
-            log.info(
-                "LoRA cache at %s: %d entries, %d bytes", self.root, len(self._entries), self._total
-            )
+    def _protected(self, used_ns: int) -> bool:
+        """Whether a last use at ``used_ns`` is within the protect window (0: none is)."""
+        if self.protect_seconds <= 0:
+            return False
+        return self._clock() * 1e9 - used_ns < self.protect_seconds * 1e9
+
+
+def _names_file(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` still names the file open as ``descriptor``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _scan(root: Path) -> list[tuple[int, _Entry]]:
+    """``(last use in ns, entry)`` of every sound entry in ``root``."""
+    found = []
+    for child in root.iterdir():
+        if _DIGEST.fullmatch(child.name) and child.is_dir():
+            loaded = _read_entry(child)
+            if loaded is not None:
+                found.append(loaded)
+    return found
 
 
 def _payload_name(name: str, *, folder: bool) -> str:
@@ -383,7 +586,7 @@ def _read_entry(folder: Path) -> tuple[int, _Entry] | None:
         used_ns = entry_file.stat().st_mtime_ns
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return used_ns, _Entry(folder.name, payload, checksum, size, handed_out=None)
+    return used_ns, _Entry(folder.name, payload, checksum, size)
 
 
 def _tree_bytes(path: Path) -> int:

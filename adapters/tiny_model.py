@@ -13,19 +13,19 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
+
+from adapters.diffusers_model import route_library_logs
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 TINY_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 """The attention projections (of every attn1 and attn2 in the UNet) that the tiny LoRAs target."""
@@ -148,6 +148,14 @@ def _save_pipeline(folder: Path, seed: int) -> None:
             transformers_logging.enable_progress_bar()
 
 
+def _pipeline_class() -> type[StableDiffusionPipeline]:
+    """The pipeline class, imported once the libraries' logs are routed (importing it logs)."""
+    route_library_logs()
+    from diffusers import StableDiffusionPipeline  # pylint: disable=import-outside-toplevel
+
+    return StableDiffusionPipeline
+
+
 def assemble_pipeline(
     *,
     unet: UNet2DConditionModel,
@@ -156,7 +164,7 @@ def assemble_pipeline(
     tokenizer: CLIPTokenizer,
 ) -> StableDiffusionPipeline:
     """A pipeline from its parts, with the worker's sampler and no safety checker."""
-    return StableDiffusionPipeline(
+    return _pipeline_class()(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -169,7 +177,11 @@ def assemble_pipeline(
 
 
 def build_tiny_model(dest: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Write a tiny seeded StableDiffusionPipeline folder at ``dest``; a no-op if already built."""
+    """Write a tiny seeded StableDiffusionPipeline folder at ``dest``; a no-op if already built.
+
+    The libraries' logs go through the root logger (``route_library_logs``) from here on.
+    """
+    route_library_logs()
     return write_model_folder(dest, lambda folder: _save_pipeline(folder, seed))
 
 
@@ -248,7 +260,7 @@ def _save_diffusers(
         key: sorted(value) if isinstance(value, set) else value
         for key, value in config.to_dict().items()
     }
-    StableDiffusionPipeline.save_lora_weights(
+    _pipeline_class().save_lora_weights(
         dest.parent,
         unet_lora_layers=layers,
         weight_name=dest.name,
@@ -309,7 +321,9 @@ def build_tiny_lora(
     """Write a seeded LoRA for the tiny UNet's attention: one .safetensors file, or a peft folder.
 
     alpha defaults to rank; strength scales lora_B. Same seed and rank: same numbers in every fmt.
+    The libraries' logs go through the root logger (``route_library_logs``) from here on.
     """
+    route_library_logs()
     if fmt not in ("diffusers", "kohya", "peft"):
         raise ValueError(f"unknown LoRA format {fmt!r}; expected 'diffusers', 'kohya' or 'peft'")
     dest = Path(dest)

@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from adapters.diffusers_model import DiffusersImageModel
 from adapters.local_storage import sha256_of
-from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, ModelError
+from adapters.lora_disk_cache import LoraCacheKey, LoraDiskCache
+from adapters.tiny_model import build_tiny_lora
+from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, ModelError, StorageError
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
 
@@ -111,8 +113,6 @@ def test_the_three_layouts_are_the_same_style(
 def test_lora_alpha_is_honoured_in_every_layout(
     model: DiffusersImageModel, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from adapters.tiny_model import build_tiny_lora  # pylint: disable=import-outside-toplevel
-
     def image(layout: str, alpha: float, dest: str) -> np.ndarray:
         path = build_tiny_lora(tiny_model_dir, tmp_path / dest, fmt=layout, alpha=alpha)
         return pixels(model.generate(request(), artifact(path), ignore_steps))
@@ -239,7 +239,6 @@ def test_oom_while_loading_a_lora_is_gpu_oom_not_lora_invalid(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from adapters.tiny_model import build_tiny_lora  # pylint: disable=import-outside-toplevel
 
     unseen = build_tiny_lora(
         tiny_model_dir, tmp_path / "unseen.safetensors", fmt="diffusers", seed=77
@@ -296,3 +295,85 @@ def test_closed_model_refuses_work(tiny_model_dir: Path) -> None:
     closing.close()
     with pytest.raises(ModelError, match="closed"):
         closing.generate(request(), None, ignore_steps)
+
+
+def cached_then_evicted(built: Path, cache_root: Path) -> LoraArtifact:
+    """``built`` fetched through a LoRA disk cache, as a job's intake does, then evicted from it
+    (by a second cache on the folder with no room, as another worker process would)."""
+    cache = LoraDiskCache(root=cache_root, max_bytes=1 << 30, protect_seconds=0)
+
+    def fill(target: Path) -> None:
+        if built.is_dir():
+            shutil.copytree(built, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(built, target)
+
+    cached = cache.fetch(
+        LoraCacheKey.of(f"s3://models/{built.name}", [(built.name, '"1"')]),
+        fill,
+        name=built.name,
+        folder=built.is_dir(),
+    )
+    lora = LoraArtifact(ref=built.name, path=str(cached.path), checksum=cached.checksum)
+    LoraDiskCache(root=cache_root, max_bytes=0, protect_seconds=0)
+    assert not cached.path.exists()
+    return lora
+
+
+@pytest.mark.parametrize(("layout", "name"), [("diffusers", "gone.safetensors"), ("peft", "gone")])
+def test_a_lora_evicted_before_the_model_loads_it_is_a_retryable_storage_error(
+    model: DiffusersImageModel,
+    tiny_model_dir: Path,
+    tiny_loras: dict[str, Path],
+    tmp_path: Path,
+    layout: str,
+    name: str,
+) -> None:
+    built = build_tiny_lora(tiny_model_dir, tmp_path / name, fmt=layout, seed=91)
+    lora = cached_then_evicted(built, tmp_path / "cache")
+    before = model.pipeline.get_list_adapters().get("unet", [])
+    with pytest.raises(StorageError) as caught:
+        model.generate(request(steps=2), lora, ignore_steps)
+    assert caught.value.code is ErrorCode.STORAGE_ERROR and caught.value.retryable
+    assert "left the local cache before the model loaded it" in caught.value.message
+    assert "fetched again on retry" in caught.value.message
+    # Nothing of it stays (making room for it may have evicted another adapter).
+    assert set(model.pipeline.get_list_adapters().get("unet", [])) <= set(before)
+    # The model serves the next jobs, and the LoRA itself once it is on disk again.
+    model.generate(request(steps=2), artifact(tiny_loras["peft"]), ignore_steps)
+    assert model.generate(request(steps=2), artifact(built), ignore_steps).size == (256, 256)
+
+
+def test_a_lora_file_vanishing_while_it_loads_is_a_retryable_storage_error(
+    model: DiffusersImageModel,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = build_tiny_lora(
+        tiny_model_dir, tmp_path / "racing.safetensors", fmt="diffusers", seed=93
+    )
+
+    def vanished(*_args: object, **_kwargs: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(model.pipeline, "load_lora_into_unet", vanished)
+    with pytest.raises(StorageError) as caught:
+        model.generate(request(steps=2), artifact(path), ignore_steps)
+    assert caught.value.retryable and isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+def test_a_corrupt_lora_in_the_cache_stays_lora_invalid(
+    model: DiffusersImageModel, tmp_path: Path
+) -> None:
+    cache = LoraDiskCache(root=tmp_path / "cache", max_bytes=1 << 20)
+    cached = cache.fetch(
+        LoraCacheKey.of("s3://models/bad.safetensors", [("bad.safetensors", '"1"')]),
+        lambda target: target.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"),
+        name="bad.safetensors",
+        folder=False,
+    )
+    lora = LoraArtifact(ref="bad.safetensors", path=str(cached.path), checksum=cached.checksum)
+    with pytest.raises(LoraInvalid) as caught:
+        model.generate(request(steps=2), lora, ignore_steps)
+    assert not caught.value.retryable

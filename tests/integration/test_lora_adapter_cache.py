@@ -23,7 +23,7 @@ from adapters.local_storage import sha256_of
 from adapters.lora_adapters import HOTSWAP_SLOT, LoraAdapterCache, is_cuda_oom, lora_layers
 from adapters.lora_files import LoraLayout, LoraValidator
 from adapters.tiny_model import build_tiny_lora
-from domain.errors import GpuOutOfMemory, LoraInvalid
+from domain.errors import GpuOutOfMemory, LoraInvalid, StorageError
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
 
@@ -320,6 +320,25 @@ def test_hotswap_refuses_a_bad_lora_and_keeps_serving(
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(LoraInvalid):
         model.generate(request(), artifact(broken), lambda _s, _t: None)
+    assert np.array_equal(render(model, None), render(reference, None))
+    assert_close(render(model, loras[0]), render(reference, loras[0]))
+
+
+def test_hotswap_a_lora_gone_from_disk_is_a_retryable_storage_error(
+    tiny_model_dir: Path, loras: list[LoraArtifact], reference: DiffusersImageModel, tmp_path: Path
+) -> None:
+    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8)
+    render(model, loras[0])
+    for fmt, name in (("diffusers", "gone.safetensors"), ("peft", "gone_peft")):
+        path = build_tiny_lora(tiny_model_dir, tmp_path / name, fmt=fmt, seed=31)
+        gone = artifact(path)
+        if path.is_dir():  # evicted from the disk cache after the job's fetch
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        with pytest.raises(StorageError, match="left the local cache") as caught:
+            model.generate(request(), gone, lambda _s, _t: None)
+        assert caught.value.retryable
     assert np.array_equal(render(model, None), render(reference, None))
     assert_close(render(model, loras[0]), render(reference, loras[0]))
 

@@ -1,18 +1,26 @@
-"""LoraDiskCache on a real folder: LRU by bytes, protect window, restarts, concurrency, failures."""
+"""LoraDiskCache on a real folder: LRU by bytes, protect window, restarts, concurrency, failures,
+and one folder shared by several real processes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 
 import pytest
 
 from adapters.lora_disk_cache import (
     ENTRY_FILE,
+    LOCKS_FOLDER,
     CachedLora,
     LoraCacheKey,
     LoraDiskCache,
@@ -22,7 +30,7 @@ from adapters.lora_disk_cache import (
 
 
 class Clock:
-    """A monotonic clock the test moves by hand."""
+    """A wall clock (the cache stamps last uses on disk with it) that the test moves by hand."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -106,7 +114,8 @@ def put(cache: LoraDiskCache, downloads: Downloads, name: str, size: int = 100) 
 
 
 def entries_on_disk(root: Path) -> list[str]:
-    return sorted(child.name for child in root.iterdir())
+    """What the folder holds, but the lock files' folder."""
+    return sorted(child.name for child in root.iterdir() if child.name != LOCKS_FOLDER)
 
 
 def test_miss_then_hit_downloads_once(tmp_path: Path, clock: Clock, downloads: Downloads) -> None:
@@ -289,7 +298,7 @@ def test_a_failed_download_leaves_nothing_and_reaches_every_waiter(
     for thread in threads:
         thread.start()
     time.sleep(0.2)
-    assert [p.name.endswith(".part") for p in tmp_path.iterdir()] == [True]
+    assert [name.endswith(".part") for name in entries_on_disk(tmp_path)] == [True]
     gate.set()
     for thread in threads:
         thread.join(timeout=10)
@@ -356,6 +365,28 @@ def test_an_entry_deleted_behind_the_cache_is_downloaded_again(
     assert downloads.done == ["a.safetensors", "a.safetensors"]
 
 
+def test_lock_files_go_with_their_entries(
+    tmp_path: Path, clock: Clock, downloads: Downloads
+) -> None:
+    cache = open_cache(tmp_path, clock)
+    for name in "abc":  # a is evicted for c
+        put(cache, downloads, name)
+
+    def broken(_target: Path) -> None:
+        raise ConnectionError("connection reset")
+
+    with pytest.raises(ConnectionError):
+        cache.fetch(key("x"), broken, name="x.safetensors", folder=False)
+
+    def lock_files() -> set[str]:
+        return {path.name for path in (tmp_path / LOCKS_FOLDER).iterdir()}
+
+    assert f"{key('a').digest}.lock" not in lock_files()
+    assert {f"{key(name).digest}.lock" for name in "bcx"} <= lock_files()
+    open_cache(tmp_path, clock)  # a start prunes the lock of a key with no entry
+    assert lock_files() == {"folder.lock"} | {f"{key(name).digest}.lock" for name in "bc"}
+
+
 @pytest.mark.parametrize("name", ["../../escape.safetensors", "/etc/passwd", ".hidden", ""])
 def test_payload_names_stay_inside_the_entry(
     tmp_path: Path, clock: Clock, downloads: Downloads, name: str
@@ -378,3 +409,198 @@ def test_keys_differ_by_source_and_versions() -> None:
     ]
     assert len({base.digest, *(other.digest for other in others)}) == 4
     assert all(len(other.digest) == 32 for other in others)
+
+
+# -- one folder, several processes -------------------------------------------------------------
+#
+# The children are started with 'spawn' (a fresh interpreter, as a second worker would be) and
+# run the module-level functions below. Each reports ("ok", path, checksum, hit) or ("error",
+# traceback) on a queue, so a failure in a child fails the test with its traceback.
+
+SPAWN = multiprocessing.get_context("spawn")
+CHILD_SECONDS = 60.0
+"""The longest a test waits for a child (they take well under a second each)."""
+
+
+def logged_fill(log: str, data: bytes, *, delay: float = 0.0) -> Callable[[Path], None]:
+    """A ``fill`` that appends a line to the file ``log`` for every download, in any process."""
+
+    def fill(target: Path) -> None:
+        time.sleep(delay)
+        target.write_bytes(data)
+        with open(log, "a", encoding="utf-8") as downloads_log:
+            downloads_log.write(f"{os.getpid()}\n")
+
+    return fill
+
+
+def report(results: Queue, action: Callable[[], CachedLora]) -> None:
+    """Run ``action`` and put its outcome on ``results``."""
+    try:
+        served = action()
+    except BaseException:  # pylint: disable=broad-exception-caught
+        results.put(("error", traceback.format_exc()))
+    else:
+        results.put(("ok", str(served.path), served.checksum, served.hit))
+
+
+def child_fetch_together(root: str, log: str, start: Barrier, results: Queue) -> None:
+    """Open the cache, wait for the other process, fetch one key with a slow download."""
+    cache = LoraDiskCache(root=root, max_bytes=10_000, protect_seconds=600)
+    start.wait(CHILD_SECONDS)
+    fill = logged_fill(log, b"s" * 100, delay=0.5)
+    report(results, lambda: cache.fetch(key("shared"), fill, name="s.safetensors", folder=False))
+
+
+def child_download_held(root: str, started: Event, proceed: Event, results: Queue) -> None:
+    """Download a key, stopping halfway until ``proceed`` is set."""
+    cache = LoraDiskCache(root=root, max_bytes=10_000, protect_seconds=600)
+
+    def fill(target: Path) -> None:
+        target.write_bytes(b"half")
+        started.set()
+        if not proceed.wait(CHILD_SECONDS):
+            raise TimeoutError("never told to proceed")
+        target.write_bytes(b"l" * 100)
+
+    report(results, lambda: cache.fetch(key("live"), fill, name="l.safetensors", folder=False))
+
+
+def child_die_downloading(root: str) -> None:
+    """Crash halfway through a download, leaving its ``.part`` folder behind."""
+    cache = LoraDiskCache(root=root, max_bytes=10_000, protect_seconds=600)
+
+    def fill(target: Path) -> None:
+        target.write_bytes(b"half")
+        os._exit(3)  # pylint: disable=protected-access
+
+    cache.fetch(key("dead"), fill, name="d.safetensors", folder=False)
+
+
+def child_hand_out(root: str, name: str, results: Queue) -> None:
+    """Open the cache with a large cap and hand out an entry that is on disk."""
+    cache = LoraDiskCache(root=root, max_bytes=10_000, protect_seconds=600)
+
+    def fill(_target: Path) -> None:
+        raise AssertionError(f"{name} is on disk: no download expected")
+
+    report(results, lambda: cache.fetch(key(name), fill, name=f"{name}.safetensors", folder=False))
+
+
+def child_evict_later(root: str, opened: Event, go: Event, results: Queue) -> None:
+    """Open the cache (a 250-byte cap), wait for ``go``, then download c and d."""
+    cache = LoraDiskCache(root=root, max_bytes=250, protect_seconds=600)
+    opened.set()
+    if not go.wait(CHILD_SECONDS):
+        results.put(("error", "never told to go"))
+        return
+    for name in "cd":
+        report(results, lambda name=name: put(cache, Downloads(), name))  # type: ignore[misc]
+    results.put(("stats", cache.stats.evictions, cache.stats.bytes))
+
+
+def outcomes(results: Queue, count: int) -> list[tuple]:
+    """``count`` reports from children; fails with a child's traceback if one failed."""
+    received = [results.get(timeout=CHILD_SECONDS) for _ in range(count)]
+    errors = [item[1] for item in received if item[0] == "error"]
+    assert not errors, "a child process failed:\n" + "\n".join(errors)
+    return received
+
+
+def run_to_end(process: BaseProcess) -> int | None:
+    process.join(CHILD_SECONDS)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    return process.exitcode
+
+
+def parts_of(root: Path, name: str) -> list[str]:
+    """The ``.part`` folders of ``key(name)``'s downloads."""
+    return [
+        child
+        for child in entries_on_disk(root)
+        if child.startswith(f".{key(name).digest}.") and child.endswith(".part")
+    ]
+
+
+def test_processes_fetching_one_key_together_download_it_once(tmp_path: Path) -> None:
+    root, log = tmp_path / "cache", tmp_path / "downloads.log"
+    start, results = SPAWN.Barrier(2), SPAWN.Queue()
+    children = [
+        SPAWN.Process(target=child_fetch_together, args=(str(root), str(log), start, results))
+        for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    served = outcomes(results, 2)
+    assert [run_to_end(child) for child in children] == [0, 0]
+    assert len(log.read_text().splitlines()) == 1, "the second process must wait, then hit"
+    assert len({(path, checksum) for _, path, checksum, _ in served}) == 1
+    assert sorted(hit for *_, hit in served) == [False, True]
+    assert Path(served[0][1]).read_bytes() == b"s" * 100
+    assert served[0][2] == hashlib.sha256(b"s" * 100).hexdigest()
+
+
+def test_a_starting_process_sweeps_dead_downloads_but_not_live_ones(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    dead = SPAWN.Process(target=child_die_downloading, args=(str(root),))
+    dead.start()
+    assert run_to_end(dead) == 3
+    assert len(parts_of(root, "dead")) == 1, "the crash leaves its download folder"
+
+    started, proceed, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    live = SPAWN.Process(target=child_download_held, args=(str(root), started, proceed, results))
+    live.start()
+    try:
+        assert started.wait(CHILD_SECONDS), "the live download never started"
+        assert len(parts_of(root, "live")) == 1
+
+        starting = LoraDiskCache(root=root, max_bytes=10_000)
+        assert parts_of(root, "dead") == [], "a dead process's leftover is swept"
+        assert len(parts_of(root, "live")) == 1, "a live process's download is left alone"
+        assert starting.stats.entries == 0
+    finally:
+        proceed.set()
+    ((_, path, checksum, hit),) = outcomes(results, 1)
+    assert run_to_end(live) == 0
+    assert not hit and Path(path).read_bytes() == b"l" * 100
+    assert [name for name in entries_on_disk(root) if name.endswith(".part")] == []
+    again = put(starting, Downloads(), "live")
+    assert again.hit and again.checksum == checksum
+
+
+def hand_out_in_another_process(root: Path, name: str) -> Path:
+    """Have a fresh process fetch ``name``, which must be a hit; its path."""
+    results = SPAWN.Queue()
+    other = SPAWN.Process(target=child_hand_out, args=(str(root), name, results))
+    other.start()
+    ((_, path, _, hit),) = outcomes(results, 1)
+    assert run_to_end(other) == 0 and hit
+    return Path(path)
+
+
+def test_eviction_in_one_process_spares_an_entry_another_just_handed_out(
+    tmp_path: Path, downloads: Downloads
+) -> None:
+    root = tmp_path / "cache"
+    an_hour_ago = LoraDiskCache(
+        root=root, max_bytes=10_000, protect_seconds=600, clock=lambda: time.time() - 3600
+    )
+    a, b = put(an_hour_ago, downloads, "a"), put(an_hour_ago, downloads, "b")  # a is the LRU
+
+    opened, go, results = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    evictor = SPAWN.Process(target=child_evict_later, args=(str(root), opened, go, results))
+    evictor.start()
+    try:
+        assert opened.wait(CHILD_SECONDS)  # it has indexed a and b as used an hour ago
+        assert hand_out_in_another_process(root, "a") == a.path
+    finally:
+        go.set()
+    *fetched, (_, evictions, total) = outcomes(results, 3)
+    assert run_to_end(evictor) == 0
+    assert [hit for *_, hit in fetched] == [False, False]
+    assert a.path.exists(), "a was handed out by another process a moment ago"
+    assert not b.path.exists(), "b, unused for an hour, makes room"
+    assert all(Path(path).exists() for _, path, _, _ in fetched)
+    assert evictions == 1 and total == 300
