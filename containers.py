@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from dependency_injector import containers, providers
 
@@ -15,18 +16,21 @@ from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
 from adapters.gpu_monitor import GpuMonitor
 from adapters.http_notifier import HttpNotifier
+from adapters.local_records import LocalRecordStore
 from adapters.local_storage import LocalStorage
 from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
 from adapters.rabbitmq_task_source import RabbitMQTaskSource
+from adapters.s3_records import S3RecordStore
 from adapters.s3_storage import S3Storage, make_s3_client
 from app.metrics import PrometheusTelemetry
 from app.settings import Settings, load_settings
 from domain.job import GenerationJob
+from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
 from domain.request import ASPECT_RATIOS, RequestNormalizer, RequestPolicy
-from domain.pipeline import PipelinedRunner
-from domain.runner import SettledGenerations
+from domain.runner import StagedRunner
+from domain.settlement import BackendAccess, Settlement, SettlementPolicy, telling_lease_for
 from domain.watermark import Watermarker
 
 
@@ -102,6 +106,16 @@ def secret(value: object) -> str | None:
     return getter() if getter else str(value)
 
 
+def allowed_buckets(buckets: tuple[str, ...] | list[str] | None) -> frozenset[str] | None:
+    """S3_ALLOWED_BUCKETS as the storage adapters take it: None (any bucket) when empty."""
+    return frozenset(buckets) if buckets else None
+
+
+def local_records_root(storage_dir: str, bucket: str, prefix: str) -> str:
+    """Where the local storage keeps outcome records: beside the outputs, as S3 does."""
+    return str(Path(storage_dir) / bucket / prefix)
+
+
 class Container(containers.DeclarativeContainer):
     """Wires the worker; adapters are chosen by the ``*_backend`` settings."""
 
@@ -159,6 +173,7 @@ class Container(containers.DeclarativeContainer):
             endpoint_url=config.aws_s3_endpoint_url,
             region=config.aws_s3_region_name,
             max_signature_bytes=config.signature_max_bytes,
+            allowed_buckets=providers.Callable(allowed_buckets, config.s3_allowed_buckets),
         ),
         local=providers.Singleton(
             LocalStorage,
@@ -166,8 +181,30 @@ class Container(containers.DeclarativeContainer):
             models_bucket=config.s3_models_bucket,
             media_bucket=config.aws_storage_bucket_name,
             output_bucket=config.output_bucket,
+            allowed_buckets=providers.Callable(allowed_buckets, config.s3_allowed_buckets),
         ),
     )
+
+    records = providers.Selector(
+        config.storage_backend,
+        s3=providers.Singleton(
+            S3RecordStore,
+            client=s3_client,
+            bucket=config.output_bucket,
+            prefix=config.outcome_records_prefix,
+        ),
+        local=providers.Singleton(
+            LocalRecordStore,
+            root=providers.Callable(
+                local_records_root,
+                config.local_storage_dir,
+                config.output_bucket,
+                config.outcome_records_prefix,
+            ),
+        ),
+    )
+
+    ledger = providers.Singleton(OutcomeLedger, records=records)
 
     gpu_monitor = providers.Resource(init_gpu_monitor, visible_devices=config.cuda_visible_devices)
 
@@ -205,6 +242,7 @@ class Container(containers.DeclarativeContainer):
             queue_name=config.rabbitmq_queue,
             prefetch=config.max_concurrent_generations,
             retry_delay_seconds=config.rabbitmq_retry_delay_seconds,
+            retry_max_delay_seconds=config.rabbitmq_retry_max_delay_seconds,
             heartbeat_seconds=config.rabbitmq_heartbeat_seconds,
         ),
         memory=providers.Singleton(InMemoryTaskSource),
@@ -244,22 +282,51 @@ class Container(containers.DeclarativeContainer):
         watermarker=watermarker,
         step_times=step_times,
         milestones=config.progress_milestones,
-        max_retries=config.max_retries,
         output_prefix=config.s3_output_prefix,
         telemetry=telemetry,
     )
 
-    settled_generations = providers.Singleton(SettledGenerations)
+    backend_access = providers.Singleton(
+        BackendAccess, probe_seconds=config.backend_access_probe_seconds
+    )
+
+    settlement_policy = providers.Singleton(
+        SettlementPolicy,
+        max_retries=config.max_retries,
+        base_delay_seconds=config.rabbitmq_retry_delay_seconds,
+        max_delay_seconds=config.rabbitmq_retry_max_delay_seconds,
+        outcome_max_age_seconds=config.outcome_max_age_seconds,
+        not_found_seconds=config.webhook_not_found_retry_seconds,
+        telling_lease_seconds=providers.Callable(
+            telling_lease_for,
+            timeout_seconds=config.webhook_timeout_seconds,
+            attempts=config.webhook_max_attempts,
+            budget_seconds=config.webhook_retry_budget_seconds,
+        ),
+    )
+
+    settlement = providers.Singleton(
+        Settlement,
+        source=task_source,
+        ledger=ledger,
+        notifier=notifier,
+        access=backend_access,
+        policy=settlement_policy,
+        telemetry=telemetry,
+    )
 
     job_runner = providers.Factory(
-        PipelinedRunner,
+        StagedRunner,
         source=task_source,
         job=generation_job,
         normalizer=normalizer,
-        settled=settled_generations,
+        settlement=settlement,
+        telemetry=telemetry,
         io_threads=config.pipeline_io_threads,
         lookahead=config.pipeline_lookahead,
         max_batch_size=config.max_batch_size,
+        max_held=config.max_concurrent_generations,
+        max_hold_seconds=config.max_hold_seconds,
     )
 
 

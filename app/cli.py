@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import sys
 import tempfile
@@ -26,7 +27,6 @@ from domain.request import ASPECT_RATIOS, SIGNATURE_POSITIONS, SIGNATURE_SIZES
 
 if TYPE_CHECKING:
     from containers import Container
-    from domain.job import JobResult
 
 EXIT_UNHEALTHY = 1
 """``health``'s status when not OK (Docker reads 1 as unhealthy; 2 is reserved there)."""
@@ -50,21 +50,16 @@ def _message(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_one(container: Container, message: dict[str, Any]) -> JobResult | None:
-    """Queue one message on the in-memory source and run it through the whole use case."""
+def _run_one(container: Container, message: dict[str, Any]) -> Path | None:
+    """Queue one message on the in-memory source, run it through the whole worker loop, and
+    return the local path of its PNG (None when the job did not complete)."""
     source = container.task_source()
     source.put(message)
-    runner = container.job_runner()
-    delivery = source.receive(0)
-    return runner.handle(delivery) if delivery else None
-
-
-def _local_path(result: JobResult | None) -> Path | None:
-    from domain.job import Outcome  # pylint: disable=import-outside-toplevel
-
-    if result is None or result.outcome is not Outcome.COMPLETED or not result.result_url:
+    container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
+    completion = container.generation_job().stored(message["data"]["generation_id"])
+    if completion is None or not completion.result_url.startswith("file:"):
         return None
-    return Path(url2pathname(urlparse(result.result_url).path))
+    return Path(url2pathname(urlparse(completion.result_url).path))
 
 
 def _embedded_container(settings: Settings, storage_root: Path) -> Container:
@@ -95,7 +90,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
             with tempfile.TemporaryDirectory() as scratch:
                 lora = build_tiny_lora(model_id, Path(scratch) / "style", fmt="peft")
-                lora_ref = demo.copy_into(lora, storage_root, settings.s3_models_bucket, "styles/1")
+                lora_ref = demo.copy_into(
+                    lora, storage_root, settings.aws_storage_bucket_name, "styles/1"
+                )
         message = _message(
             {
                 "generation_id": args.generation_id,
@@ -110,9 +107,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             }
         )
         if args.fresh:
-            key = container.generation_job().output_key(args.generation_id)
-            container.storage().path_of(key, settings.output_bucket).unlink(missing_ok=True)
-        path = _local_path(_run_one(container, message))
+            demo.forget_generation(container, settings, storage_root, args.generation_id)
+        path = _run_one(container, message)
     finally:
         container.shutdown_resources()
     if path is None:
@@ -124,13 +120,27 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     """One job from flags to a PNG."""
-    from app.demo import copy_into  # pylint: disable=import-outside-toplevel
+    from app import demo  # pylint: disable=import-outside-toplevel
+    from domain.errors import GenerationError  # pylint: disable=import-outside-toplevel
 
     with tempfile.TemporaryDirectory(prefix="generate-") as scratch:
         storage_root = Path(scratch)
         container = _embedded_container(settings, storage_root)
         try:
-            container.image_model.init()
+            try:
+                if args.tiny:
+                    demo.use_tiny_model(container, report=lambda line: print(line, file=sys.stderr))
+                else:
+                    container.image_model.init()
+            except GenerationError as exc:
+                print(
+                    f"generate: cannot load the model MODEL_ID={settings.model_id!r}:"
+                    f" {demo.first_line(exc)}. Set MODEL_ID to a local Stable Diffusion 1.5"
+                    " folder (or a hub id with network access), or add --tiny to run on the"
+                    " tiny built-in model (random weights).",
+                    file=sys.stderr,
+                )
+                return 1
             data: dict[str, Any] = {
                 "generation_id": args.generation_id,
                 "prompt": args.prompt,
@@ -145,11 +155,14 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
                 if getattr(args, name) is not None:
                     data["parameters"][name] = getattr(args, name)
             if args.lora:
-                data["lora_path"] = copy_into(
-                    Path(args.lora), storage_root, settings.s3_models_bucket, Path(args.lora).name
+                data["lora_path"] = demo.copy_into(
+                    Path(args.lora),
+                    storage_root,
+                    settings.aws_storage_bucket_name,
+                    "styles/" + Path(args.lora).name,
                 )
             if args.signature:
-                data["signature_path"] = copy_into(
+                data["signature_path"] = demo.copy_into(
                     Path(args.signature),
                     storage_root,
                     settings.aws_storage_bucket_name,
@@ -161,7 +174,7 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
                 "size": args.size,
                 "opacity": args.opacity,
             }
-            path = _local_path(_run_one(container, _message(data)))
+            path = _run_one(container, _message(data))
             if path is None:
                 return 1
             out = Path(args.out).resolve()
@@ -327,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--opacity", type=float, default=0.7)
     generate.add_argument("--generation-id", type=int, default=1)
     generate.add_argument("--out", default="output/generated.png")
+    generate.add_argument(
+        "--tiny",
+        action="store_true",
+        help="run on the tiny built-in model (random weights) instead of MODEL_ID",
+    )
     generate.set_defaults(handler=cmd_generate)
 
     worker = commands.add_parser("worker", help="consume jobs from RabbitMQ")
@@ -396,4 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(args, "bad_settings_status", EXIT_BAD_SETTINGS))
     log_format: LogFormat = settings.log_format or getattr(args, "log_format", "text")
     configure_logging(settings.log_level, fmt=log_format, secrets=secret_values(settings))
-    return int(args.handler(settings, args))
+    try:
+        return int(args.handler(settings, args))
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        # Every entry point ends in one line naming the cause, never a traceback (the
+        # traceback goes to the log at DEBUG).
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        detail = " ".join(str(getattr(exc, "message", exc)).split())[:300]
+        print(f"{args.command}: {type(exc).__name__}: {detail}", file=sys.stderr)
+        return 1

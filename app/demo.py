@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from adapters.fonts import SignatureFonts
+from app.settings import Settings
 from containers import Container
 from domain.errors import ModelError
 
@@ -33,6 +34,13 @@ def write_sample_signature(path: Path, text: str = "A. Rivera") -> Path:
     return path
 
 
+def first_line(exc: BaseException) -> str:
+    """The cause of a model error on one short line."""
+    cause = str(getattr(exc, "__cause__", None) or getattr(exc, "message", exc)).splitlines()
+    line = cause[0] if cause else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
 def load_model_or_tiny(
     container: Container, model_id: str, report: Callable[[str], None] = print
 ) -> str:
@@ -45,21 +53,37 @@ def load_model_or_tiny(
         container.image_model.init()
         return model_id
     except ModelError as exc:
-        cause = str(exc.__cause__ or exc.message).splitlines()[0]
-        reason = cause if len(cause) <= 160 else cause[:157] + "..."
-        report(f"Stable Diffusion weights could not be loaded from {model_id!r}: {reason}")
+        report(f"Stable Diffusion weights could not be loaded from {model_id!r}: {first_line(exc)}")
+    return use_tiny_model(container, report)
+
+
+def use_tiny_model(container: Container, report: Callable[[str], None] = print) -> str:
+    """Build (once) and load the tiny built-in model instead of MODEL_ID; its path."""
     # Imported here: only this path needs the builder (and torch).
     from adapters.tiny_model import build_tiny_model  # pylint: disable=import-outside-toplevel
 
     tiny = build_tiny_model(TINY_MODEL_DIR.resolve())
     report(
-        f"Using the tiny built-in model at {tiny} instead (random weights: the image shows the"
+        f"Using the tiny built-in model at {tiny} (random weights: the image shows the"
         " whole pipeline working, not a picture). Set MODEL_ID to an SD 1.5 folder or hub id"
         " with network access for real images."
     )
     container.config.model_id.from_value(str(tiny))
     container.image_model.init()
     return str(tiny)
+
+
+def forget_generation(
+    container: Container, settings: Settings, storage_root: Path, generation_id: int
+) -> None:
+    """Remove a generation's image and outcome records from the demo's local storage, so the
+    demo renders it again instead of reporting the stored image."""
+    key = container.generation_job().output_key(generation_id)
+    output = storage_root / settings.output_bucket / key
+    for path in output.parent.glob(output.name + "*"):
+        path.unlink(missing_ok=True)
+    records = storage_root / settings.output_bucket / settings.outcome_records_prefix
+    shutil.rmtree(records / str(generation_id), ignore_errors=True)
 
 
 def copy_into(source: Path, storage_root: Path, bucket: str, key: str) -> str:

@@ -33,6 +33,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from domain.errors import ErrorCode
+from domain.settlement import Settled
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,14 @@ webhooks, and the wait behind the jobs held before it (up to MAX_CONCURRENT_GENE
 BATCH_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)
 """Images per model call (MAX_BATCH_SIZE is 4 by default)."""
 
-OUTCOMES = ("completed", "failed", "retry", "rejected")
-"""Job outcomes (``domain.job.Outcome``); each series exists from the start at 0."""
+OUTCOMES = tuple(settled.value for settled in Settled)
+"""How deliveries are settled (``domain.settlement.Settled``); each series exists from the start."""
+
+UNDELIVERED_REASONS = ("unreachable", "unauthorized", "not_found", "rejected", "unknown")
+"""Why the backend did not take a decided outcome."""
+
+RETURN_REASONS = ("in_flight", "held_too_long", "connection_lost", "backend_refused")
+"""Why a delivery went back to the queue without running."""
 
 WEBHOOK_KINDS = ("progress", "completed", "failed")
 """The backend's webhooks; each series exists from the start at 0."""
@@ -105,9 +112,34 @@ METRICS: tuple[MetricDoc, ...] = (
     MetricDoc(
         f"{PREFIX}_jobs_total",
         "counter",
-        "`outcome`: completed, failed, retry, rejected",
-        "Deliveries settled: completed (PNG stored, completion delivered), failed (failure"
-        " delivered), retry (handed back for a later attempt), rejected (parked).",
+        "`outcome`: completed, failed, duplicate, retry, returned, parked",
+        "Deliveries settled: completed (completion told), failed (failure told, or withheld"
+        " because the generation's failure was told), duplicate (a copy of a message already"
+        " told: acked, nothing sent), retry (handed back with a back-off), returned (given back"
+        " unstarted), parked (set aside for an operator).",
+    ),
+    MetricDoc(
+        f"{PREFIX}_outcomes_undelivered_total",
+        "counter",
+        "`outcome`: completed, failed; `reason`: unreachable, unauthorized, not_found, rejected,"
+        " unknown (a failure call's answer was lost); `parked`: true, false",
+        "Decided outcomes the backend did not take: handed back to be told later (`parked`"
+        " false) or given up on and parked with the outcome for an operator (`parked` true).",
+    ),
+    MetricDoc(
+        f"{PREFIX}_failures_withheld_total",
+        "counter",
+        "",
+        "Failures recorded but not sent because their generation's failure was already told"
+        " (the backend refunds the user on every failure call).",
+    ),
+    MetricDoc(
+        f"{PREFIX}_deliveries_returned_total",
+        "counter",
+        "`reason`: in_flight, held_too_long, connection_lost, backend_refused",
+        "Deliveries given back without running: a copy of the job is in flight here, it"
+        " waited longer than MAX_HOLD_SECONDS, its connection died, or the backend refuses the"
+        " worker's token.",
     ),
     MetricDoc(
         f"{PREFIX}_job_failures_total",
@@ -374,6 +406,29 @@ class PrometheusTelemetry:
             "Webhook attempts that were not accepted.",
             labelnames=("kind",),
         )
+        self.undelivered = metric(
+            Counter,
+            f"{PREFIX}_outcomes_undelivered",
+            "Decided outcomes the backend did not take.",
+            labelnames=("outcome", "reason", "parked"),
+        )
+        self.withheld = metric(
+            Counter,
+            f"{PREFIX}_failures_withheld",
+            "Failures not sent because their generation's failure was already told.",
+        )
+        self.returned = metric(
+            Counter,
+            f"{PREFIX}_deliveries_returned",
+            "Deliveries given back without running.",
+            labelnames=("reason",),
+        )
+        for reason in RETURN_REASONS:
+            self.returned.labels(reason=reason)
+        for reason in UNDELIVERED_REASONS:
+            for verdict in ("completed", "failed"):
+                for parked in ("true", "false"):
+                    self.undelivered.labels(outcome=verdict, reason=reason, parked=parked)
         for outcome in OUTCOMES:
             self.jobs_total.labels(outcome=outcome)
             self.job_seconds.labels(outcome=outcome)
@@ -441,6 +496,23 @@ class PrometheusTelemetry:
         self.webhook_attempts.labels(kind=kind).inc()
         if not ok:
             self.webhook_failures.labels(kind=kind).inc()
+
+    @_never_raises
+    def outcome_undelivered(self, *, outcome: str, reason: str, parked: bool) -> None:
+        """A decided outcome the backend did not take; ``parked`` when given up on."""
+        self.undelivered.labels(
+            outcome=outcome, reason=reason, parked="true" if parked else "false"
+        ).inc()
+
+    @_never_raises
+    def failure_withheld(self) -> None:
+        """A failure not sent: its generation's failure was told before."""
+        self.withheld.inc()
+
+    @_never_raises
+    def delivery_returned(self, *, reason: str) -> None:
+        """A delivery given back without running."""
+        self.returned.labels(reason=reason).inc()
 
     # --- used by the collector ---------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from domain.job import DEFAULT_MAX_RETRIES
 from domain.progress import DEFAULT_MILESTONES
 from domain.request import RequestPolicy
+from domain.settlement import SettlementPolicy
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -49,11 +49,13 @@ class Settings(BaseSettings):
     rabbitmq_vhost: str = "/"
     rabbitmq_queue: str = "image_generation"
     rabbitmq_retry_delay_seconds: int = Field(default=5, ge=1, le=3600)
+    rabbitmq_retry_max_delay_seconds: int = Field(default=600, ge=1, le=86400)
     rabbitmq_heartbeat_seconds: int = Field(default=60, ge=0, le=3600)
     max_concurrent_generations: int = Field(default=10, ge=1, le=1000)
     pipeline_io_threads: int = Field(default=4, ge=2, le=64)
     pipeline_lookahead: int = Field(default=2, ge=1, le=64)
     max_batch_size: int = Field(default=4, ge=1, le=64)
+    max_hold_seconds: float = Field(default=600.0, ge=10, le=86400)
 
     # Object storage.
     aws_access_key_id: SecretStr | None = None
@@ -61,11 +63,13 @@ class Settings(BaseSettings):
     aws_storage_bucket_name: str = "stylelicense-media"
     aws_s3_region_name: str = "us-east-1"
     aws_s3_endpoint_url: str | None = None
-    s3_models_bucket: str = "stylelicense-models"
+    s3_models_bucket: str | None = None
+    s3_allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     s3_output_bucket: str | None = None
     s3_output_prefix: str = "generations/"
     s3_public_base_url: str | None = None
     s3_max_attempts: int = Field(default=5, ge=1, le=20)
+    outcome_records_prefix: str = "worker-outcomes/"
     lora_cache_dir: str = ".cache/loras"
     lora_cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
     lora_cache_protect_seconds: float = Field(default=600.0, ge=0)
@@ -76,8 +80,11 @@ class Settings(BaseSettings):
     backend_api_url: str = "http://localhost:8000"
     internal_api_token: SecretStr = SecretStr("")
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
-    webhook_max_attempts: int = Field(default=6, ge=1, le=50)
-    webhook_retry_budget_seconds: float = Field(default=120.0, ge=0, le=3600)
+    webhook_max_attempts: int = Field(default=3, ge=1, le=50)
+    webhook_retry_budget_seconds: float = Field(default=10.0, ge=0, le=3600)
+    webhook_not_found_retry_seconds: float = Field(default=300.0, ge=0, le=86400)
+    outcome_max_age_seconds: float = Field(default=86400.0, ge=60, le=30 * 86400)
+    backend_access_probe_seconds: float = Field(default=30.0, gt=0, le=3600)
     webhook_signing_secret: SecretStr | None = None
 
     # Model.
@@ -109,7 +116,9 @@ class Settings(BaseSettings):
     max_guidance_scale: float = Field(default=RequestPolicy.max_guidance_scale, ge=0.0)
     max_prompt_chars: int = Field(default=RequestPolicy.max_prompt_chars, ge=1)
     progress_milestones: Annotated[tuple[int, ...], NoDecode] = DEFAULT_MILESTONES
-    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
+    # At least 3: the backend re-queues a retryable failure told with retry_count < 3, and the
+    # re-queued message's own failure would then be withheld (one failure per generation).
+    max_retries: int = Field(default=SettlementPolicy.max_retries, ge=3, le=100)
 
     # Signature.
     signature_default_text: str = ""
@@ -141,6 +150,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("s3_allowed_buckets", mode="before")
+    @classmethod
+    def _bucket_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("progress_milestones", mode="before")
     @classmethod

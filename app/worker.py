@@ -20,6 +20,8 @@ from app.ops_server import Liveness, OpsServer, Readiness
 from app.settings import Settings, secret_values
 from containers import Container, build_container
 from domain.errors import GenerationError
+from ports.storage import Storage
+from ports.task_source import SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +65,20 @@ class Shutdown:
 
 
 def start(container: Container) -> str | None:
-    """Connect and load everything the worker needs; the problem in words, or None."""
+    """Connect and load everything the worker needs; the problem in one line, or None."""
     source = container.task_source()
     try:
         source.start(consume=False)
-    except ConnectionError as exc:
+    except SourceUnavailable as exc:
         return f"broker: {exc}"
-    storage = container.storage()
-    check = getattr(storage, "check_buckets", None)
-    if check is not None:
-        try:
-            check()
-        except GenerationError as exc:
-            return f"storage: {exc.message}"
+    try:
+        container.storage().check()
+    except GenerationError as exc:
+        return f"storage: {exc.message}"
     try:
         container.image_model.init()
     except GenerationError as exc:
-        return f"model: {exc.message}"
+        return f"model: {exc.message} (set MODEL_ID to a local Stable Diffusion 1.5 folder)"
     # Only now: jobs prefetched during a long model load would sit idle, held from other workers.
     source.start_consuming()
     return None
@@ -94,14 +93,15 @@ def run_worker(settings: Settings, container: Container | None = None) -> int:
         stale_after_seconds=settings.health_stale_after_seconds,
         startup_grace_seconds=settings.health_startup_grace_seconds,
     )
-    readiness = Readiness(timeout_seconds=settings.readiness_timeout_seconds)
+    redact = SecretRedactor(secret_values(settings)).redact
+    readiness = Readiness(timeout_seconds=settings.readiness_timeout_seconds, redact=redact)
     ops = OpsServer(
         registry=telemetry.registry,
         liveness=liveness,
         readiness=readiness,
         host=settings.metrics_host,
         port=settings.metrics_port,
-        redact=SecretRedactor(secret_values(settings)).redact,
+        redact=redact,
     )
     # Checks before the server: an empty readiness would answer "ready" while the model loads.
     shutdown = Shutdown(on_first=[])
@@ -109,9 +109,8 @@ def run_worker(settings: Settings, container: Container | None = None) -> int:
     watch(container, readiness, model_loaded, shutdown)
     try:
         ops.start()
-    except OSError as exc:
-        address = f"{settings.metrics_host}:{settings.metrics_port}"
-        print(f"worker: cannot start: metrics: {address}: {exc}", file=sys.stderr)
+    except OSError as exc:  # OpsServerError names METRICS_PORT and the address
+        print(f"worker: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
     try:
         return _serve(settings, container, liveness, shutdown, model_loaded)
@@ -167,25 +166,42 @@ def watch(
     telemetry = container.telemetry()
     source = container.task_source()
     storage = container.storage()
+    access = container.backend_access()
     readiness.add(
-        "model", lambda: (model_loaded.is_set(), "loaded" if model_loaded.is_set() else "loading")
+        "model",
+        lambda: (model_loaded.is_set(), "loaded" if model_loaded.is_set() else "loading"),
+        phrases=("loaded", "loading"),
     )
-    connected = getattr(source, "connected", None)
-    if connected is not None:
-        readiness.add(
-            "broker",
-            lambda: (source.connected, "connected" if source.connected else "disconnected"),
-        )
-        telemetry.watch_queue_depth(lambda: source.queue_depth)
-    check_buckets = getattr(storage, "check_buckets", None)
-    if check_buckets is not None:
-        readiness.add("storage", lambda: _storage_reachable(check_buckets))
+    readiness.add(
+        "broker",
+        lambda: (source.connected, "connected" if source.connected else "disconnected"),
+        phrases=("connected", "disconnected"),
+    )
+    telemetry.watch_queue_depth(lambda: source.queue_depth)
+    readiness.add(
+        "storage",
+        lambda: _storage_reachable(storage),
+        phrases=("buckets reachable", "unreachable"),
+    )
+    readiness.add(
+        "backend",
+        lambda: (
+            access.refusal is None,
+            (
+                "credentials accepted"
+                if access.refusal is None
+                else f"credentials refused: {access.refusal}"
+            ),
+        ),
+        phrases=("credentials accepted", "credentials refused"),
+    )
     readiness.add(
         "accepting",
         lambda: (
             not shutdown.requested.is_set(),
             "stopping" if shutdown.requested.is_set() else "taking jobs",
         ),
+        phrases=("taking jobs", "stopping"),
     )
     lora_cache = getattr(storage, "lora_cache", None)
     if lora_cache is not None:
@@ -193,9 +209,9 @@ def watch(
     telemetry.watch_gpus(container.gpu_monitor().sample)
 
 
-def _storage_reachable(check_buckets: Callable[[], None]) -> tuple[bool, str]:
+def _storage_reachable(storage: Storage) -> tuple[bool, str]:
     try:
-        check_buckets()
+        storage.check()
     except GenerationError as exc:
-        return False, exc.message
+        return False, f"unreachable: {exc.message}"
     return True, "buckets reachable"

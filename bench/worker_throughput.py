@@ -5,9 +5,9 @@ Real RabbitMQ, a real S3 API (moto_server), an HTTP backend that answers every w
 one job take about 0.5 s of model time. torch gets one thread (``--threads``), so the model
 behaves like a GPU: busy on its own device while the worker's I/O uses the other core.
 
-Runs, in one process and one go: the bare model called in a loop (the ceiling), the pipelined
-worker, and the serial runner (each job's I/O in line with the model). Prints jobs/s and the
-ratios to the bare model; writes bench/results/worker.json.
+Runs, in one process and one go: the bare model called in a loop (the ceiling) and the worker
+(its staged runner: intake and finish on I/O threads around the model). Prints jobs/s and the
+ratio to the bare model; writes bench/results/worker.json.
 
     make bench            # or: .venv/bin/python -m bench.worker_throughput --jobs 24
 """
@@ -42,7 +42,6 @@ from app.settings import load_settings
 from app.worker import favour_the_model_thread, start
 from containers import build_container
 from domain.request import GenerationRequest
-from domain.runner import JobRunner
 from ports.storage import LoraArtifact
 from tests.integration.backend_receiver import BackendReceiver
 from tests.integration.services import ensure_local_rabbitmq, moto_server
@@ -159,7 +158,6 @@ def worker_run(  # pylint: disable=too-many-locals
     jobs: int,
     steps: int,
     lora_keys: list[str],
-    serial: bool,
     first_id: int,
 ) -> tuple[float, float]:
     """Jobs per second of the whole worker on a backlog of ``jobs`` messages, and the share of
@@ -189,14 +187,7 @@ def worker_run(  # pylint: disable=too-many-locals
     problem = start(container)
     if problem:
         raise RuntimeError(problem)
-    if serial:
-        runner = JobRunner(
-            source=container.task_source(),
-            job=container.generation_job(),
-            normalizer=container.normalizer(),
-        )
-    else:
-        runner = container.job_runner()
+    runner = container.job_runner()
     stop = threading.Event()
     ids = set(range(first_id, first_id + jobs))
     began = time.perf_counter()
@@ -206,18 +197,27 @@ def worker_run(  # pylint: disable=too-many-locals
     elapsed = time.perf_counter() - began
     busy = sum(counter.model_seconds)
     print(
-        f"  {'serial' if serial else 'pipelined'}: model busy {busy:.2f} s of {elapsed:.2f} s"
+        f"  worker: model busy {busy:.2f} s of {elapsed:.2f} s"
         f" ({busy / elapsed:.1%}), {busy / jobs:.3f} s per job inside the worker"
     )
     stop.set()
     thread.join(60)
-    container.task_source().close()
+    source = container.task_source()
+    source.close()
     container.shutdown_resources()
+    with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1")) as connection:
+        channel = connection.channel()
+        for name in (
+            source.queue_name,
+            source.parked_queue,
+            *(source.retry_queue_for(delay) for delay in source.retry_delays),
+        ):
+            channel.queue_delete(queue=name)
     return jobs / elapsed, busy / elapsed
 
 
 def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
-    """Run the three measurements and print the ratios."""
+    """Run the measurements, interleaved, and print the ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
@@ -295,7 +295,6 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
         }
         # Interleaved, so drift of a shared machine hits every contender alike.
         bares, pipelineds, busies = [], [], []
-        serial, serial_busy = 0.0, 0.0
         for round_index in range(args.rounds):
             bares.append(bare_loop(model, local_loras, args.jobs, steps))
             rate, busy = worker_run(
@@ -304,21 +303,10 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
                 jobs=args.jobs,
                 steps=steps,
                 lora_keys=lora_keys,
-                serial=False,
                 first_id=1000 * (round_index + 1),
             )
             pipelineds.append(rate)
             busies.append(busy)
-            if round_index == 0:
-                serial, serial_busy = worker_run(
-                    model=model,
-                    env=env,
-                    jobs=args.jobs,
-                    steps=steps,
-                    lora_keys=lora_keys,
-                    serial=True,
-                    first_id=100_000,
-                )
         bares.append(bare_loop(model, local_loras, args.jobs, steps))
     backend.terminate()
 
@@ -339,11 +327,8 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
         "pipelined_ratio_per_round": [
             round(rate / statistics.mean(bares[i : i + 2]), 3) for i, rate in enumerate(pipelineds)
         ],
-        "serial_jobs_per_second": round(serial, 3),
         "pipelined_ratio": round(pipelined / ceiling, 3),
-        "serial_ratio": round(serial / ceiling, 3),
         "pipelined_model_busy": round(pipelined_busy, 3),
-        "serial_model_busy": round(serial_busy, 3),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }
@@ -357,10 +342,6 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
     print(
         f"worker, pipelined       {pipelined:.3f} jobs/s  ratio {pipelined / ceiling:.3f}"
         f"  (model busy {pipelined_busy:.1%} of the time)"
-    )
-    print(
-        f"worker, serial          {serial:.3f} jobs/s  ratio {serial / ceiling:.3f}"
-        f"  (model busy {serial_busy:.1%} of the time)"
     )
     print(f"written to {args.out}")
 

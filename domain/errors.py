@@ -48,7 +48,8 @@ _DESCRIPTIONS = {
     ErrorCode.SIGNATURE_INVALID: "The signature image or `signature_config` cannot be used.",
     ErrorCode.GPU_OOM: "The GPU ran out of memory, even for a single image.",
     ErrorCode.MODEL_ERROR: "The diffusion model failed to load or to generate.",
-    ErrorCode.STORAGE_ERROR: "Object storage could not be read or written.",
+    ErrorCode.STORAGE_ERROR: "Object storage could not be read or written (or a LoRA left the"
+    " worker's disk cache before the model loaded it).",
     ErrorCode.NOTIFY_ERROR: "The backend's webhook endpoint could not be reached.",
     ErrorCode.INTERNAL_ERROR: "An unexpected error in the worker.",
 }
@@ -129,10 +130,26 @@ class NotifyError(GenerationError):
 
 
 class WebhookRejected(NotifyError):
-    """The backend refused a webhook in a way retrying cannot change (400, 401, 403, 404...).
+    """The backend refused a webhook in a way retrying cannot change (400, another 4xx).
 
-    The job is parked for an operator rather than retried forever.
+    The message is parked, with its decided outcome, for an operator.
     """
+
+
+class WebhookUnauthorized(NotifyError):
+    """The backend refused the worker's credentials (401, 403): a misconfiguration, not a bad
+    job. The message goes back to the queue and the worker reports itself not ready."""
+
+
+class WebhookOutcomeUnknown(NotifyError):
+    """A failure call was sent but its answer was lost (a read timeout, a dropped connection):
+    the backend may have applied it, and refunded the user. Sending it again could refund twice,
+    so the message is parked with its outcome for an operator to check."""
+
+
+class WebhookNotFound(NotifyError):
+    """The backend does not know the generation (404), perhaps not yet: it publishes the
+    message inside the transaction that creates the generation. Retried for a bounded time."""
 
 
 class InternalError(GenerationError):

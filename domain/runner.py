@@ -1,57 +1,118 @@
-"""Pulls deliveries from a TaskSource, runs them, and settles each one exactly once."""
+"""The worker's loop: three stages around one model thread, and one settlement per delivery.
+
+- intake (I/O threads): read the message, settle it at once when its outcome is known (a copy of
+  a told message, an image already stored, a poison message), else fetch its LoRA and signature.
+- render (the thread that calls ``run``): the model, one call at a time in arrival order; a call
+  takes the next job plus prepared jobs that share its ``batch_key``, up to ``max_batch_size``.
+- finish (I/O threads): sign, encode, store, then the settlement tells the outcome and acks.
+
+Each stage has one boundary that turns any exception into that delivery's settlement, so no
+message can end the loop. Nothing waits for another delivery: a copy of a job already in flight
+here is handed back to the queue (it comes back after a back-off and finds the outcome
+recorded). A delivery that would wait here longer than ``max_hold_seconds`` before its job
+starts goes back to the queue, and the number of deliveries held follows the measured job time,
+so none outlives the broker's consumer timeout.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-from domain.errors import FailureReport, GenerationError, InvalidRequest, as_generation_error
-from domain.job import GenerationJob, JobResult, Outcome
+from domain.errors import GenerationError, InvalidRequest, as_generation_error
+from domain.job import GenerationJob, Prepared, Rendered
+from domain.ledger import MessageId
 from domain.log_context import job_context
-from domain.messages import parse_message, peek_generation_id
-from domain.request import GenerationRequest, RequestNormalizer
+from domain.messages import parse_message, peek_identity
+from domain.request import GenerationRequest, RequestNormalizer, batch_key
+from domain.settlement import Settled, Settlement
 from ports.task_source import Delivery, TaskSource
+from ports.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_SECONDS = 1.0
+"""How often the loop proves it is alive while it waits for an intake to finish."""
 
-class SettledGenerations:
-    """Generations whose outcome this process delivered, newest last (bounded).
 
-    When a connection dies after the outcome was delivered but before the ack, the broker
-    redelivers the message; recognising it here avoids telling the backend a second time.
-    Only broker redeliveries are skipped: a fresh message for the same generation (the backend
-    re-queueing a failed one) always runs.
+@dataclass(frozen=True)
+class _Job:
+    """A delivery whose job is prepared: its message identity and its inputs."""
+
+    delivery: Delivery
+    message: MessageId
+    prepared: Prepared
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The job's request."""
+        return self.prepared.request
+
+
+class HoldBudget:
+    """How many deliveries the worker may hold so that each starts within ``max_hold_seconds``.
+
+    Jobs start one model call after another, so the k-th held delivery starts after about
+    ``(k - 1) * seconds_per_job``. Before the first measurement the ceiling holds.
     """
 
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._capacity = capacity
-        self._ids: OrderedDict[int, None] = OrderedDict()
+    def __init__(self, *, max_hold_seconds: float, ceiling: int, smoothing: float = 0.3) -> None:
+        self._max_hold = max_hold_seconds
+        self._ceiling = max(1, ceiling)
+        self._smoothing = smoothing
+        self._seconds_per_job: float | None = None
+
+    def record(self, *, jobs: int, seconds: float) -> None:
+        """One model call ran ``jobs`` jobs in ``seconds``."""
+        if jobs < 1 or seconds <= 0:
+            return
+        sample = seconds / jobs
+        previous = self._seconds_per_job
+        self._seconds_per_job = (
+            sample if previous is None else previous + self._smoothing * (sample - previous)
+        )
+
+    def count(self) -> int:
+        """Deliveries to hold at most: 1 plus those that start within the hold limit."""
+        if self._seconds_per_job is None:
+            return self._ceiling
+        fits = int(self._max_hold // self._seconds_per_job)
+        return max(1, min(self._ceiling, 1 + fits))
+
+
+class InFlight:
+    """Generations with a delivery being worked on in this process (thread-safe)."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._generations: set[int] = set()
 
-    def add(self, generation_id: int) -> None:
-        """Remember that this generation's outcome was delivered."""
+    def claim(self, generation_id: int) -> bool:
+        """Take the generation; False when another delivery of it is in flight here."""
         with self._lock:
-            self._ids[generation_id] = None
-            self._ids.move_to_end(generation_id)
-            while len(self._ids) > self._capacity:
-                self._ids.popitem(last=False)
+            if generation_id in self._generations:
+                return False
+            self._generations.add(generation_id)
+            return True
 
-    def __contains__(self, generation_id: object) -> bool:
+    def release(self, generation_id: int) -> None:
+        """The delivery that claimed the generation is settled."""
         with self._lock:
-            return generation_id in self._ids
+            self._generations.discard(generation_id)
 
 
-class JobRunner:
-    """The loop between a queue and the use case.
+class StagedRunner:  # pylint: disable=too-many-instance-attributes
+    """Takes deliveries from a ``TaskSource`` and runs each through intake, render and finish.
 
-    A message that cannot become a request (not JSON, another type, a bad field) is poison: it is
-    parked, never retried, and reported as failed when its ``generation_id`` can be read. A
-    failure the backend could not be told travels with the handed-back delivery and is re-sent
-    as decided, so one generation never gets two different outcomes.
+    ``lookahead`` jobs are prepared ahead of the model (at least a batch's worth);
+    ``finish_backlog`` jobs may wait for their upload before the model pauses;
+    ``max_held`` (the broker's prefetch, MAX_CONCURRENT_GENERATIONS) caps what is held.
     """
 
     def __init__(
@@ -60,160 +121,37 @@ class JobRunner:
         source: TaskSource,
         job: GenerationJob,
         normalizer: RequestNormalizer,
-        settled: SettledGenerations | None = None,
+        settlement: Settlement,
+        telemetry: Telemetry | None = None,
+        io_threads: int = 4,
+        lookahead: int = 2,
+        finish_backlog: int = 4,
+        max_batch_size: int = 1,
+        max_held: int = 10,
+        max_hold_seconds: float = 600.0,
         poll_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._job = job
         self._normalizer = normalizer
-        self._settled = settled if settled is not None else SettledGenerations()
+        self._settlement = settlement
+        self._telemetry = telemetry if telemetry is not None else NoTelemetry()
+        self._batch = max(1, min(max_batch_size, job.max_batch_size))
+        self._io_threads = max(2, io_threads)
+        # A batch is drawn from jobs already prepared, so look ahead at least a batch's worth.
+        self._lookahead = max(1, lookahead, self._batch)
+        self._finish_slots = threading.BoundedSemaphore(max(1, finish_backlog, self._batch))
+        self._finishing = 0
+        self._finishing_changed = threading.Condition()
+        self._hold = HoldBudget(max_hold_seconds=max_hold_seconds, ceiling=max_held)
+        self._held_limit = max(1, max_held)
+        self._max_hold = max_hold_seconds
         self._poll_seconds = poll_seconds
         self._clock = clock
-        self._telemetry = job.telemetry
-        # Per delivery taken as a job: when it began and its generation; and per generation,
-        # how many of its deliveries are in flight here (a broker redelivery can join the
-        # original while the original is still running).
-        self._in_flight: dict[int, tuple[float, int]] = {}
-        self._running: Counter[int] = Counter()
-        self._in_flight_lock = threading.Lock()
-        self._running_changed = threading.Condition(self._in_flight_lock)
+        self._in_flight = InFlight()
 
-    def handle(self, delivery: Delivery) -> JobResult | None:
-        """Process one delivery and settle it; None when no generation ran."""
-        with job_context(generation_id=peek_generation_id(delivery.body)):
-            request = self.accept(delivery)
-            if request is None:
-                return None
-            with job_context(generation_id=request.generation_id, task_id=request.task_id):
-                result = self._job.run(request, attempt=delivery.attempt)
-                self.settle(delivery, result)
-                return result
-
-    def accept(self, delivery: Delivery) -> GenerationRequest | None:
-        """The request to run, or None when the delivery was settled without running one.
-
-        Settled here: a failure decided earlier (re-sent), a poison message (parked), a broker
-        redelivery of an outcome already told (acked).
-        """
-        if delivery.pending_failure is not None:
-            self._settle_pending_failure(delivery, delivery.pending_failure)
-            return None
-        request = self._request_or_park(delivery)
-        if request is None:
-            return None
-        if delivery.redelivered and request.generation_id in self._settled:
-            log.info("generation %s: redelivered after its outcome was told", request.generation_id)
-            self._source.ack(delivery)
-            return None
-        self._job_started(delivery, request.generation_id)
-        return request
-
-    def _job_started(self, delivery: Delivery, generation_id: int) -> None:
-        with self._in_flight_lock:
-            self._in_flight[id(delivery)] = (self._clock(), generation_id)
-            self._running[generation_id] += 1
-        self._telemetry.job_started()
-
-    def others_in_flight(self, generation_id: int) -> bool:
-        """Whether another delivery of this generation is in flight here besides the caller's."""
-        with self._in_flight_lock:
-            return self._running[generation_id] > 1
-
-    def wait_for_other_deliveries(self, generation_id: int) -> None:
-        """Until no other delivery of this generation is in flight here (only the caller's)."""
-        with self._running_changed:
-            self._running_changed.wait_for(lambda: self._running[generation_id] <= 1)
-
-    def _job_ended(self, delivery: Delivery, outcome: str, error: GenerationError | None) -> None:
-        """Report the end of a job that ``accept`` started; nothing for other deliveries."""
-        with self._in_flight_lock:
-            entry = self._in_flight.pop(id(delivery), None)
-            if entry is not None:
-                self._running[entry[1]] -= 1
-                if self._running[entry[1]] <= 0:
-                    del self._running[entry[1]]
-                self._running_changed.notify_all()
-        if entry is not None:
-            began = entry[0]
-            self._telemetry.job_finished(
-                outcome=outcome,
-                error_code=error.code.value if error is not None else None,
-                seconds=self._clock() - began,
-            )
-
-    def settle(self, delivery: Delivery, result: JobResult) -> None:
-        """Ack, hand back or park the delivery according to the job's outcome."""
-        reason = str(result.error) if result.error else ""
-        if result.outcome in (Outcome.COMPLETED, Outcome.FAILED):
-            self._settled.add(result.generation_id)
-        self._job_ended(delivery, result.outcome.value, result.error)
-        if result.outcome is Outcome.RETRY:
-            self._source.retry(delivery, reason, result.pending_failure)
-        elif result.outcome is Outcome.REJECTED:
-            self._source.park(delivery, reason)
-        else:
-            self._source.ack(delivery)
-
-    def _request_or_park(self, delivery: Delivery) -> GenerationRequest | None:
-        try:
-            return self._normalizer.normalize(parse_message(delivery.body))
-        except GenerationError as exc:
-            error = exc
-        except Exception as exc:  # pylint: disable=broad-exception-caught
-            # Whatever a message does to validation, it is the message's fault: park it.
-            error = InvalidRequest(f"message cannot be read: {type(exc).__name__}: {exc}")
-        generation_id = peek_generation_id(delivery.body)
-        log.warning("poison message (generation %s): %s", generation_id, error)
-        if generation_id is None:
-            self._source.park(delivery, str(error))
-        else:
-            report = FailureReport(
-                generation_id=generation_id,
-                code=error.code,
-                message=error.message,
-                retry_count=delivery.attempt,
-                poison=True,
-            )
-            self._settle_failure(delivery, report)
-        return None
-
-    def _settle_pending_failure(self, delivery: Delivery, report: FailureReport) -> None:
-        """Send a failure decided earlier, unless the image got stored meanwhile.
-
-        After a dropped connection, the broker redelivers the original message while the copy
-        carrying the failure is also queued; whichever stores the image first wins.
-        """
-        if not report.poison:
-            try:
-                stored = self._job.report_if_stored(report.generation_id)
-            except Exception as exc:  # pylint: disable=broad-exception-caught
-                log.warning("generation %s: cannot check storage: %s", report.generation_id, exc)
-                self._source.retry(delivery, f"storage unreachable: {exc}", report)
-                return
-            if stored is not None:
-                self.settle(delivery, stored)
-                return
-        self._settle_failure(delivery, report)
-
-    def _settle_failure(self, delivery: Delivery, report: FailureReport) -> None:
-        reason = f"{report.code.value}: {report.message}"
-        outcome = self._job.deliver_failure(report)
-        if outcome is not Outcome.RETRY:
-            # A failure that waits for the backend counts once, when it is told (or refused).
-            self._telemetry.job_started()
-            self._telemetry.job_finished(
-                outcome=outcome.value, error_code=report.code.value, seconds=0.0
-            )
-        if outcome is Outcome.FAILED:
-            self._settled.add(report.generation_id)
-        if outcome is Outcome.RETRY:
-            # The backend is unreachable; keep the message so the failure is told later.
-            self._source.retry(delivery, reason, report)
-        elif outcome is Outcome.REJECTED or report.poison:
-            self._source.park(delivery, reason)
-        else:
-            self._source.ack(delivery)
+    # --- the loop ----------------------------------------------------------------------------
 
     def run(
         self,
@@ -222,35 +160,283 @@ class JobRunner:
         stop_when_idle: bool = False,
         heartbeat: Callable[[], None] = lambda: None,
     ) -> int:
-        """Handle deliveries until ``should_stop()`` (or the source is idle); return the count.
+        """Run until ``should_stop()`` (or, with ``stop_when_idle``, until nothing is left to
+        do); every delivery taken is settled before it returns. The number taken.
 
-        ``heartbeat`` is called on every turn of the loop (the liveness probe watches it).
+        ``heartbeat`` is called on every turn and at every denoising step (liveness).
         """
-        handled = 0
-        timeout = 0.0 if stop_when_idle else self._poll_seconds
-        while not should_stop():
-            heartbeat()
-            delivery = self._source.receive(timeout)
-            if delivery is None:
-                if stop_when_idle:
-                    break
-                continue
-            try:
-                self.handle(delivery)
-            except Exception as exc:  # pylint: disable=broad-exception-caught
-                self.contain(delivery, as_generation_error(exc))
-            handled += 1
-        return handled
+        taken = 0
+        pending: deque[Future[_Job | None]] = deque()
+        with ThreadPoolExecutor(self._io_threads, thread_name_prefix="job-io") as pool:
+            while True:
+                heartbeat()
+                stopping = should_stop()
+                while not stopping and len(pending) < min(self._lookahead, self._hold.count()):
+                    wait_seconds = 0.0 if pending or stop_when_idle else self._poll_seconds
+                    delivery = self._source.receive(wait_seconds)
+                    if delivery is None:
+                        break
+                    taken += 1
+                    self._telemetry.job_started()
+                    pending.append(pool.submit(self._intake, delivery))
+                if not pending:
+                    if stopping:
+                        break
+                    if stop_when_idle and not self._wait_for_finishing():
+                        break
+                    continue
+                job = self._next(pending.popleft(), heartbeat)
+                if job is not None:
+                    batch = [job, *self._companions(job, pending)]
+                    self._render(pool, batch, heartbeat)
+        return taken
 
-    def contain(self, delivery: Delivery, error: GenerationError) -> None:
-        """A bug while settling: hand the job back, but park it once the retries are spent."""
-        log.exception("delivery could not be handled: %s", error)
+    @staticmethod
+    def _next(intake: Future[_Job | None], heartbeat: Callable[[], None]) -> _Job | None:
+        """The intake's job, proving liveness while it downloads."""
+        while not intake.done():
+            wait([intake], timeout=HEARTBEAT_SECONDS)
+            heartbeat()
+        return intake.result()  # the intake's boundary leaves nothing to raise
+
+    def _companions(self, head: _Job, pending: deque[Future[_Job | None]]) -> list[_Job]:
+        """Prepared jobs that can share the head's model call, taken out of ``pending``.
+
+        Only jobs whose intake is done are taken: the model never waits to fill a batch.
+        """
+        companions: list[_Job] = []
+        if self._batch == 1:
+            return companions
+        key = batch_key(head.request)
+        for intake in list(pending):
+            if len(companions) + 1 >= self._batch:
+                break
+            if not intake.done():
+                continue
+            job = intake.result()
+            if job is None or batch_key(job.request) != key:
+                continue
+            pending.remove(intake)
+            companions.append(job)
+        return companions
+
+    def _wait_for_finishing(self) -> bool:
+        """Wait until no job is in the finish stage; whether any was."""
+        with self._finishing_changed:
+            busy = self._finishing > 0
+            self._finishing_changed.wait_for(lambda: self._finishing == 0)
+        return busy
+
+    # --- intake ------------------------------------------------------------------------------
+
+    def _intake(self, delivery: Delivery) -> _Job | None:
+        """Read, dedupe and prepare one delivery; None when it was settled here."""
+        generation_id, task_id = peek_identity(delivery.body)
+        message = MessageId.of(generation_id, task_id, delivery.body) if generation_id else None
+        with job_context(generation_id=generation_id, task_id=task_id):
+            claimed: MessageId | None = None
+            try:
+                returned = self._turn_away(delivery)
+                if returned is not None:
+                    self._ended(delivery, returned)
+                    return None
+                try:
+                    request = self._read(delivery)
+                except GenerationError as exc:
+                    self._ended(delivery, self._settlement.poison(delivery, message, exc), exc)
+                    return None
+                message = MessageId.of(request.generation_id, request.task_id, delivery.body)
+                if not self._in_flight.claim(message.generation_id):
+                    self._telemetry.delivery_returned(reason="in_flight")
+                    reason = "a delivery of its generation is in flight here"
+                    self._ended(delivery, self._settlement.returned(delivery, reason))
+                    return None
+                claimed = message
+                settled = self._known(delivery, message)
+                if settled is not None:
+                    self._ended(delivery, settled)
+                    return None
+                job = _Job(delivery=delivery, message=message, prepared=self._job.prepare(request))
+                claimed = None  # the job owns the claim from here
+                return job
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                self._fail(delivery, message, exc)
+                return None
+            finally:
+                if claimed is not None:
+                    self._in_flight.release(claimed.generation_id)
+
+    def _turn_away(self, delivery: Delivery) -> Settled | None:
+        """Hand a delivery back before reading it: held too long, or the backend refuses us."""
+        if self._clock() - delivery.received_at > self._max_hold:
+            self._telemetry.delivery_returned(reason="held_too_long")
+            return self._settlement.returned(
+                delivery,
+                "held longer than MAX_HOLD_SECONDS before its job could start",
+                requeue_now=True,
+            )
+        refusal = self._settlement.backend_refusal()
+        if refusal is not None:
+            self._telemetry.delivery_returned(reason="backend_refused")
+            return self._settlement.returned(delivery, f"the backend refuses us: {refusal}")
+        return None
+
+    def _read(self, delivery: Delivery) -> GenerationRequest:
+        """The request of a delivery; any failure to read it is the message's (poison)."""
         try:
-            if delivery.attempt >= self._job.max_retries:
-                self._job_ended(delivery, Outcome.REJECTED.value, error)
-                self._source.park(delivery, str(error))
+            request = self._normalizer.normalize(parse_message(delivery.body))
+            self._job.check(request)
+            return request
+        except GenerationError:
+            raise
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise InvalidRequest(f"message cannot be read: {type(exc).__name__}: {detail}") from exc
+
+    def _known(self, delivery: Delivery, message: MessageId) -> Settled | None:
+        """Settle a delivery whose outcome is known or was carried by an older worker."""
+        settled = self._settlement.known(
+            delivery, message, lambda: self._job.stored(message.generation_id)
+        )
+        if settled is not None:
+            return settled
+        carried = delivery.carried_failure
+        if carried is None:
+            return None
+        if carried.generation_id != message.generation_id:
+            log.warning(
+                "ignoring a carried failure of generation %s on a message of generation %s",
+                carried.generation_id,
+                message.generation_id,
+            )
+            return None
+        return self._settlement.carried(delivery, message, carried)
+
+    # --- render ------------------------------------------------------------------------------
+
+    def _render(
+        self, pool: ThreadPoolExecutor, batch: list[_Job], heartbeat: Callable[[], None]
+    ) -> None:
+        """One model call for the jobs still worth running; then each moves on to finish."""
+        runnable = [job for job in batch if self._still_worth_running(job)]
+        if not runnable:
+            return
+        head = runnable[0].request if len(runnable) == 1 else None
+        with job_context(
+            generation_id=head.generation_id if head else None,
+            task_id=head.task_id if head else None,
+        ):
+            if head is None:
+                ids = [job.request.generation_id for job in runnable]
+                log.info(
+                    "batch of %d: generations %s", len(ids), ids, extra={"generation_ids": ids}
+                )
+            began = self._clock()
+            try:
+                results = self._job.render_batch(
+                    [job.prepared for job in runnable], pulse=heartbeat
+                )
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                log.exception("the render stage failed")
+                results = [as_generation_error(exc) for _ in runnable]
+            self._hold.record(jobs=len(runnable), seconds=self._clock() - began)
+            self._adjust_hold()
+        for job, result in zip(runnable, results, strict=True):
+            with self._context(job):
+                if isinstance(result, Rendered):
+                    self._to_finish(pool, job, result, heartbeat)
+                else:
+                    self._fail(job.delivery, job.message, result)
+                    self._in_flight.release(job.message.generation_id)
+
+    def _adjust_hold(self) -> None:
+        """Tell the source how many deliveries to hold, when the measured job time changes it."""
+        count = self._hold.count()
+        if count != self._held_limit:
+            log.info("holding at most %d deliveries (MAX_HOLD_SECONDS %.0f)", count, self._max_hold)
+            self._held_limit = count
+            self._source.hold_at_most(count)
+
+    def _still_worth_running(self, job: _Job) -> bool:
+        """False (and the delivery settled) for a job whose delivery should not run now."""
+        with self._context(job):
+            if not self._source.still_held(job.delivery):
+                # The broker delivers the message again: this copy must not run as well.
+                log.info("its connection is gone; the broker delivers it again")
+                self._telemetry.delivery_returned(reason="connection_lost")
+                self._ended(job.delivery, Settled.RETURNED)
+            elif self._clock() - job.delivery.received_at > self._max_hold:
+                self._telemetry.delivery_returned(reason="held_too_long")
+                reason = "held longer than MAX_HOLD_SECONDS before its job could start"
+                settled = self._settlement.returned(job.delivery, reason, requeue_now=True)
+                self._ended(job.delivery, settled)
             else:
-                self._job_ended(delivery, Outcome.RETRY.value, error)
-                self._source.retry(delivery, str(error), delivery.pending_failure)
-        except Exception:  # pylint: disable=broad-exception-caught
-            log.exception("delivery could not be settled; the source will redeliver it")
+                return True
+            self._in_flight.release(job.message.generation_id)
+            return False
+
+    def _to_finish(
+        self,
+        pool: ThreadPoolExecutor,
+        job: _Job,
+        rendered: Rendered,
+        heartbeat: Callable[[], None],
+    ) -> None:
+        # Back-pressure: the model waits if uploads pile up (released by _finish), beating
+        # meanwhile: slow uploads are not a stuck worker.
+        while not self._finish_slots.acquire(timeout=HEARTBEAT_SECONDS):
+            heartbeat()
+        with self._finishing_changed:
+            self._finishing += 1
+        pool.submit(self._finish, job, rendered)
+
+    # --- finish ------------------------------------------------------------------------------
+
+    def _finish(self, job: _Job, rendered: Rendered) -> None:
+        try:
+            with self._context(job):
+                try:
+                    completion = self._job.finish(rendered)
+                    settled = self._settlement.completed(job.delivery, job.message, completion)
+                except Exception as exc:  # pylint: disable=broad-exception-caught
+                    self._fail(job.delivery, job.message, exc)
+                else:
+                    self._ended(job.delivery, settled)
+        finally:
+            self._in_flight.release(job.message.generation_id)
+            self._finish_slots.release()
+            with self._finishing_changed:
+                self._finishing -= 1
+                self._finishing_changed.notify_all()
+
+    # --- the boundary ------------------------------------------------------------------------
+
+    def _fail(self, delivery: Delivery, message: MessageId | None, exc: BaseException) -> None:
+        """Any exception of a stage becomes its delivery's settlement; nothing escapes."""
+        error = as_generation_error(exc)
+        if not isinstance(exc, GenerationError):
+            log.error("unexpected error", exc_info=exc)
+        try:
+            if message is None:
+                settled = self._settlement.poison(delivery, None, error)
+            else:
+                settled = self._settlement.failed(delivery, message, error)
+        except Exception as inner:  # pylint: disable=broad-exception-caught
+            log.error("settling the delivery failed", exc_info=inner)
+            settled = self._settlement.contain(delivery, as_generation_error(inner))
+        self._ended(delivery, settled, error)
+
+    def _ended(
+        self, delivery: Delivery, settled: Settled, error: GenerationError | None = None
+    ) -> None:
+        self._telemetry.job_finished(
+            outcome=settled.value,
+            error_code=error.code.value if error is not None else None,
+            seconds=max(0.0, self._clock() - delivery.received_at),
+        )
+
+    @staticmethod
+    @contextmanager
+    def _context(job: _Job) -> Iterator[None]:
+        with job_context(generation_id=job.request.generation_id, task_id=job.request.task_id):
+            yield

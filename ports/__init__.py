@@ -2,8 +2,9 @@
 
 from ports.image_model import BatchItem, ImageModel, StepCallback
 from ports.notifier import Notifier
-from ports.storage import LoraArtifact, Storage, StoredOutput
-from ports.task_source import Delivery, TaskSource
+from ports.records import Record, RecordStore
+from ports.storage import LoraArtifact, ReferenceKind, Storage, StoredOutput
+from ports.task_source import Delivery, SourceUnavailable, TaskSource
 from ports.telemetry import NoTelemetry, Telemetry
 
 __all__ = [
@@ -12,6 +13,10 @@ __all__ = [
     "ImageModel",
     "LoraArtifact",
     "Notifier",
+    "Record",
+    "RecordStore",
+    "ReferenceKind",
+    "SourceUnavailable",
     "StepCallback",
     "Storage",
     "StoredOutput",

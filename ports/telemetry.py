@@ -27,6 +27,21 @@ class Telemetry(Protocol):
     def webhook_attempt(self, *, kind: str, ok: bool) -> None:
         """One HTTP attempt of a webhook (progress/completed/failed) and whether it was accepted."""
 
+    def outcome_undelivered(self, *, outcome: str, reason: str, parked: bool) -> None:
+        """A decided outcome (completed/failed) the backend could not take: ``reason`` is
+        unreachable, unauthorized, not_found, rejected or unknown (a failure call's answer was
+        lost); ``parked`` when the worker gave up on it and parked the message for an operator,
+        else the message went back to the queue."""
+
+    def failure_withheld(self) -> None:
+        """A failure not sent because its generation's failure was already told (the backend
+        refunds on every failure call)."""
+
+    def delivery_returned(self, *, reason: str) -> None:
+        """A delivery handed back without running: ``reason`` is in_flight (a copy of its job is
+        running here), held_too_long (it waited past MAX_HOLD_SECONDS), connection_lost (its
+        connection died before it started) or backend_refused (the backend refuses the token)."""
+
 
 class NoTelemetry:
     """Telemetry that records nothing: the default where no metrics are served."""
@@ -41,4 +56,13 @@ class NoTelemetry:
         """Nothing to record."""
 
     def webhook_attempt(self, *, kind: str, ok: bool) -> None:
+        """Nothing to record."""
+
+    def outcome_undelivered(self, *, outcome: str, reason: str, parked: bool) -> None:
+        """Nothing to record."""
+
+    def failure_withheld(self) -> None:
+        """Nothing to record."""
+
+    def delivery_returned(self, *, reason: str) -> None:
         """Nothing to record."""

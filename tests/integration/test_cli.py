@@ -110,6 +110,30 @@ def test_generate_reports_bad_input_with_its_code(
     assert bad_size == 1 and "INVALID_REQUEST" in err and "data.parameters.width" in err
 
 
+def test_generate_without_weights_says_what_to_set_in_one_line(
+    in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODEL_ID", str(in_tmp / "no-such-model"))
+    assert main(["generate", "--prompt", "x", "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    told = err.strip().splitlines()[-1]
+    assert told.startswith("generate: cannot load the model MODEL_ID=")
+    assert "Set MODEL_ID" in told and "--tiny" in told
+
+
+def test_generate_on_the_tiny_model(
+    in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODEL_ID", str(in_tmp / "no-such-model"))
+    out = in_tmp / "tiny.png"
+    args = ["--width", "256", "--height", "256", "--steps", "2", "--out", str(out)]
+    assert main(["generate", "--prompt", "x", "--tiny", *args]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    with Image.open(out) as image:
+        assert image.size == (256, 256)
+
+
 def test_bad_setting_fails_at_start_naming_the_variable(
     in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

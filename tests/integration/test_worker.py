@@ -7,7 +7,6 @@ persistent, application/json).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -15,151 +14,31 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import pika
 import pytest
 import requests
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import load_settings
 from app.worker import start
 from containers import Container, build_container
 from tests.integration.backend_receiver import BackendReceiver, RecordedRequest
-from tests.integration.services import RabbitService, S3Service, free_port
+from tests.integration.services import free_port
 from tests.integration.tcp_proxy import TcpProxy
+from tests.integration.worker_stack import (
+    ROOT,
+    TOKEN,
+    Stack,
+    rabbit_connections,
+    solid_signature,
+)
 from tests.messages import backend_message
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "e2e-secret-token"
 pytestmark = pytest.mark.model
-
-
-def solid_signature() -> bytes:
-    """An opaque red PNG: easy to find on the generated image."""
-    buffer = io.BytesIO()
-    Image.new("RGBA", (200, 100), (255, 0, 0, 255)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@dataclass
-class Stack:
-    """Buckets, queue and receiver of one test, and how to reach them."""
-
-    rabbit: RabbitService
-    s3: S3Service
-    receiver: BackendReceiver
-    queue: str
-    models_bucket: str
-    media_bucket: str
-    client: Any
-
-    def env(self, tiny_model_dir: Path, download_dir: Path) -> dict[str, str]:
-        """The worker's settings as environment variables."""
-        return {
-            "RABBITMQ_HOST": self.rabbit.host,
-            "RABBITMQ_PORT": str(self.rabbit.port),
-            "RABBITMQ_USER": self.rabbit.user,
-            "RABBITMQ_PASS": self.rabbit.password,
-            "RABBITMQ_QUEUE": self.queue,
-            "RABBITMQ_RETRY_DELAY_SECONDS": "1",
-            "AWS_S3_ENDPOINT_URL": self.s3.endpoint_url,
-            "AWS_ACCESS_KEY_ID": self.s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.s3.secret_key,
-            "AWS_S3_REGION_NAME": self.s3.region,
-            "AWS_STORAGE_BUCKET_NAME": self.media_bucket,
-            "S3_MODELS_BUCKET": self.models_bucket,
-            "BACKEND_API_URL": self.receiver.base_url,
-            "INTERNAL_API_TOKEN": TOKEN,
-            "WEBHOOK_MAX_ATTEMPTS": "4",
-            "WEBHOOK_RETRY_BUDGET_SECONDS": "10",
-            "MODEL_ID": str(tiny_model_dir),
-            "MODEL_DEVICE": "cpu",
-            "LORA_CACHE_DIR": str(download_dir),
-            "MAX_RETRIES": "2",
-            "LOG_LEVEL": "INFO",
-            "METRICS_PORT": str(free_port()),
-        }
-
-    def publish(self, message: dict[str, Any] | bytes) -> None:
-        """Exactly as the backend's code publishes a job."""
-        body = message if isinstance(message, bytes) else json.dumps(message).encode()
-        with self.connection() as connection:
-            channel = connection.channel()
-            channel.queue_declare(queue=self.queue, durable=True)
-            channel.basic_publish(
-                exchange="",
-                routing_key=self.queue,
-                body=body,
-                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
-            )
-
-    def connection(self) -> pika.BlockingConnection:
-        return pika.BlockingConnection(
-            pika.ConnectionParameters(
-                self.rabbit.host,
-                self.rabbit.port,
-                self.rabbit.vhost,
-                pika.PlainCredentials(self.rabbit.user, self.rabbit.password),
-            )
-        )
-
-    def queue_state(self, name: str | None = None) -> tuple[int, int]:
-        """(ready messages, consumers) of a queue."""
-        with self.connection() as connection:
-            ok = connection.channel().queue_declare(queue=name or self.queue, passive=True)
-            return ok.method.message_count, ok.method.consumer_count
-
-    def parked(self) -> list[tuple[bytes, dict[str, Any]]]:
-        """Drain the parked queue: (body, headers) of each parked message."""
-        found = []
-        with self.connection() as connection:
-            channel = connection.channel()
-            while True:
-                method, properties, body = channel.basic_get(f"{self.queue}.parked", True)
-                if method is None:
-                    return found
-                found.append((body, dict(properties.headers or {})))
-
-    def output(self, generation_id: int) -> Image.Image:
-        data = self.client.get_object(
-            Bucket=self.media_bucket, Key=f"generations/{generation_id}.png"
-        )
-        return Image.open(io.BytesIO(data["Body"].read()))
-
-
-@pytest.fixture
-def stack(rabbit: RabbitService, s3: S3Service) -> Iterator[Stack]:
-    suffix = uuid.uuid4().hex[:10]
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
-        region_name=s3.region,
-    )
-    models, media = f"models-{suffix}", f"media-{suffix}"
-    for bucket in (models, media):
-        client.create_bucket(Bucket=bucket)
-    with BackendReceiver(token=TOKEN) as receiver:
-        yield Stack(rabbit, s3, receiver, f"image_generation_{suffix}", models, media, client)
-
-
-@pytest.fixture
-def worker_env(
-    stack: Stack, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, str]:
-    env = stack.env(tiny_model_dir, tmp_path / "loras")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
-    return env
 
 
 @dataclass
@@ -292,16 +171,6 @@ def test_webhook_503_twice_is_delivered(stack: Stack) -> None:
     completions = [r for r in records if r.kind == "complete"]
     assert [r.status for r in completions] == [503, 503, 200]
     assert not [r for r in records if r.kind == "failed"]
-
-
-def rabbit_connections(name_fragment: str) -> list[str]:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return [line.split("\t", 1)[0] for line in out.splitlines() if name_fragment in line]
 
 
 @pytest.mark.usefixtures("worker")
@@ -440,7 +309,13 @@ def test_operations_of_a_running_worker(  # pylint: disable=too-many-locals,too-
         try:
             ready = poll(f"{base}/readyz", 200)
             assert ready.status_code == 200, ready.text
-            assert set(ready.json()["checks"]) == {"model", "broker", "storage", "accepting"}
+            assert set(ready.json()["checks"]) == {
+                "model",
+                "broker",
+                "storage",
+                "backend",
+                "accepting",
+            }
             assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
 
             task_ids = {}

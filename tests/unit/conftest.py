@@ -13,7 +13,14 @@ from PIL import Image
 from adapters.memory_task_source import InMemoryTaskSource
 from app.settings import load_settings
 from containers import Container, build_container
-from tests.unit.fakes import FakeClock, FakeImageModel, FakeNotifier, FakeStorage
+from tests.unit.fakes import (
+    FakeClock,
+    FakeImageModel,
+    FakeNotifier,
+    FakeRecordStore,
+    FakeStorage,
+    FakeTelemetry,
+)
 
 
 @dataclass
@@ -25,6 +32,8 @@ class Wired:
     storage: FakeStorage
     notifier: FakeNotifier
     source: InMemoryTaskSource
+    records: FakeRecordStore
+    telemetry: FakeTelemetry
     clock: FakeClock
 
 
@@ -37,9 +46,13 @@ def png_bytes(size: tuple[int, int], color: tuple[int, int, int, int]) -> bytes:
 
 @pytest.fixture
 def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[Wired]:
-    """Settings from a clean environment; ports overridden with fakes through the container."""
+    """Settings from a clean environment; ports overridden with fakes through the container.
+
+    One fake clock drives the source, the runner and the job: it moves 0.1 s per denoising step,
+    and a test moves it to let a delayed retry come back.
+    """
     monkeypatch.chdir("/")  # no stray .env is read
-    settings = load_settings(max_retries=2, signature_default_text="")
+    settings = load_settings(max_retries=3, signature_default_text="")
     container = build_container(settings)
     clock = FakeClock()
     fakes = Wired(
@@ -47,14 +60,21 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[Wired]:
         model=FakeImageModel(clock=clock),
         storage=FakeStorage(),
         notifier=FakeNotifier(),
-        source=InMemoryTaskSource(),
+        source=InMemoryTaskSource(clock=clock),
+        records=FakeRecordStore(),
+        telemetry=FakeTelemetry(),
         clock=clock,
     )
     container.image_model.override(providers.Object(fakes.model))
     container.storage.override(providers.Object(fakes.storage))
     container.notifier.override(providers.Object(fakes.notifier))
     container.task_source.override(providers.Object(fakes.source))
+    container.records.override(providers.Object(fakes.records))
+    container.telemetry.override(providers.Object(fakes.telemetry))
     container.generation_job.add_kwargs(clock=clock)
+    container.job_runner.add_kwargs(clock=clock)
+    container.ledger.add_kwargs(wall_clock=clock)
+    container.backend_access.add_kwargs(clock=clock)
     container.normalizer.override(
         providers.Singleton(
             container.normalizer.cls, policy=container.request_policy, seed_source=lambda: 1234

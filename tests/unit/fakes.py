@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from domain.errors import ErrorCode, GenerationError, LoraNotFound, SignatureInvalid
+from domain.errors import (
+    ErrorCode,
+    GenerationError,
+    InvalidRequest,
+    LoraNotFound,
+    SignatureInvalid,
+)
 from domain.progress import ProgressUpdate
 from domain.request import GenerationRequest
 from ports.image_model import BatchItem, StepCallback
-from ports.storage import LoraArtifact, StoredOutput
+from ports.records import Record
+from ports.storage import LoraArtifact, ReferenceKind, StoredOutput
 
 
 class FakeClock:
@@ -93,8 +102,10 @@ class FakeStorage:
     fail_puts: list[GenerationError] = field(default_factory=list)
     fail_fetches: list[GenerationError] = field(default_factory=list)
     fail_finds: list[GenerationError] = field(default_factory=list)
+    fail_checks: list[GenerationError] = field(default_factory=list)
     fetched: list[str] = field(default_factory=list)
     puts: list[str] = field(default_factory=list)
+    checked: list[tuple[str, str]] = field(default_factory=list)
 
     def fetch_lora(self, ref: str) -> LoraArtifact:
         self.fetched.append(ref)
@@ -110,6 +121,11 @@ class FakeStorage:
             raise SignatureInvalid(f"no signature image at {ref!r}")
         return self.signatures[ref]
 
+    def check_reference(self, ref: str, kind: ReferenceKind) -> None:
+        self.checked.append((ref, kind))
+        if ref.startswith("ftp://"):
+            raise InvalidRequest(f"{ref!r} is not a storage reference")
+
     def find_output(self, key: str) -> StoredOutput | None:
         if self.fail_finds:
             raise self.fail_finds.pop(0)
@@ -121,18 +137,75 @@ class FakeStorage:
         self.puts.append(key)
         if self.fail_puts:
             raise self.fail_puts.pop(0)
+        if key in self.outputs:  # the first writer wins, as with If-None-Match: *
+            stored = self.outputs[key][1]
+            return StoredOutput(
+                key=key, url=f"https://cdn.test/{key}", metadata=stored, created=False
+            )
         self.outputs[key] = (data, dict(metadata))
         return StoredOutput(key=key, url=f"https://cdn.test/{key}", metadata=dict(metadata))
+
+    def check(self) -> None:
+        if self.fail_checks:
+            raise self.fail_checks.pop(0)
+
+
+@dataclass
+class FakeRecordStore:
+    """Records in a dict with a version counter, changed atomically under a lock;
+    ``fail_next`` raises its errors first (one per call)."""
+
+    records: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    fail_next: list[Exception] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    versions: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def _fail(self) -> None:
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+
+    def create(self, key: str, data: bytes) -> Record:
+        with self.lock:
+            self._fail()
+            if key in self.records:
+                return Record(*self.records[key])
+            self.records[key] = (bytes(data), f"v{next(self.versions)}")
+            return Record(*self.records[key], created=True)
+
+    def read(self, key: str) -> Record | None:
+        with self.lock:
+            self._fail()
+            return Record(*self.records[key]) if key in self.records else None
+
+    def replace(self, key: str, data: bytes, version: str) -> str | None:
+        with self.lock:
+            self._fail()
+            if key not in self.records or self.records[key][1] != version:
+                return None
+            self.records[key] = (bytes(data), f"v{next(self.versions)}")
+            return self.records[key][1]
+
+    def document(self, key: str) -> Any:
+        return json.loads(self.records[key][0])
+
+    def keys(self, generation_id: int) -> list[str]:
+        return sorted(key for key in self.records if key.startswith(f"{generation_id}/"))
 
 
 @dataclass
 class FakeNotifier:
-    """Records every webhook as (kind, generation_id, payload); can fail the first calls."""
+    """Records every webhook as (kind, generation_id, payload); can fail the first calls.
+
+    ``refuse_access`` makes ``check_access`` raise it (a rotated token); ``probes`` counts the
+    calls.
+    """
 
     sent: list[tuple[str, int, Any]] = field(default_factory=list)
     fail_completions: list[Exception] = field(default_factory=list)
     fail_failures: list[Exception] = field(default_factory=list)
     fail_progress: bool = False
+    refuse_access: Exception | None = None
+    probes: int = 0
 
     def progress(self, generation_id: int, update: ProgressUpdate) -> None:
         if self.fail_progress:
@@ -162,6 +235,11 @@ class FakeNotifier:
             )
         )
 
+    def check_access(self) -> None:
+        self.probes += 1
+        if self.refuse_access is not None:
+            raise self.refuse_access
+
     def kinds(self) -> list[str]:
         return [kind for kind, _, _ in self.sent]
 
@@ -188,6 +266,17 @@ class FakeTelemetry:
 
     def webhook_attempt(self, *, kind: str, ok: bool) -> None:
         self.events.append(("webhook", {"kind": kind, "ok": ok}))
+
+    def outcome_undelivered(self, *, outcome: str, reason: str, parked: bool) -> None:
+        self.events.append(
+            ("undelivered", {"outcome": outcome, "reason": reason, "parked": parked})
+        )
+
+    def failure_withheld(self) -> None:
+        self.events.append(("withheld", {}))
+
+    def delivery_returned(self, *, reason: str) -> None:
+        self.events.append(("returned", {"reason": reason}))
 
     def of(self, name: str) -> list[dict[str, Any]]:
         return [payload for event, payload in self.events if event == name]

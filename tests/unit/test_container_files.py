@@ -294,10 +294,12 @@ def test_rabbitmq_with_management_and_minio_with_the_buckets(compose: dict[str, 
     assert init["depends_on"]["minio"]["condition"] == "service_healthy"
     env = init["environment"]
     media = SETTINGS["aws_storage_bucket_name"].default
-    models = SETTINGS["s3_models_bucket"].default
-    assert env["MEDIA_BUCKET"].endswith(f":-{media}}}") and env["MODELS_BUCKET"].endswith(
-        f":-{models}}}"
-    )
+    assert env["MEDIA_BUCKET"].endswith(f":-{media}}}")
+    # The worker needs no models bucket; the local stack makes one and names it to the worker,
+    # with the same default on both sides.
+    assert SETTINGS["s3_models_bucket"].default is None
+    worker_models = compose["x-worker"]["environment"]["S3_MODELS_BUCKET"]
+    assert env["MODELS_BUCKET"] == worker_models == "${S3_MODELS_BUCKET:-stylelicense-models}"
     script = "\n".join(init["command"])
     assert 'mc mb --ignore-existing "local/$$MEDIA_BUCKET" "local/$$MODELS_BUCKET"' in script
 

@@ -1,24 +1,31 @@
-"""The use case with recording fakes: the happy path, idempotency, errors and retries."""
+"""The use case with recording fakes: inputs, the model call, the stored PNG and its metadata."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 
 import pytest
 from PIL import Image
 
 from domain.errors import (
     ErrorCode,
+    GenerationError,
     GpuOutOfMemory,
+    InternalError,
+    InvalidRequest,
     LoraInvalid,
+    LoraNotFound,
     ModelError,
-    NotifyError,
+    SignatureInvalid,
     StorageError,
 )
-from domain.job import METADATA_KEY, Outcome
+from domain.job import METADATA_KEY, Completion, GenerationJob, Rendered
 from domain.request import GenerationRequest, SignatureConfig, SignatureSpec
+from ports.storage import LoraArtifact, StoredOutput
 from tests.unit.conftest import Wired, png_bytes
+from tests.unit.fakes import FakeClock, FakeStorage
 
 
 def make_request(**changes: object) -> GenerationRequest:
@@ -35,77 +42,117 @@ def make_request(**changes: object) -> GenerationRequest:
     return GenerationRequest(**values)  # type: ignore[arg-type]
 
 
-def test_completed_job_stores_png_and_reports_every_milestone(wired: Wired) -> None:
-    wired.storage.loras["s3://models/styles/1/"] = b"weights"
-    request = make_request(lora_ref="s3://models/styles/1/", lora_scale=0.8, style_id=1)
+def run_job(job: GenerationJob, request: GenerationRequest) -> Completion:
+    (rendered,) = job.render_batch([job.prepare(request)])
+    assert isinstance(rendered, Rendered), rendered
+    return job.finish(rendered)
 
-    result = wired.container.generation_job().run(request)
 
-    assert result.outcome is Outcome.COMPLETED
-    assert wired.notifier.kinds() == ["progress"] * 5 + ["completed"]
-    updates = wired.notifier.of_kind("progress")
-    assert [u.progress_percent for u in updates] == [0, 26, 50, 76, 90]
-    assert [u.current_step for u in updates] == [0, 13, 25, 38, 45]
-    # 0.1 s per step measured on the fake clock: 37 steps left at step 13 -> 3.7 s -> 4.
-    assert updates[1].estimated_seconds == 4
-    assert updates[-1].estimated_seconds == 1
-    (completion,) = wired.notifier.of_kind("completed")
-    assert completion["result_url"] == "https://cdn.test/generations/500.png"
-    for key, value in {
-        "seed": 42,
-        "steps": 50,
-        "guidance_scale": 7.5,
-        "width": 512,
-        "height": 512,
-        "scheduler": "dpmsolver++",
-        "model": "fake/sd15",
-        "lora_checksum": "sha-7",
-        "lora_scale": 0.8,
-        "style_id": 1,
-    }.items():
-        assert completion[key] == value, key
-    assert set(completion["durations"]) == {
-        "fetch_seconds",
-        "queued_seconds",
-        "generation_seconds",
-        "encode_seconds",
-        "upload_seconds",
-        "total_seconds",
+class TimedStorage(FakeStorage):
+    """Downloads take 0.5 s and uploads 0.25 s on the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def fetch_lora(self, ref: str) -> LoraArtifact:
+        self.clock.advance(0.5)
+        return super().fetch_lora(ref)
+
+    def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
+        self.clock.advance(0.25)
+        return super().put_output(key, data, metadata)
+
+
+def test_the_completion_carries_every_key_and_every_duration(wired: Wired) -> None:
+    storage = TimedStorage(wired.clock)
+    storage.loras["s3://models/styles/1/"] = b"weights"
+    wired.container.storage.override(storage)  # type: ignore[arg-type]
+    job = wired.container.generation_job()
+    request = make_request(
+        lora_ref="s3://models/styles/1/", lora_scale=0.8, style_id=1, task_id="t-9"
+    )
+    prepared = job.prepare(request)
+    wired.clock.advance(1.0)  # waiting for the model
+    (rendered,) = job.render_batch([prepared])
+    assert isinstance(rendered, Rendered)
+    completion = job.finish(rendered)
+    assert completion == Completion(
+        result_url="https://cdn.test/generations/500.png",
+        metadata={
+            "seed": 42,
+            "seed_was_chosen": False,
+            "steps": 50,
+            "guidance_scale": 7.5,
+            "width": 512,
+            "height": 512,
+            "scheduler": "dpmsolver++",
+            "model": "fake/sd15",
+            "prompt": "watercolor, portrait",
+            "negative_prompt": None,
+            "style_id": 1,
+            "task_id": "t-9",
+            "lora_path": "s3://models/styles/1/",
+            "lora_checksum": "sha-7",
+            "lora_scale": 0.8,
+            "signature": None,
+            "durations": {
+                "fetch_seconds": 0.5,
+                "queued_seconds": 1.0,
+                "generation_seconds": 5.0,
+                "encode_seconds": 0.0,
+                "upload_seconds": 0.25,
+                "total_seconds": 6.75,
+            },
+        },
+        reused=False,
+    )
+    data, stored = storage.outputs["generations/500.png"]
+    assert json.loads(stored[METADATA_KEY]) == {
+        **completion.metadata,
+        "durations": {
+            "fetch_seconds": 0.5,
+            "queued_seconds": 1.0,
+            "generation_seconds": 5.0,
+            "encode_seconds": 0.0,
+        },
     }
-    assert completion["durations"]["generation_seconds"] == pytest.approx(5.0)
-    data, stored_meta = wired.storage.outputs["generations/500.png"]
+    assert stored["generation-id"] == "500" and len(stored["content-sha256"]) == 64
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == "PNG" and image.size == (512, 512)
-    assert json.loads(stored_meta[METADATA_KEY])["seed"] == 42
     called_request, lora = wired.model.calls[0]
-    assert called_request is request and lora is not None and lora.ref.endswith("styles/1/")
+    assert called_request is request and lora is not None and lora.checksum == "sha-7"
 
 
-def test_lora_absent_means_base_model_and_no_checksum(wired: Wired) -> None:
-    result = wired.container.generation_job().run(make_request())
-    assert result.outcome is Outcome.COMPLETED
-    assert wired.model.calls[0][1] is None
-    assert wired.storage.fetched == []
-    assert result.metadata is not None and result.metadata["lora_checksum"] is None
+def test_without_a_lora_the_base_model_runs_and_no_style_is_reported(wired: Wired) -> None:
+    completion = run_job(wired.container.generation_job(), make_request(lora_scale=0.8))
+    assert wired.model.calls[0][1] is None and wired.storage.fetched == []
+    style = {key: completion.metadata[key] for key in ("lora_path", "lora_checksum", "lora_scale")}
+    assert style == {"lora_path": None, "lora_checksum": None, "lora_scale": None}
 
 
-def test_redelivery_reports_existing_output_without_generating(wired: Wired) -> None:
-    job = wired.container.generation_job()
-    first = job.run(make_request())
-    second = wired.container.generation_job().run(make_request(), attempt=1)
-
-    assert second.outcome is Outcome.COMPLETED and second.reused
-    assert len(wired.model.calls) == 1
-    assert wired.storage.puts == ["generations/500.png"]
-    first_completion, second_completion = wired.notifier.of_kind("completed")
-    assert second_completion == first_completion | {
-        "durations": {
-            k: v
-            for k, v in first_completion["durations"].items()
-            if k not in {"upload_seconds", "total_seconds"}
-        }
-    }
-    assert first.result_url == second.result_url
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            SignatureSpec(
+                config=SignatureConfig(position="top-left", size="small", opacity=1.0),
+                image_ref="sig.png",
+            ),
+            {"kind": "image", "position": "top-left", "size": "small", "opacity": 1.0},
+        ),
+        (
+            SignatureSpec(config=SignatureConfig(), text="Ana"),
+            {"kind": "text", "position": "bottom-right", "size": "medium", "opacity": 0.7},
+        ),
+    ],
+)
+def test_the_signature_is_described_in_the_metadata(
+    wired: Wired, spec: SignatureSpec, expected: dict[str, object]
+) -> None:
+    wired.storage.signatures["sig.png"] = png_bytes((100, 50), (255, 0, 0, 255))
+    completion = run_job(wired.container.generation_job(), make_request(signature=spec))
+    assert completion.metadata["signature"] == expected
 
 
 def test_image_signature_is_stamped_before_storing(wired: Wired) -> None:
@@ -113,7 +160,7 @@ def test_image_signature_is_stamped_before_storing(wired: Wired) -> None:
     spec = SignatureSpec(
         config=SignatureConfig(position="top-left", size="small", opacity=1.0), image_ref="sig.png"
     )
-    wired.container.generation_job().run(make_request(signature=spec))
+    run_job(wired.container.generation_job(), make_request(signature=spec))
     data, _ = wired.storage.outputs["generations/500.png"]
     with Image.open(io.BytesIO(data)) as image:
         rgb = image.convert("RGB")
@@ -122,139 +169,173 @@ def test_image_signature_is_stamped_before_storing(wired: Wired) -> None:
         assert rgb.getpixel((300, 300)) == (0, 0, 0)
 
 
-def test_invalid_signature_fails_before_the_model_runs(wired: Wired) -> None:
-    wired.storage.signatures["sig.png"] = b"not an image"
-    spec = SignatureSpec(config=SignatureConfig(), image_ref="sig.png")
-    result = wired.container.generation_job().run(make_request(signature=spec))
-    assert result.outcome is Outcome.FAILED
-    assert wired.model.calls == []
-    (failure,) = wired.notifier.of_kind("failed")
-    assert failure["code"] is ErrorCode.SIGNATURE_INVALID
+def test_every_milestone_is_sent_with_an_eta(wired: Wired) -> None:
+    run_job(wired.container.generation_job(), make_request())
+    assert wired.notifier.kinds() == ["progress"] * 5
+    updates = wired.notifier.of_kind("progress")
+    assert [u.progress_percent for u in updates] == [0, 26, 50, 76, 90]
+    assert [u.current_step for u in updates] == [0, 13, 25, 38, 45]
+    assert [u.total_steps for u in updates] == [50] * 5
+    # 0.1 s per step measured on the fake clock: 37 steps left at step 13 -> 3.7 s -> 4.
+    assert [u.estimated_seconds for u in updates] == [None, 4, 3, 2, 1]
 
 
-@pytest.mark.parametrize(
-    ("error", "code"),
-    [
-        (LoraInvalid("pickle refused"), ErrorCode.LORA_INVALID),
-        (ModelError("nan"), ErrorCode.MODEL_ERROR),
-    ],
-)
-def test_permanent_errors_are_reported_at_once(
-    wired: Wired, error: Exception, code: ErrorCode
-) -> None:
-    wired.model.fail_with.append(error)
-    result = wired.container.generation_job().run(make_request(), attempt=0)
-    assert result.outcome is Outcome.FAILED
-    (failure,) = wired.notifier.of_kind("failed")
-    assert failure == {"code": code, "message": error.message, "retry_count": 0}
-    assert wired.storage.outputs == {}
+def test_second_job_gets_an_eta_at_zero_percent_from_the_first(wired: Wired) -> None:
+    run_job(wired.container.generation_job(), make_request(generation_id=1))
+    run_job(wired.container.generation_job(), make_request(generation_id=2))
+    second_zero = wired.notifier.of_kind("progress")[5]
+    assert second_zero.current_step == 0 and second_zero.estimated_seconds == 5
 
 
-def test_missing_lora_is_lora_not_found(wired: Wired) -> None:
-    result = wired.container.generation_job().run(make_request(lora_ref="styles/404/"))
-    assert result.outcome is Outcome.FAILED
-    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.LORA_NOT_FOUND
-    assert wired.model.calls == []
-
-
-@pytest.mark.parametrize("error", [GpuOutOfMemory("oom"), StorageError("s3 down")])
-def test_retryable_errors_retry_until_the_budget_then_fail(wired: Wired, error: Exception) -> None:
+def test_the_pulse_beats_at_every_step(wired: Wired) -> None:
     job = wired.container.generation_job()
-    wired.model.fail_with.extend([error] * 3)
-    outcomes = [job.run(make_request(), attempt=attempt).outcome for attempt in range(3)]
-    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
-    (failure,) = wired.notifier.of_kind("failed")
-    assert failure["code"] is error.code and failure["retry_count"] == 2
-
-
-def test_storage_outage_while_fetching_inputs_is_retried_then_reported(wired: Wired) -> None:
-    wired.storage.loras["styles/1/"] = b"w"
-    wired.storage.fail_fetches.extend([StorageError("s3 unreachable")] * 3)
-    job = wired.container.generation_job()
-    request = make_request(lora_ref="styles/1/")
-    outcomes = [job.run(request, attempt=attempt).outcome for attempt in range(3)]
-    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
-    assert wired.model.calls == []
-    (failure,) = wired.notifier.of_kind("failed")
-    assert failure["code"] is ErrorCode.STORAGE_ERROR and failure["retry_count"] == 2
-    assert job.run(request, attempt=3).outcome is Outcome.COMPLETED
-
-
-def test_existing_output_with_unreadable_metadata_still_completes(wired: Wired) -> None:
-    wired.storage.outputs["generations/500.png"] = (b"png", {METADATA_KEY: "{not json"})
-    result = wired.container.generation_job().run(make_request(), attempt=3)
-    assert result.outcome is Outcome.COMPLETED and result.reused
-    assert wired.notifier.of_kind("completed") == [
-        {"result_url": "https://cdn.test/generations/500.png"}
-    ]
-    assert wired.notifier.of_kind("failed") == [] and wired.model.calls == []
-
-
-def test_undeliverable_failure_carries_the_decided_report(wired: Wired) -> None:
-    wired.model.fail_with.append(LoraInvalid("bad layers"))
-    wired.notifier.fail_failures.append(NotifyError("timeout"))
-    result = wired.container.generation_job().run(make_request(), attempt=1)
-    assert result.outcome is Outcome.RETRY
-    assert result.pending_failure is not None
-    assert (result.pending_failure.code, result.pending_failure.retry_count) == (
-        ErrorCode.LORA_INVALID,
-        1,
-    )
-    assert result.pending_failure.message == "bad layers" and not result.pending_failure.poison
-
-
-def test_unexpected_exception_becomes_internal_error(wired: Wired) -> None:
-    wired.model.fail_with.append(RuntimeError("boom"))
-    result = wired.container.generation_job().run(make_request(), attempt=2)
-    assert result.outcome is Outcome.FAILED
-    failure = wired.notifier.of_kind("failed")[0]
-    assert (
-        failure["code"] is ErrorCode.INTERNAL_ERROR and "RuntimeError: boom" in failure["message"]
-    )
-
-
-def test_undelivered_completion_is_retried_and_never_turns_into_a_failure(wired: Wired) -> None:
-    wired.notifier.fail_completions.extend(
-        [NotifyError("backend 503"), ConnectionError("reset"), NotifyError("503"), NotifyError("x")]
-    )
-    job = wired.container.generation_job()
-    outcomes = [job.run(make_request(), attempt=attempt).outcome for attempt in range(4)]
-    assert outcomes == [Outcome.RETRY] * 4
-    assert wired.notifier.of_kind("failed") == []
-    assert len(wired.model.calls) == 1  # the stored image is reused on every redelivery
-    assert job.run(make_request(), attempt=4).outcome is Outcome.COMPLETED
-    assert len(wired.notifier.of_kind("completed")) == 1
-
-
-def test_undeliverable_failure_hands_the_job_back(wired: Wired) -> None:
-    wired.model.fail_with.append(LoraInvalid("bad"))
-    wired.notifier.fail_failures.append(NotifyError("backend down"))
-    result = wired.container.generation_job().run(make_request())
-    assert result.outcome is Outcome.RETRY
+    beats: list[int] = []
+    job.render_batch([job.prepare(make_request(steps=7))], pulse=lambda: beats.append(1))
+    assert len(beats) == 7
 
 
 def test_progress_delivery_trouble_never_fails_the_generation(wired: Wired) -> None:
     wired.notifier.fail_progress = True
-    result = wired.container.generation_job().run(make_request())
-    assert result.outcome is Outcome.COMPLETED
-    assert wired.notifier.kinds() == ["completed"]
+    completion = run_job(wired.container.generation_job(), make_request())
+    assert completion.result_url.endswith("500.png") and wired.notifier.sent == []
 
 
-def test_second_job_gets_an_eta_at_zero_percent_from_the_first(wired: Wired) -> None:
-    wired.container.generation_job().run(make_request(generation_id=1))
-    first_zero = wired.notifier.of_kind("progress")[0]
-    wired.container.generation_job().run(make_request(generation_id=2))
-    second_zero = wired.notifier.of_kind("progress")[5]
-    assert first_zero.estimated_seconds is None
-    assert second_zero.current_step == 0 and second_zero.estimated_seconds == 5
+def test_a_stored_image_is_its_completion_without_the_upload_times(wired: Wired) -> None:
+    job = wired.container.generation_job()
+    assert job.stored(500) is None
+    first = run_job(job, make_request())
+    again = job.stored(500)
+    assert again is not None and again.reused and again.result_url == first.result_url
+    durations = dict(first.metadata["durations"])
+    del durations["upload_seconds"], durations["total_seconds"]
+    assert again.metadata == {**first.metadata, "durations": durations}
 
 
-def test_storage_failure_after_generation_is_retried_without_notifying_failure(
-    wired: Wired,
-) -> None:
+def test_an_image_stored_first_by_another_copy_wins(wired: Wired) -> None:
+    job = wired.container.generation_job()
+    prepared = job.prepare(make_request())
+    (rendered,) = job.render_batch([prepared])
+    other = json.dumps({"seed": 99})
+    wired.storage.outputs["generations/500.png"] = (b"png", {METADATA_KEY: other})
+    assert isinstance(rendered, Rendered)
+    completion = job.finish(rendered)
+    assert completion == Completion(
+        result_url="https://cdn.test/generations/500.png", metadata={"seed": 99}, reused=True
+    )
+    assert wired.storage.outputs["generations/500.png"][0] == b"png"
+
+
+@pytest.mark.parametrize("stored", ["{not json", "[1]"])
+def test_unreadable_stored_metadata_is_an_empty_object(wired: Wired, stored: str) -> None:
+    wired.storage.outputs["generations/500.png"] = (b"png", {METADATA_KEY: stored})
+    completion = wired.container.generation_job().stored(500)
+    assert completion == Completion(
+        result_url="https://cdn.test/generations/500.png", metadata={}, reused=True
+    )
+
+
+def test_the_output_key_uses_the_prefix(wired: Wired) -> None:
+    assert wired.container.generation_job().output_key(7) == "generations/7.png"
+    job = wired.container.generation_job(output_prefix="out/")
+    assert job.output_key(7) == "out/7.png"
+
+
+# --- errors: raised for the settlement to decide ----------------------------------------------
+
+
+def test_a_missing_lora_is_lora_not_found_before_the_model(wired: Wired) -> None:
+    with pytest.raises(LoraNotFound):
+        wired.container.generation_job().prepare(make_request(lora_ref="styles/404/"))
+    assert wired.model.calls == []
+
+
+def test_an_invalid_signature_image_fails_before_the_model(wired: Wired) -> None:
+    wired.storage.signatures["sig.png"] = b"not an image"
+    spec = SignatureSpec(config=SignatureConfig(), image_ref="sig.png")
+    with pytest.raises(SignatureInvalid):
+        wired.container.generation_job().prepare(make_request(signature=spec))
+    assert wired.model.calls == []
+
+
+def test_a_storage_outage_while_fetching_is_storage_error(wired: Wired) -> None:
+    wired.storage.loras["styles/1/"] = b"w"
+    wired.storage.fail_fetches.append(StorageError("s3 unreachable"))
+    with pytest.raises(StorageError):
+        wired.container.generation_job().prepare(make_request(lora_ref="styles/1/"))
+
+
+def test_a_storage_outage_while_storing_is_storage_error(wired: Wired) -> None:
     wired.storage.fail_puts.append(StorageError("s3 timeout"))
     job = wired.container.generation_job()
-    assert job.run(make_request()).outcome is Outcome.RETRY
-    assert job.run(make_request(), attempt=1).outcome is Outcome.COMPLETED
-    assert wired.notifier.of_kind("failed") == []
-    assert len(wired.model.calls) == 2
+    (rendered,) = job.render_batch([job.prepare(make_request())])
+    assert isinstance(rendered, Rendered)
+    with pytest.raises(StorageError):
+        job.finish(rendered)
+    assert wired.storage.outputs == {}
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (LoraInvalid("pickle refused"), ErrorCode.LORA_INVALID),
+        (ModelError("nan"), ErrorCode.MODEL_ERROR),
+        (GpuOutOfMemory("oom"), ErrorCode.GPU_OOM),
+        (RuntimeError("boom"), ErrorCode.INTERNAL_ERROR),
+    ],
+)
+def test_a_model_error_is_each_job_s_error(
+    wired: Wired, raised: Exception, expected: ErrorCode
+) -> None:
+    wired.model.fail_with.append(raised)
+    job = wired.container.generation_job()
+    (result,) = job.render_batch([job.prepare(make_request())])
+    assert isinstance(result, GenerationError) and result.code is expected
+    if isinstance(raised, GenerationError):
+        assert result is raised
+    else:
+        assert isinstance(result, InternalError) and result.message == "RuntimeError: boom"
+    assert wired.telemetry.of("images") == []
+
+
+def test_a_batch_reports_each_item_and_counts_only_images(wired: Wired) -> None:
+    wired.model.batch_limit = 3
+    wired.model.item_errors[2] = LoraInvalid("not for this model")
+    job = wired.container.generation_job()
+    batch = [job.prepare(make_request(generation_id=i)) for i in (1, 2, 3)]
+    results = job.render_batch(batch)
+    assert [type(result).__name__ for result in results] == ["Rendered", "LoraInvalid", "Rendered"]
+    assert wired.model.batches == [[1, 2, 3]]
+    assert wired.telemetry.of("images") == [
+        {"count": 2, "steps": 50, "seconds": pytest.approx(5.0)}
+    ]
+
+
+def test_a_whole_batch_failing_is_every_job_s_error(wired: Wired) -> None:
+    wired.model.batch_limit = 2
+    wired.model.fail_with.append(GpuOutOfMemory("oom"))
+    job = wired.container.generation_job()
+    batch = [job.prepare(make_request(generation_id=i)) for i in (1, 2)]
+    results = job.render_batch(batch)
+    assert [result.code for result in results] == [ErrorCode.GPU_OOM] * 2  # type: ignore[union-attr]
+
+
+# --- checks at intake -------------------------------------------------------------------------
+
+
+def test_references_are_checked_naming_the_field(wired: Wired) -> None:
+    job = wired.container.generation_job()
+    with pytest.raises(InvalidRequest, match=r"^INVALID_REQUEST: data\.lora_path: 'ftp://x'"):
+        job.check(make_request(lora_ref="ftp://x"))
+    spec = SignatureSpec(config=SignatureConfig(), image_ref="ftp://y")
+    with pytest.raises(InvalidRequest, match=r"^INVALID_REQUEST: data\.signature_path: "):
+        job.check(make_request(signature=spec))
+    job.check(make_request(lora_ref="s3://models/a.safetensors"))
+    assert wired.storage.checked[-1] == ("s3://models/a.safetensors", "lora")
+
+
+def test_a_text_signature_is_checked_at_intake(wired: Wired) -> None:
+    job = wired.container.generation_job()
+    bad = SignatureSpec(config=SignatureConfig(), text="Ana\x00")
+    with pytest.raises(SignatureInvalid):
+        job.check(make_request(signature=bad))
+    job.check(make_request(signature=SignatureSpec(config=SignatureConfig(), text="Ana")))

@@ -53,14 +53,38 @@ def names_served(telemetry: PrometheusTelemetry) -> set[str]:
 def test_it_implements_the_port_and_starts_every_known_series_at_zero() -> None:
     telemetry = PrometheusTelemetry()
     assert isinstance(telemetry, Telemetry)
-    for outcome in ("completed", "failed", "retry", "rejected"):
+    for outcome in ("completed", "failed", "duplicate", "retry", "returned", "parked"):
         assert value(telemetry, "stylelicense_jobs_total", outcome=outcome) == 0
+    for reason in ("in_flight", "held_too_long", "connection_lost", "backend_refused"):
+        assert value(telemetry, "stylelicense_deliveries_returned_total", reason=reason) == 0
+    for reason in ("unreachable", "unauthorized", "not_found", "rejected", "unknown"):
+        for parked in ("true", "false"):
+            labels = {"outcome": "failed", "reason": reason, "parked": parked}
+            assert value(telemetry, "stylelicense_outcomes_undelivered_total", **labels) == 0
+    assert value(telemetry, "stylelicense_failures_withheld_total") == 0
     for code in ErrorCode:
         assert value(telemetry, "stylelicense_job_failures_total", error_code=code.value) == 0
     for kind in ("progress", "completed", "failed"):
         assert value(telemetry, "stylelicense_webhook_attempts_total", kind=kind) == 0
     assert value(telemetry, "stylelicense_jobs_in_flight") == 0
     assert value(telemetry, "process_cpu_seconds_total") is not None
+
+
+def test_settlement_events_move_their_counters() -> None:
+    telemetry = PrometheusTelemetry(process_metrics=False)
+    telemetry.outcome_undelivered(outcome="completed", reason="not_found", parked=False)
+    telemetry.outcome_undelivered(outcome="completed", reason="not_found", parked=False)
+    telemetry.outcome_undelivered(outcome="failed", reason="unknown", parked=True)
+    telemetry.failure_withheld()
+    telemetry.delivery_returned(reason="in_flight")
+    undelivered = "stylelicense_outcomes_undelivered_total"
+    labels = {"outcome": "completed", "reason": "not_found"}
+    assert value(telemetry, undelivered, **labels, parked="false") == 2
+    assert value(telemetry, undelivered, **labels, parked="true") == 0
+    assert value(telemetry, undelivered, outcome="failed", reason="unknown", parked="true") == 1
+    assert value(telemetry, "stylelicense_failures_withheld_total") == 1
+    assert value(telemetry, "stylelicense_deliveries_returned_total", reason="in_flight") == 1
+    assert value(telemetry, "stylelicense_deliveries_returned_total", reason="held_too_long") == 0
 
 
 def test_job_events_move_the_counters_by_the_right_amounts() -> None:

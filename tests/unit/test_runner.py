@@ -1,10 +1,14 @@
-"""The queue loop: poison messages, retries across redeliveries, and settling each delivery once."""
+"""The worker loop and its settlement: every guarantee of the README's "Guarantees" section that
+the domain keeps, played with recording fakes (the in-memory source plays the broker)."""
 
 from __future__ import annotations
 
-import itertools
 import json
+import threading
+from collections.abc import Mapping
+from typing import Any
 
+import pytest
 from dependency_injector import providers
 
 from adapters.memory_task_source import InMemoryTaskSource
@@ -12,96 +16,88 @@ from domain.errors import (
     ErrorCode,
     FailureReport,
     GpuOutOfMemory,
+    InvalidRequest,
     LoraInvalid,
     NotifyError,
     StorageError,
+    WebhookNotFound,
     WebhookRejected,
+    WebhookUnauthorized,
 )
-from domain.runner import JobRunner, SettledGenerations
+from domain.ledger import MessageId
+from domain.runner import HoldBudget
+from ports.storage import StoredOutput
 from ports.task_source import Delivery
 from tests.messages import backend_message
 from tests.unit.conftest import Wired
+from tests.unit.fakes import FakeClock, FakeImageModel, FakeStorage
 
 
 def run_all(wired: Wired) -> int:
+    """Run until nothing is left that can run now (delayed copies stay queued)."""
     return wired.container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
 
 
-def test_a_good_message_is_generated_and_acked(wired: Wired) -> None:
-    wired.source.put(backend_message())
-    assert run_all(wired) == 1
-    assert len(wired.source.acked) == 1 and wired.source.parked == []
-    assert wired.notifier.kinds()[-1] == "completed"
-    assert "generations/456.png" in wired.storage.outputs
+def drain(wired: Wired, rounds: int = 20, step: float = 1000.0) -> int:
+    """Run, and let every delayed copy come back (moving the clock), until the queue is empty."""
+    taken = run_all(wired)
+    for _ in range(rounds):
+        if not len(wired.source):
+            break
+        wired.clock.advance(step)
+        taken += run_all(wired)
+    assert not len(wired.source), "messages left in the queue"
+    return taken
 
 
-def test_not_json_is_parked_without_a_webhook(wired: Wired) -> None:
-    wired.source.put(b"\x00not json")
-    run_all(wired)
-    ((_, reason),) = wired.source.parked
-    assert reason.startswith("INVALID_REQUEST: message is not valid JSON")
-    assert wired.notifier.sent == [] and wired.source.acked == []
+def completions(wired: Wired) -> list[int]:
+    return [g for kind, g, _ in wired.notifier.sent if kind == "completed"]
 
 
-def test_invalid_field_is_parked_and_reported_failed(wired: Wired) -> None:
-    wired.source.put(backend_message(aspect_ratio="3:4"))
-    run_all(wired)
-    ((_, reason),) = wired.source.parked
-    assert "data.aspect_ratio" in reason
+def failures(wired: Wired) -> list[int]:
+    return [g for kind, g, _ in wired.notifier.sent if kind == "failed"]
+
+
+def settled_once(source: InMemoryTaskSource) -> None:
+    assert source.settled_twice == []
+
+
+# --- 1. no message can crash or hang a worker -------------------------------------------------
+
+CRASH_BODIES = [
+    b'{"type": "image_generation", "data": {"generation_id": ' + b"9" * 5000 + b"}}",
+    b"[" * 100_000,
+    b'{"type": "image_generation", "data": {"generation_id": 7, "prompt": "\xff\xfe"}}',
+    b"\x00\x01 not json at all",
+    b"",
+]
+
+
+@pytest.mark.parametrize("body", CRASH_BODIES, ids=["huge-int", "deep", "utf8", "binary", "empty"])
+def test_any_bytes_are_parked_and_the_loop_goes_on(wired: Wired, body: bytes) -> None:
+    wired.source.put(body)
+    wired.source.put(backend_message(8))
+    assert run_all(wired) == 2
+    ((parked, reason, outcome),) = wired.source.parked
+    assert parked.body == body and reason.startswith("INVALID_REQUEST") and outcome is None
+    assert completions(wired) == [8] and wired.notifier.of_kind("failed") == []
+    settled_once(wired.source)
+
+
+def test_a_poison_message_naming_a_generation_is_reported_once_and_parked(wired: Wired) -> None:
+    message = backend_message(31, aspect_ratio="9:9")
+    wired.source.put(message)
+    wired.source.put(message)  # the same body published twice
+    drain(wired)
     (failure,) = wired.notifier.of_kind("failed")
-    assert failure["code"] is ErrorCode.INVALID_REQUEST and failure["retry_count"] == 0
-    assert wired.model.calls == []
-
-
-def test_other_task_type_is_unsupported(wired: Wired) -> None:
-    message = backend_message(789)
-    message["type"] = "style_training"
-    wired.source.put(json.dumps(message))
-    run_all(wired)
-    assert len(wired.source.parked) == 1
-    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.UNSUPPORTED_TASK
-    assert wired.notifier.sent[0][1] == 789
-
-
-def test_bad_signature_config_is_signature_invalid(wired: Wired) -> None:
-    wired.source.put(backend_message(artist_name="Ana", signature_config={"position": "middle"}))
-    run_all(wired)
-    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.SIGNATURE_INVALID
-    assert len(wired.source.parked) == 1
-
-
-def test_poison_message_is_kept_while_the_backend_cannot_be_told(wired: Wired) -> None:
-    wired.notifier.fail_failures.extend([NotifyError("backend down"), NotifyError("still")])
-    wired.source.put(backend_message(aspect_ratio="9:9"))
-    run_all(wired)
-    assert len(wired.source.retried) == 2 and len(wired.source.parked) == 1
-    assert wired.source.acked == []
-    (failure,) = wired.notifier.of_kind("failed")
-    assert failure["code"] is ErrorCode.INVALID_REQUEST and failure["retry_count"] == 0
-
-
-def test_undelivered_failure_is_resent_as_decided_never_regenerated(wired: Wired) -> None:
-    # The failure webhook times out after the backend stored it; the next delivery must not
-    # try the job again (a success now would give the generation a second outcome).
-    wired.model.fail_with.extend([GpuOutOfMemory("oom")] * 3)
-    wired.notifier.fail_failures.append(NotifyError("read timeout"))
-    wired.source.put(backend_message())
-    run_all(wired)
-    assert len(wired.model.calls) == 3  # attempts 0, 1, 2; none after the decided failure
-    assert wired.notifier.of_kind("completed") == []
-    (failure,) = wired.notifier.of_kind("failed")
-    assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 2}
-    assert len(wired.source.acked) == 1 and wired.source.parked == []
-
-
-def test_overflowing_number_is_poison_not_an_endless_retry(wired: Wired) -> None:
-    wired.source.put(
-        '{"type": "image_generation", "data": {"generation_id": 9, "prompt": "a",'
-        ' "artist_name": "Ana", "signature_config": {"opacity": 1' + "0" * 400 + "}}}"
-    )
-    run_all(wired)
-    assert len(wired.source.parked) == 1 and wired.source.retried == []
-    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.SIGNATURE_INVALID
+    assert failure == {
+        "code": ErrorCode.INVALID_REQUEST,
+        "message": failure["message"],
+        "retry_count": 0,
+    }
+    assert "data.aspect_ratio" in failure["message"]
+    assert len(wired.source.parked) == 1 and len(wired.source.acked) == 1
+    settled_once(wired.source)
 
 
 class ExplodingNormalizer:
@@ -109,158 +105,625 @@ class ExplodingNormalizer:
         raise RecursionError(f"validator bug on {type(message).__name__}")
 
 
-def test_any_validation_crash_parks_the_message_as_invalid(wired: Wired) -> None:
+def test_a_crash_while_reading_is_the_message_s_fault(wired: Wired) -> None:
     wired.container.normalizer.override(providers.Object(ExplodingNormalizer()))
-    wired.source.put(backend_message(31))
+    wired.source.put(backend_message(32))
     run_all(wired)
-    ((_, reason),) = wired.source.parked
+    ((_, reason, _),) = wired.source.parked
     assert reason.startswith("INVALID_REQUEST: message cannot be read: RecursionError")
     assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.INVALID_REQUEST
 
 
-class AckFailingSource(InMemoryTaskSource):
-    def ack(self, delivery: Delivery) -> None:
-        raise ConnectionResetError("channel closed")
+class BrokenFetch(FakeStorage):
+    def fetch_signature(self, ref: str) -> bytes:
+        raise KeyError("a bug in an adapter")
 
 
-def test_a_crash_while_settling_hands_back_then_parks(wired: Wired) -> None:
-    source = AckFailingSource()
-    wired.container.task_source.override(providers.Object(source))
-    source.put(backend_message())
-    assert run_all(wired) == 3  # attempts 0 and 1 handed back, attempt 2 parked (max 2)
-    assert [d.attempt for d, _ in source.retried] == [0, 1]
-    assert [(d.attempt, "ConnectionResetError" in r) for d, r in source.parked] == [(2, True)]
-
-
-def test_retryable_failure_is_redelivered_and_counted(wired: Wired) -> None:
-    wired.model.fail_with.extend([GpuOutOfMemory("oom"), GpuOutOfMemory("oom")])
-    wired.source.put(backend_message())
-    assert run_all(wired) == 3
-    assert [d.attempt for d, _ in wired.source.retried] == [0, 1]
-    assert wired.source.acked[0].attempt == 2
-    assert wired.notifier.of_kind("failed") == []
-    assert len(wired.notifier.of_kind("completed")) == 1
-
-
-def test_retry_budget_exhausted_reports_failure_with_retry_count(wired: Wired) -> None:
-    wired.model.fail_with.extend([GpuOutOfMemory("oom")] * 5)
-    wired.source.put(backend_message())
-    run_all(wired)  # max_retries=2 in the fixture's settings
-    assert len(wired.source.retried) == 2 and len(wired.source.acked) == 1
+def test_an_unexpected_error_in_a_stage_is_retried_then_reported(wired: Wired) -> None:
+    wired.container.storage.override(providers.Object(BrokenFetch()))
+    wired.source.put(backend_message(33, signature_path="s3://media/sig.png"))
+    drain(wired)
+    assert [attempt for _, _, attempt, _ in wired.source.retried] == [1, 2, 3]
     (failure,) = wired.notifier.of_kind("failed")
-    assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 2}
+    assert failure["code"] is ErrorCode.INTERNAL_ERROR and failure["retry_count"] == 3
+    assert "KeyError" in failure["message"]
+    settled_once(wired.source)
 
 
-def test_a_notifier_bug_after_storing_becomes_a_retry_of_the_completion(wired: Wired) -> None:
-    wired.notifier.fail_completions.append(RuntimeError("bug in the notifier"))
-    wired.source.put(backend_message(1))
-    wired.source.put(backend_message(2))
-    assert run_all(wired) == 3
-    assert sorted(g for k, g, _ in wired.notifier.sent if k == "completed") == [1, 2]
+class RecordsBug(Exception):
+    pass
+
+
+def test_a_bug_in_settling_never_leaves_the_loop(wired: Wired) -> None:
+    wired.records.fail_next.extend([RecordsBug("bug")] * 50)  # type: ignore[list-item]
+    wired.source.put(backend_message(34))
+    wired.source.put(backend_message(35))
+    assert run_all(wired) == 2
+    assert wired.notifier.of_kind("completed") == []
+    assert len(wired.source.retried) == 2  # handed back, never acked, never lost
+    settled_once(wired.source)
+
+
+# --- 2. one outcome per message ---------------------------------------------------------------
+
+
+def test_the_same_body_published_twice_runs_once_and_is_told_once(wired: Wired) -> None:
+    message = backend_message(41)
+    wired.source.put(message)
+    wired.source.put(message)
+    drain(wired)
+    assert len(wired.model.calls) == 1
+    assert completions(wired) == [41]
+    # The copy was handed back while the original was in flight, then acked as a duplicate.
+    assert len(wired.source.retried) == 1 and len(wired.source.acked) == 2
+    assert wired.telemetry.of("returned") == [{"reason": "in_flight"}]
+    settled_once(wired.source)
+
+
+def test_a_copy_arriving_after_the_outcome_is_acked_silently(wired: Wired) -> None:
+    message = backend_message(42)
+    wired.source.put(message)
+    run_all(wired)
+    sent = list(wired.notifier.sent)
+    wired.source.put(message)
+    run_all(wired)
+    assert wired.notifier.sent == sent and len(wired.model.calls) == 1
+    assert len(wired.source.acked) == 2
+
+
+def test_a_told_failure_is_never_followed_by_a_completion_of_the_same_message(
+    wired: Wired,
+) -> None:
+    wired.model.fail_with.append(LoraInvalid("not for this model"))
+    message = backend_message(43)
+    wired.source.put(message)
+    run_all(wired)
+    wired.source.put(message)  # a redelivery after a lost ack: the model would succeed now
+    run_all(wired)
+    assert failures(wired) == [43] and completions(wired) == []
+    assert len(wired.model.calls) == 1 and len(wired.source.acked) == 2
+
+
+def test_a_decided_failure_is_told_as_decided_after_a_backend_outage(wired: Wired) -> None:
+    wired.model.fail_with.extend([GpuOutOfMemory("oom")] * 4)
+    wired.notifier.fail_failures.append(NotifyError("HTTP 503"))
+    wired.source.put(backend_message(44))
+    drain(wired)
+    assert len(wired.model.calls) == 4  # attempts 0 to 3; never again after the decision
+    assert completions(wired) == []
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 3}
+    settled_once(wired.source)
+
+
+def test_a_lost_connection_after_the_outcome_acks_the_redelivery_without_a_webhook(
+    wired: Wired,
+) -> None:
+    class LoseAfterTelling(InMemoryTaskSource):
+        lost = False
+
+        def ack(self, delivery: Any) -> None:
+            if not self.lost:
+                self.lost = True
+                self.lose_connection()  # the ack never reaches the broker
+            super().ack(delivery)
+
+    source = LoseAfterTelling(clock=wired.clock)
+    wired.container.task_source.override(providers.Object(source))
+    source.put(backend_message(45))
+    wired.container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
+    assert [kind for kind, _ in source.dropped] == ["ack"]
+    # The redelivery: acked as a copy of a told message, without a webhook or a render.
+    assert completions(wired) == [45] and len(wired.model.calls) == 1
+    assert len(source.acked) == 1 and len(source) == 0
+
+
+class BlockedModel(FakeImageModel):
+    """Renders only once ``go`` is set (another worker finishes meanwhile)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.go = threading.Event()
+        self.waiting = threading.Event()
+
+    def generate(self, request: Any, lora: Any, on_step: Any) -> Any:
+        self.waiting.set()
+        assert self.go.wait(timeout=30)
+        return super().generate(request, lora, on_step)
+
+
+def test_two_workers_rendering_one_message_tell_one_outcome(wired: Wired) -> None:
+    # After a dropped connection, workers A and B both hold the message. B renders while A
+    # completes it; B stores nothing new, follows A's decision, and tells the completion again
+    # as its last word (its progress calls replaced the metadata the backend stored).
+    message = backend_message(46)
+    source_a, source_b = InMemoryTaskSource(clock=wired.clock), InMemoryTaskSource(
+        clock=wired.clock
+    )
+    source_a.put(message)
+    source_b.put(message)
+    blocked = BlockedModel(wired.clock)
+    wired.container.task_source.override(providers.Object(source_a))
+    wired.container.settlement.reset()
+    runner_a = wired.container.job_runner()
+    wired.container.image_model.override(providers.Object(blocked))
+    wired.container.task_source.override(providers.Object(source_b))
+    wired.container.settlement.reset()
+    runner_b = wired.container.job_runner()
+    worker_b = threading.Thread(
+        target=runner_b.run, kwargs={"should_stop": lambda: False, "stop_when_idle": True}
+    )
+    worker_b.start()
+    assert blocked.waiting.wait(timeout=30)
+    runner_a.run(should_stop=lambda: False, stop_when_idle=True)
+    blocked.go.set()
+    worker_b.join(timeout=30)
+    assert failures(wired) == [] and completions(wired) == [46, 46]
+    first, second = wired.notifier.of_kind("completed")
+    assert first == second and wired.notifier.kinds()[-1] == "completed"
+    assert len(wired.storage.puts) == 2 and len(wired.storage.outputs) == 1
+    assert len(source_a.acked) == 1 and len(source_b.acked) == 1
+
+
+# --- 3. a new message for a generation runs; one failure per generation ------------------------
+
+
+def test_a_requeued_generation_runs_and_its_completion_is_told(wired: Wired) -> None:
+    wired.model.fail_with.append(LoraInvalid("first try"))
+    wired.source.put(backend_message(51))
+    run_all(wired)
+    wired.source.put(backend_message(51))  # the backend re-queues: a new task_id
+    run_all(wired)
+    assert failures(wired) == [51] and completions(wired) == [51]
     assert len(wired.model.calls) == 2
-    assert wired.notifier.of_kind("failed") == []
+
+
+def test_a_generation_is_reported_failed_once_whatever_its_messages(wired: Wired) -> None:
+    wired.model.fail_with.extend([LoraInvalid("bad"), LoraInvalid("still bad")])
+    wired.source.put(backend_message(52))
+    run_all(wired)
+    wired.source.put(backend_message(52))  # re-queued, fails again
+    run_all(wired)
+    assert failures(wired) == [52]
+    assert len(wired.model.calls) == 2 and len(wired.source.acked) == 2
+    assert wired.telemetry.of("withheld") == [{}]
+
+
+def test_a_stored_image_is_reported_never_rendered_again(wired: Wired) -> None:
+    wired.source.put(backend_message(53))
+    run_all(wired)
+    wired.source.put(backend_message(53))  # a new message for a completed generation
+    run_all(wired)
+    assert len(wired.model.calls) == 1 and completions(wired) == [53, 53]
+    first, second = wired.notifier.of_kind("completed")
+    # The stored metadata: the same, but for the upload times measured around storing it.
+    durations = dict(first["durations"])
+    del durations["upload_seconds"], durations["total_seconds"]
+    assert second == {**first, "durations": durations}
+
+
+def test_a_poison_duplicate_under_a_new_task_is_not_refunded_twice(wired: Wired) -> None:
+    wired.source.put(backend_message(54, lora_path="styles/none/"))
+    wired.source.put(backend_message(54, lora_path="styles/none/"))
+    drain(wired)
+    assert failures(wired) == [54]
+    assert wired.notifier.of_kind("failed")[0]["code"] is ErrorCode.LORA_NOT_FOUND
+
+
+# --- 4 and 6. no deadlock, no second render, no progress from a copy --------------------------
+
+
+def test_two_copies_in_flight_at_once_neither_waits_for_the_other(wired: Wired) -> None:
+    wired.container.job_runner.add_kwargs(max_batch_size=4)
+    wired.model.batch_limit = 4
+    message = backend_message(61)
+    for _ in range(3):
+        wired.source.put(message)
+    run_all(wired)  # returns: nothing waits on another delivery
+    assert len(wired.model.calls) == 1
+    progress = [g for kind, g, _ in wired.notifier.sent if kind == "progress"]
+    assert len(progress) == 5  # the original's milestones only
+    drain(wired)
+    assert completions(wired) == [61] and len(wired.source.acked) == 3
+    settled_once(wired.source)
+
+
+def test_a_job_whose_connection_died_before_render_is_not_rendered(wired: Wired) -> None:
+    class DropBeforeRender(FakeStorage):
+        def __init__(self, source: InMemoryTaskSource) -> None:
+            super().__init__()
+            self.source = source
+            self.dropped = False
+
+        def find_output(self, key: str) -> StoredOutput | None:
+            if not self.dropped:
+                self.dropped = True
+                self.source.lose_connection()
+            return super().find_output(key)
+
+    wired.container.storage.override(providers.Object(DropBeforeRender(wired.source)))
+    wired.source.put(backend_message(62))
+    drain(wired)
+    assert len(wired.model.calls) == 1 and completions(wired) == [62]
+    assert {"reason": "connection_lost"} in wired.telemetry.of("returned")
+
+
+# --- 5. a refused token, a 404, a refusing backend --------------------------------------------
+
+
+def test_a_rejected_token_hands_back_stops_rendering_and_recovers(wired: Wired) -> None:
+    wired.notifier.fail_completions.append(WebhookUnauthorized("HTTP 401"))
+    wired.notifier.refuse_access = WebhookUnauthorized("HTTP 401 still")
+    wired.source.put(backend_message(71))
+    run_all(wired)
+    access = wired.container.backend_access()
+    assert access.refusal is not None and "401" in access.refusal
+    assert wired.source.parked == [] and wired.source.acked == []
+    assert len(wired.source.retried) == 1
+    wired.source.put(backend_message(72))
+    run_all(wired)
+    assert len(wired.model.calls) == 1  # not rendered while the backend refuses the token
+    assert {"reason": "backend_refused"} in wired.telemetry.of("returned")
+    wired.clock.advance(31)  # the next probe is due; still refused
+    wired.source.put(backend_message(73))
+    run_all(wired)
+    assert wired.notifier.probes == 1 and len(wired.model.calls) == 1
+    wired.notifier.refuse_access = None  # the token is fixed
+    drain(wired)
+    assert access.refusal is None
+    assert sorted(completions(wired)) == [71, 72, 73] and len(wired.model.calls) == 3
+    assert wired.source.parked == []
+
+
+def test_a_404_is_retried_for_a_while_then_parked_with_the_outcome(wired: Wired) -> None:
+    wired.notifier.fail_completions.extend([WebhookNotFound("HTTP 404")] * 100)
+    wired.source.put(backend_message(77))
+    drain(wired, step=120.0, rounds=10)
+    assert len(wired.source.retried) >= 2
+    ((_, reason, outcome),) = wired.source.parked
+    assert "404" in reason and outcome is not None
+    assert outcome["verdict"] == "completed" and outcome["generation_id"] == 77
+    assert wired.telemetry.of("undelivered")[-1] == {
+        "outcome": "completed",
+        "reason": "not_found",
+        "parked": True,
+    }
+
+
+def test_a_backend_answering_5xx_is_waited_out_with_growing_delays(wired: Wired) -> None:
+    wired.model.fail_with.append(LoraInvalid("bad"))
+    wired.notifier.fail_failures.extend([NotifyError("HTTP 500")] * 4)
+    wired.source.put(backend_message(74))
+    drain(wired)
+    assert [delay for _, _, _, delay in wired.source.retried] == [5.0, 20.0, 80.0, 320.0]
+    assert failures(wired) == [74] and len(wired.model.calls) == 1
+
+
+def test_an_outcome_older_than_the_limit_is_parked(wired: Wired) -> None:
+    wired.notifier.fail_completions.extend([NotifyError("HTTP 503")] * 1000)
+    wired.source.put(backend_message(75))
+    drain(wired, step=50_000.0, rounds=5)
+    ((_, reason, outcome),) = wired.source.parked
+    assert "503" in reason and outcome["verdict"] == "completed"  # type: ignore[index]
+
+
+def test_a_refused_outcome_is_parked_at_once(wired: Wired) -> None:
+    wired.notifier.fail_completions.append(WebhookRejected("HTTP 400 missing result_url"))
+    wired.source.put(backend_message(76))
+    run_all(wired)
+    ((_, reason, outcome),) = wired.source.parked
+    assert "400" in reason and outcome is not None and wired.source.retried == []
+
+
+# --- 7. nothing waits past the broker's patience ----------------------------------------------
+
+
+class AgingSource(InMemoryTaskSource):
+    """Its first delivery has waited ``age`` seconds by the time it is handed to the runner."""
+
+    def __init__(self, clock: FakeClock, age: float) -> None:
+        super().__init__(clock=clock)
+        self.fake_clock, self.age = clock, age
+
+    def receive(self, timeout: float) -> Delivery | None:
+        delivery = super().receive(timeout)
+        if delivery is not None and self.age:
+            self.fake_clock.advance(self.age)
+            self.age = 0.0
+        return delivery
+
+
+def test_a_delivery_held_too_long_goes_back_unstarted(wired: Wired) -> None:
+    source = AgingSource(wired.clock, age=61.0)
+    wired.container.task_source.override(providers.Object(source))
+    wired.container.job_runner.add_kwargs(max_hold_seconds=60.0)
+    source.put(backend_message(81))
+    run_all(wired)
+    assert len(source.released) == 1 and wired.model.calls[0][0].generation_id == 81
+    assert completions(wired) == [81] and len(source.acked) == 1
+    assert wired.telemetry.of("returned") == [{"reason": "held_too_long"}]
+
+
+def test_a_job_waiting_behind_a_slow_one_goes_back_and_the_hold_shrinks(wired: Wired) -> None:
+    # 50 steps at 0.1 s: each job takes 5 s on the fake clock; 4 s is the most one may wait.
+    wired.container.job_runner.add_kwargs(max_hold_seconds=4.0)
+    wired.source.put(backend_message(82))
+    wired.source.put(backend_message(83))
+    run_all(wired)
+    assert [json.loads(d.body)["data"]["generation_id"] for d in wired.source.released] == [83]
+    assert wired.source.holds == [1]  # one delivery at a time from now on
+    assert sorted(completions(wired)) == [82, 83] and len(wired.model.calls) == 2
+
+
+def test_the_hold_follows_the_measured_job_time() -> None:
+    budget = HoldBudget(max_hold_seconds=600.0, ceiling=10)
+    assert budget.count() == 10
+    budget.record(jobs=1, seconds=200.0)
+    assert budget.count() == 4  # starts at 0, 200, 400, 600 s
+    budget.record(jobs=4, seconds=4.0)  # smoothed: 200 + 0.3 * (1 - 200) = 140.3 s a job
+    assert budget.count() == 5
+    for _ in range(30):
+        budget.record(jobs=4, seconds=4.0)
+    assert budget.count() == 10  # capped by MAX_CONCURRENT_GENERATIONS
+    slow = HoldBudget(max_hold_seconds=600.0, ceiling=10)
+    slow.record(jobs=1, seconds=1000.0)
+    assert slow.count() == 1
+
+
+# --- 8. bad input refused at intake -----------------------------------------------------------
+
+
+def test_an_unreadable_reference_is_invalid_request_naming_the_field(wired: Wired) -> None:
+    wired.source.put(backend_message(91, signature_path="ftp://elsewhere/sig.png"))
+    run_all(wired)
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure["code"] is ErrorCode.INVALID_REQUEST
+    assert failure["message"].startswith("data.signature_path: ")
+    assert wired.model.calls == [] and len(wired.source.parked) == 1
+
+
+def test_a_carried_failure_must_name_the_body_s_generation(wired: Wired) -> None:
+    wrong = FailureReport(generation_id=999, code=ErrorCode.GPU_OOM, message="x", retry_count=3)
+    wired.source.put(backend_message(92), attempt=3, carried_failure=wrong)
+    run_all(wired)
+    assert failures(wired) == [] and completions(wired) == [92]
+
+
+def test_a_carried_failure_is_told_as_decided(wired: Wired) -> None:
+    report = FailureReport(generation_id=93, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
+    wired.source.put(backend_message(93), attempt=3, carried_failure=report)
+    run_all(wired)
+    assert wired.model.calls == []
+    (failure,) = wired.notifier.of_kind("failed")
+    assert failure == {"code": ErrorCode.GPU_OOM, "message": "oom", "retry_count": 3}
+
+
+def test_a_carried_failure_yields_to_a_stored_image(wired: Wired) -> None:
+    wired.source.put(backend_message(94))
+    run_all(wired)
+    report = FailureReport(generation_id=94, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
+    wired.source.put(backend_message(94), attempt=3, carried_failure=report)
+    run_all(wired)
+    assert failures(wired) == [] and completions(wired) == [94, 94]
+
+
+def test_storage_down_when_deciding_hands_back_and_tells_nothing(wired: Wired) -> None:
+    wired.records.fail_next.extend([StorageError("down")] * 3)
+    wired.source.put(backend_message(95))
+    run_all(wired)
+    assert wired.notifier.of_kind("completed") == [] and len(wired.source.retried) == 1
+    drain(wired)
+    assert completions(wired) == [95]
+
+
+# --- 9. liveness from the model's steps -------------------------------------------------------
+
+
+def test_the_loop_beats_at_every_denoising_step(wired: Wired) -> None:
+    beats: list[int] = []
+    wired.source.put(backend_message(96))
+    wired.container.job_runner().run(
+        should_stop=lambda: False, stop_when_idle=True, heartbeat=lambda: beats.append(1)
+    )
+    assert len(beats) >= 50
+
+
+# --- the loop's own behaviour -----------------------------------------------------------------
 
 
 def test_stop_flag_stops_taking_work_and_finishes_what_was_taken(wired: Wired) -> None:
     for generation_id in range(1, 6):
         wired.source.put(backend_message(generation_id))
-    calls = itertools.chain([False], itertools.repeat(True))
-    handled = wired.container.job_runner().run(should_stop=lambda: next(calls))
-    assert handled == 2  # the pipeline's lookahead: received before the stop, so finished
+    calls = iter([False] + [True] * 100)
+    taken = wired.container.job_runner().run(should_stop=lambda: next(calls))
+    assert taken == 2  # the lookahead: received before the stop, so finished
     assert len(wired.source) == 3
-    assert sorted(d.attempt for d in wired.source.acked) == [0, 0]
-    assert sorted(g for k, g, _ in wired.notifier.sent if k == "completed") == [1, 2]
+    assert sorted(completions(wired)) == [1, 2]
 
 
-def test_plain_runner_takes_one_delivery_at_a_time(wired: Wired) -> None:
-    wired.source.put(backend_message(1))
-    wired.source.put(backend_message(2))
-    calls = iter([False, True])
-    runner = JobRunner(
-        source=wired.source,
-        job=wired.container.generation_job(),
-        normalizer=wired.container.normalizer(),
+def test_every_delivery_is_settled_once_under_mixed_outcomes(wired: Wired) -> None:
+    wired.storage.loras["s3://models/styles/1/"] = b"w"
+    messages: list[Mapping[str, Any] | bytes] = [
+        backend_message(1, lora_path="s3://models/styles/1/"),
+        b"not json",
+        backend_message(2, lora_path="s3://models/styles/404/"),
+        backend_message(3),
+        backend_message(4, aspect_ratio="7:7"),
+        backend_message(5),
+    ]
+    for message in messages:
+        wired.source.put(message)
+    assert drain(wired) == 6
+    assert len(wired.source.acked) + len(wired.source.parked) == 6
+    assert len(wired.source.parked) == 2
+    assert sorted(completions(wired)) == [1, 3, 5] and sorted(failures(wired)) == [2, 4]
+    settled_once(wired.source)
+
+
+def test_deciding_is_atomic_across_racing_threads(wired: Wired) -> None:
+    # Many copies of one message settle at once on different threads: one verdict is told.
+    settlement = wired.container.settlement()
+    body = json.dumps(backend_message(97)).encode()
+    message = MessageId.of(97, "t", body)
+    gate = threading.Barrier(6)
+
+    def settle(index: int) -> None:
+        wired.source.put(body)
+        delivery = wired.source.receive(0)
+        assert delivery is not None
+        gate.wait()
+        if index % 2:
+            settlement.failed(delivery, message, InvalidRequest("bad"))
+        else:
+            from domain.job import Completion  # pylint: disable=import-outside-toplevel
+
+            settlement.completed(delivery, message, Completion("https://x/97.png", {}))
+
+    threads = [threading.Thread(target=settle, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    told = {kind for kind, _, _ in wired.notifier.sent}
+    assert len(told) == 1
+
+
+# --- review findings: a failure is never told twice -------------------------------------------
+
+
+class RecordsFailingAfterTelling:
+    """Wraps the records: the write that marks a message told fails (storage went away)."""
+
+    def __init__(self, inner: Any, error: Exception) -> None:
+        self.inner, self.error = inner, error
+
+    def create(self, key: str, data: bytes) -> Any:
+        return self.inner.create(key, data)
+
+    def read(self, key: str) -> Any:
+        return self.inner.read(key)
+
+    def replace(self, key: str, data: bytes, version: str) -> Any:
+        if b'"told":{' in data:
+            raise self.error
+        return self.inner.replace(key, data, version)
+
+
+@pytest.mark.parametrize("error", [StorageError("S3 unreachable"), KeyError("ETag")])
+def test_a_failure_told_but_not_recorded_is_never_sent_again(
+    wired: Wired, error: Exception
+) -> None:
+    class LoseFirstAck(InMemoryTaskSource):
+        lost = False
+
+        def ack(self, delivery: Any) -> None:
+            if not self.lost:
+                self.lost = True
+                self.lose_connection()
+            super().ack(delivery)
+
+    source = LoseFirstAck(clock=wired.clock)
+    wired.container.task_source.override(providers.Object(source))
+    wired.container.records.override(
+        providers.Object(RecordsFailingAfterTelling(wired.records, error))
     )
-    assert runner.run(should_stop=lambda: next(calls)) == 1 and len(wired.source) == 1
-
-
-def test_completion_refused_for_good_parks_the_message(wired: Wired) -> None:
-    wired.notifier.fail_completions.append(WebhookRejected("404 unknown generation"))
-    wired.source.put(backend_message())
-    assert run_all(wired) == 1
-    ((_, reason),) = wired.source.parked
-    assert "404 unknown generation" in reason
-    assert wired.source.acked == [] and wired.source.retried == []
-    assert wired.notifier.of_kind("failed") == []
-
-
-def test_failure_refused_for_good_parks_the_message(wired: Wired) -> None:
     wired.model.fail_with.append(LoraInvalid("bad"))
-    wired.notifier.fail_failures.append(WebhookRejected("401 wrong token"))
-    wired.source.put(backend_message())
-    run_all(wired)
-    assert len(wired.source.parked) == 1 and wired.source.acked == []
-
-
-def test_broker_redelivery_of_a_told_outcome_is_acked_silently(wired: Wired) -> None:
-    runner = wired.container.job_runner()
-    body = json.dumps(backend_message(77)).encode()
-    runner.handle(Delivery(body=body))
-    runner.handle(Delivery(body=body, redelivered=True))  # the first ack was lost
-    assert len(wired.model.calls) == 1
-    assert len(wired.notifier.of_kind("completed")) == 1
-    assert len(wired.source.acked) == 2
-
-
-def test_a_fresh_message_for_a_settled_generation_still_runs(wired: Wired) -> None:
-    # The backend may re-queue a failed generation: that is a new message, not a redelivery.
-    runner = wired.container.job_runner()
-    wired.model.fail_with.append(LoraInvalid("first try"))
-    body = json.dumps(backend_message(78)).encode()
-    runner.handle(Delivery(body=body))
-    runner.handle(Delivery(body=body))
-    assert len(wired.model.calls) == 2
-    assert wired.notifier.kinds()[-1] == "completed"
-
-
-def test_settled_generations_forget_the_oldest() -> None:
-    settled = SettledGenerations(capacity=2)
-    for generation_id in (1, 2, 3):
-        settled.add(generation_id)
-    assert 1 not in settled and 2 in settled and 3 in settled
-
-
-def test_a_pending_failure_yields_to_an_image_stored_by_a_racing_copy(wired: Wired) -> None:
-    # A dropped connection left two copies: the original (redelivered, it completed) and the
-    # retry copy carrying a failure decided earlier. The stored image settles the outcome.
-    runner = wired.container.job_runner()
-    body = json.dumps(backend_message(91)).encode()
-    runner.handle(Delivery(body=body, redelivered=True))
-    report = FailureReport(generation_id=91, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
-    runner.handle(Delivery(body=body, attempt=3, pending_failure=report))
-    assert wired.notifier.of_kind("failed") == []
-    assert wired.notifier.kinds().count("completed") == 2  # told again, never contradicted
-    assert len(wired.source.acked) == 2 and len(wired.model.calls) == 1
-
-
-def test_a_pending_failure_waits_while_storage_cannot_be_checked(wired: Wired) -> None:
-    runner = wired.container.job_runner()
-    report = FailureReport(generation_id=92, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
-    wired.storage.fail_finds.append(StorageError("endpoint unreachable"))
-    runner.handle(
-        Delivery(body=json.dumps(backend_message(92)).encode(), attempt=3, pending_failure=report)
+    source.put(backend_message(101))
+    wired.container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
+    for _ in range(6):  # the redelivery waits for the teller's lease, then gives up on it
+        wired.clock.advance(400)
+        wired.container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
+    assert failures(wired) == [101] and len(wired.model.calls) == 1
+    ((_, reason, outcome),) = source.parked
+    assert "stopped while sending" in reason and outcome["verdict"] == "failed"  # type: ignore[index]
+    assert {"outcome": "failed", "reason": "unknown", "parked": True} in wired.telemetry.of(
+        "undelivered"
     )
-    ((_, reason),) = wired.source.retried
-    assert "storage unreachable" in reason
-    assert wired.notifier.sent == [] and wired.source.acked == []
 
 
-def test_the_original_redelivered_after_its_told_failure_does_not_run(wired: Wired) -> None:
-    # The copy told the failure first; the redelivered original must not add a completion.
-    runner = wired.container.job_runner()
-    body = json.dumps(backend_message(93)).encode()
-    report = FailureReport(generation_id=93, code=ErrorCode.GPU_OOM, message="oom", retry_count=3)
-    runner.handle(Delivery(body=body, attempt=3, pending_failure=report))
-    runner.handle(Delivery(body=body, redelivered=True))
-    assert wired.model.calls == [] and wired.notifier.kinds() == ["failed"]
-    assert len(wired.source.acked) == 2
+def test_a_stalled_teller_s_failure_is_parked_not_resent(wired: Wired) -> None:
+    # Copy A marked the failure as being sent, then stalled past its lease: copy B cannot know
+    # whether the backend has it, so it parks it for an operator instead of sending it again.
+    settlement = wired.container.settlement()
+    ledger = wired.container.ledger()
+    body = json.dumps(backend_message(102)).encode()
+    message = MessageId.of(102, "t-102", body)
+    report = FailureReport(
+        generation_id=102, code=ErrorCode.LORA_INVALID, message="x", retry_count=0
+    )
+    decision = settlement._failure(message, report)  # pylint: disable=protected-access
+    entry = ledger.decide(message, decision, teller="copy-a")
+    assert ledger.failure_owner(message) == message.key
+    assert ledger.mark_sending(message, entry) is not None
+    wired.source.put(body)
+    delivery = wired.source.receive(0)
+    assert delivery is not None
+    assert settlement.known(delivery, message, lambda: None).value == "retry"  # lease held
+    wired.clock.advance(10_000)
+    wired.source.put(body)
+    delivery = wired.source.receive(0)
+    assert delivery is not None
+    assert settlement.known(delivery, message, lambda: None).value == "parked"
+    assert wired.notifier.of_kind("failed") == []
+
+
+def test_a_retryable_error_of_a_copy_follows_a_completion_decided_meanwhile(
+    wired: Wired,
+) -> None:
+    # Worker B's copy fails (retryable) after worker A told the completion: B tells the
+    # completion again as its last word instead of handing back (its progress erased it).
+    message = backend_message(103)
+    wired.source.put(message)
+    run_all(wired)
+    wired.model.fail_with.append(GpuOutOfMemory("oom"))
+    settlement = wired.container.settlement()
+    body = json.dumps(message).encode()
+    wired.source.put(body)
+    delivery = wired.source.receive(0)
+    assert delivery is not None
+    identity = MessageId.of(103, message["task_id"], body)
+    settled = settlement.failed(delivery, identity, GpuOutOfMemory("oom"))
+    assert settled.value == "completed" and wired.notifier.kinds()[-1] == "completed"
+    assert completions(wired) == [103, 103]
+
+
+def test_fewer_than_three_retries_are_refused() -> None:
+    from app.settings import SettingsError, load_settings  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(SettingsError, match="MAX_RETRIES"):
+        load_settings(max_retries=2)
+    assert load_settings(max_retries=3).max_retries == 3
+
+
+class UploadWaitingForBeats(FakeStorage):
+    """The first upload returns only once the loop has beaten twice more (or fails after 10 s)."""
+
+    def __init__(self, beats: list[int]) -> None:
+        super().__init__()
+        self.beats = beats
+        self.waited = threading.Event()
+
+    def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
+        if not self.waited.is_set():
+            self.waited.set()
+            start = len(self.beats)
+            deadline = threading.Event()
+            for _ in range(100):
+                if len(self.beats) >= start + 2:
+                    break
+                deadline.wait(0.1)
+            assert len(self.beats) >= start + 2, "no heartbeat while waiting for a finish slot"
+        return super().put_output(key, data, metadata)
+
+
+def test_the_loop_beats_while_it_waits_for_a_finish_slot(wired: Wired) -> None:
+    beats: list[int] = []
+    storage = UploadWaitingForBeats(beats)
+    wired.container.storage.override(providers.Object(storage))
+    wired.container.job_runner.add_kwargs(finish_backlog=1)
+    for generation_id in (104, 105):
+        wired.source.put(backend_message(generation_id))
+    wired.container.job_runner().run(
+        should_stop=lambda: False, stop_when_idle=True, heartbeat=lambda: beats.append(1)
+    )
+    assert sorted(completions(wired)) == [104, 105]

@@ -125,7 +125,9 @@ def test_overrides_reach_the_use_case(wired: Wired) -> None:
     request = GenerationRequest(
         generation_id=8, prompt="p", width=256, height=256, steps=4, guidance_scale=7.5, seed=1
     )
-    wired.container.generation_job().run(request)
+    job = wired.container.generation_job()
+    (rendered,) = job.render_batch([job.prepare(request)])
+    job.finish(rendered)  # type: ignore[arg-type]
     assert wired.model.calls[0][0] is request  # the overridden model ran it
     assert "generations/8.png" in wired.storage.outputs  # into the overridden storage
     assert "generation 8" in stream.getvalue() and wired.notifier.sent == []
@@ -133,7 +135,7 @@ def test_overrides_reach_the_use_case(wired: Wired) -> None:
 
 def test_domain_and_ports_import_no_infrastructure() -> None:
     code = (
-        "import sys, domain.job, domain.runner, domain.watermark, ports\n"
+        "import sys, domain.job, domain.runner, domain.settlement, domain.ledger, domain.watermark, ports\n"
         "bad = {'torch', 'diffusers', 'transformers', 'peft', 'pika', 'boto3', 'botocore',"
         " 'requests'} & set(sys.modules)\n"
         "print(sorted(bad))\n"

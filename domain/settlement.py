@@ -1,0 +1,521 @@
+"""Settlement: the one place that decides a message's outcome, records it, tells the backend, and
+settles the delivery on the queue.
+
+The order is always the same: decide (a durable record, first writer wins across every worker),
+tell the backend, remember that it was told, then ack. A copy of the message that arrives at any
+point (a redelivery after a dropped connection, the same body published twice, another worker's
+prefetch) finds the decision and follows it, so one message has one outcome whatever happens.
+Nothing here waits for another delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from domain.errors import (
+    FailureReport,
+    GenerationError,
+    NotifyError,
+    StorageError,
+    WebhookNotFound,
+    WebhookOutcomeUnknown,
+    WebhookRejected,
+    WebhookUnauthorized,
+)
+from domain.job import Completion
+from domain.ledger import Decision, Entry, MessageId, OutcomeLedger, Verdict
+from ports.notifier import Notifier
+from ports.task_source import Delivery, TaskSource
+from ports.telemetry import NoTelemetry, Telemetry
+
+log = logging.getLogger(__name__)
+
+TOLD = "delivered"
+WITHHELD = "withheld: the generation was already reported failed"
+MAX_ERROR_MESSAGE = 1000
+"""Characters of an error message sent to the backend (it stores ``error_message``)."""
+
+
+class Settled(str, Enum):
+    """How a delivery left the worker (the ``outcome`` label of the jobs metric)."""
+
+    COMPLETED = "completed"
+    """The completion was told (now or before): acked."""
+    FAILED = "failed"
+    """The failure was told, or withheld because the generation's failure was told: acked."""
+    DUPLICATE = "duplicate"
+    """A copy of a message whose outcome was already told: acked, nothing sent."""
+    RETRY = "retry"
+    """Handed back to the queue, to be delivered again after a back-off."""
+    RETURNED = "returned"
+    """Given back unstarted: a copy of its job runs here, it waited too long, or its
+    connection died."""
+    PARKED = "parked"
+    """Set aside for an operator: a poison message, or an outcome the backend never took."""
+
+
+@dataclass(frozen=True)
+class SettlementPolicy:
+    """How long and how often a message is handed back before the worker gives up on it.
+
+    A retryable error is retried ``max_retries`` times, then reported failed. Every hand-back
+    waits ``base * factor ** handbacks`` seconds, at most ``max_delay_seconds``. A decided outcome
+    the backend cannot take is kept for ``outcome_max_age_seconds`` (``not_found_seconds`` when
+    the backend answers 404), then parked with the outcome for an operator.
+    """
+
+    max_retries: int = 3
+    base_delay_seconds: float = 5.0
+    delay_factor: float = 4.0
+    max_delay_seconds: float = 600.0
+    outcome_max_age_seconds: float = 86400.0
+    not_found_seconds: float = 300.0
+    telling_lease_seconds: float = 300.0
+    """How long another copy waits for the copy telling a failure before taking over (the
+    teller is then presumed dead: a live one finishes within the webhook's retry budget)."""
+
+    def delay(self, handbacks: int) -> float:
+        """Seconds before a message handed back ``handbacks`` times before comes again."""
+        exponent = min(max(0, handbacks), 32)
+        return min(self.max_delay_seconds, self.base_delay_seconds * self.delay_factor**exponent)
+
+
+def telling_lease_for(*, timeout_seconds: float, attempts: int, budget_seconds: float) -> float:
+    """A telling lease far longer than the longest failure call: every attempt's timeout plus
+    the back-off budget, four times over, and never under five minutes."""
+    return max(300.0, 4.0 * (timeout_seconds * attempts + budget_seconds))
+
+
+class BackendAccess:
+    """Whether the backend takes the worker's credentials, as the last outcome call or probe said.
+
+    A refusal (401/403) is a misconfiguration: readiness turns red with the reason, and intake
+    hands deliveries back without running them until a probe (at most every ``probe_seconds``)
+    or an outcome call is accepted again. Thread-safe.
+    """
+
+    def __init__(self, *, probe_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self._probe_seconds = probe_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._refusal: str | None = None
+        self._last_probe = float("-inf")
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the backend refuses the worker's credentials, or None while it takes them."""
+        with self._lock:
+            return self._refusal
+
+    def refused(self, reason: str) -> None:
+        """The backend answered 401/403."""
+        with self._lock:
+            first = self._refusal is None
+            self._refusal = reason
+            self._last_probe = self._clock()
+        if first:
+            log.error(
+                "the backend refuses the worker's credentials (%s): set INTERNAL_API_TOKEN to the"
+                " backend's token; messages go back to the queue until it is accepted",
+                reason,
+            )
+
+    def accepted(self) -> None:
+        """An outcome call or a probe went through."""
+        with self._lock:
+            was = self._refusal
+            self._refusal = None
+        if was is not None:
+            log.info("the backend accepts the worker's credentials again")
+
+    def probe_due(self) -> bool:
+        """Whether a refused worker should ask the backend again now (claims the probe)."""
+        with self._lock:
+            if self._refusal is None or self._clock() - self._last_probe < self._probe_seconds:
+                return False
+            self._last_probe = self._clock()
+            return True
+
+
+class Settlement:  # pylint: disable=too-many-instance-attributes
+    """Decides, records and tells each message's outcome, then settles its delivery.
+
+    Methods return how the delivery was settled and never raise for trouble with storage, the
+    backend or the queue: those hand the message back (or park it) instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: TaskSource,
+        ledger: OutcomeLedger,
+        notifier: Notifier,
+        access: BackendAccess,
+        policy: SettlementPolicy | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self._source = source
+        self._ledger = ledger
+        self._notifier = notifier
+        self._access = access
+        self.policy = policy if policy is not None else SettlementPolicy()
+        self._telemetry = telemetry if telemetry is not None else NoTelemetry()
+
+    # --- before a job runs -------------------------------------------------------------------
+
+    def backend_refusal(self) -> str | None:
+        """Why the backend refuses the worker's credentials, or None when it takes them.
+
+        While refused, the backend is asked again at most every ``probe_seconds``.
+        """
+        refusal = self._access.refusal
+        if refusal is None or not self._access.probe_due():
+            return refusal
+        try:
+            self._notifier.check_access()
+        except WebhookUnauthorized as exc:
+            self._access.refused(exc.message)
+            return exc.message
+        except NotifyError as exc:
+            log.info("cannot ask the backend about the credentials now: %s", exc)
+            return refusal
+        self._access.accepted()
+        return None
+
+    def known(
+        self,
+        delivery: Delivery,
+        message: MessageId,
+        stored: Callable[[], Completion | None],
+    ) -> Settled | None:
+        """Settle a delivery whose outcome is known already; None when its job must run.
+
+        Known: a decision recorded for this very message (told: acked silently; not told: told
+        now), or an image stored for its generation (a completion is decided and told; the image
+        is never rendered again).
+        """
+        try:
+            entry = self._ledger.entry(message)
+            if entry is None:
+                completion = stored()
+                if completion is None:
+                    return None
+                log.info("generation %s: its image is stored; reporting it", message.generation_id)
+                return self._decide(delivery, message, self._completion(message, completion))
+        except StorageError as exc:
+            return self._hand_back(delivery, f"outcome records unreachable: {exc}")
+        return self._tell(delivery, message, entry, _copy_token(), retell=False)
+
+    def carried(self, delivery: Delivery, message: MessageId, report: FailureReport) -> Settled:
+        """A failure an earlier worker version decided and carried in the message's headers."""
+        return self._decide(delivery, message, self._failure(message, report))
+
+    # --- the end of a job --------------------------------------------------------------------
+
+    def completed(self, delivery: Delivery, message: MessageId, completion: Completion) -> Settled:
+        """The image is stored: decide the completion (unless decided) and tell it."""
+        return self._decide(delivery, message, self._completion(message, completion), retell=True)
+
+    def failed(self, delivery: Delivery, message: MessageId, error: GenerationError) -> Settled:
+        """The job ended in ``error``: hand it back while retries remain, else decide the
+        failure (unless an outcome was decided) and tell it."""
+        if error.retryable and delivery.attempt < self.policy.max_retries:
+            try:
+                entry = self._ledger.entry(message)
+            except StorageError:
+                entry = None  # handed back all the same; the next delivery reads it again
+            if entry is not None:
+                # Another copy decided meanwhile: follow it (a completion is told again, since
+                # this copy's progress calls may have replaced the metadata it stored).
+                return self._tell(delivery, message, entry, _copy_token(), retell=True)
+            log.warning(
+                "generation %s: %s (attempt %d), handing back for retry",
+                message.generation_id,
+                error,
+                delivery.attempt,
+            )
+            return self._hand_back(delivery, str(error), attempt=delivery.attempt + 1)
+        log.error("generation %s failed: %s", message.generation_id, error)
+        report = FailureReport(
+            generation_id=message.generation_id,
+            code=error.code,
+            message=error.message[:MAX_ERROR_MESSAGE],
+            retry_count=delivery.attempt,
+        )
+        return self._decide(delivery, message, self._failure(message, report), retell=True)
+
+    def poison(
+        self, delivery: Delivery, message: MessageId | None, error: GenerationError
+    ) -> Settled:
+        """A message that can never run: parked, and reported failed when it names a generation."""
+        log.warning(
+            "poison message (generation %s): %s", getattr(message, "generation_id", None), error
+        )
+        if message is None:
+            return self._park(delivery, str(error))
+        report = FailureReport(
+            generation_id=message.generation_id,
+            code=error.code,
+            message=error.message[:MAX_ERROR_MESSAGE],
+            retry_count=delivery.attempt,
+            poison=True,
+        )
+        return self._decide(delivery, message, self._failure(message, report))
+
+    # --- without a job -----------------------------------------------------------------------
+
+    def returned(self, delivery: Delivery, reason: str, *, requeue_now: bool = False) -> Settled:
+        """Give a delivery back unstarted: now (``requeue_now``), or after a back-off."""
+        log.info("delivery handed back unstarted: %s", reason)
+        if requeue_now:
+            self._guard(lambda: self._source.release(delivery))
+            return Settled.RETURNED
+        self._hand_back(delivery, reason)
+        return Settled.RETURNED
+
+    def contain(self, delivery: Delivery, error: GenerationError) -> Settled:
+        """The last resort when settling itself failed: no webhook, no record; hand the message
+        back while retries remain, then park it, so no message loops forever."""
+        log.error("delivery could not be settled: %s", error)
+        if delivery.attempt >= self.policy.max_retries:
+            return self._park(delivery, f"could not be settled: {error}")
+        return self._hand_back(
+            delivery, f"could not be settled: {error}", attempt=delivery.attempt + 1
+        )
+
+    # --- deciding and telling ----------------------------------------------------------------
+
+    def _completion(self, message: MessageId, completion: Completion) -> Decision:
+        return Decision(
+            verdict=Verdict.COMPLETED,
+            generation_id=message.generation_id,
+            task_id=message.task_id,
+            decided_at=self._ledger.now(),
+            result_url=completion.result_url,
+            metadata=completion.metadata,
+        )
+
+    def _failure(self, message: MessageId, report: FailureReport) -> Decision:
+        return Decision(
+            verdict=Verdict.FAILED,
+            generation_id=report.generation_id,
+            task_id=message.task_id,
+            decided_at=self._ledger.now(),
+            failure=report,
+        )
+
+    def _decide(
+        self, delivery: Delivery, message: MessageId, decision: Decision, *, retell: bool = False
+    ) -> Settled:
+        """Record ``decision`` (or find the one recorded first) and tell the one that stands.
+
+        ``retell``: this copy ran the job, so its progress calls may have replaced the metadata
+        the backend stored; a completion is then told again even if a copy told it already (the
+        completion merges the metadata back; the backend takes it again harmlessly).
+        """
+        copy = _copy_token()
+        try:
+            entry = self._ledger.decide(message, decision, teller=copy)
+        except StorageError as exc:
+            return self._hand_back(delivery, f"outcome not recorded: {exc}")
+        if entry.decision is not decision:
+            log.info(
+                "generation %s: a copy decided %s first; following it",
+                message.generation_id,
+                entry.decision.verdict.value,
+            )
+        return self._tell(delivery, message, entry, copy, retell=retell)
+
+    def _tell(
+        self, delivery: Delivery, message: MessageId, entry: Entry, copy: str, *, retell: bool
+    ) -> Settled:
+        """Tell the backend the entry's outcome, unless it was told (or is being told)."""
+        decision = entry.decision
+        if entry.told is not None and not (retell and decision.verdict is Verdict.COMPLETED):
+            log.info(
+                "generation %s: a copy of a message already told (%s); acked",
+                message.generation_id,
+                decision.verdict.value,
+            )
+            return self._settle(delivery, Settled.DUPLICATE)
+        try:
+            if decision.verdict is Verdict.COMPLETED:
+                return self._tell_completion(delivery, message, entry)
+            return self._tell_failure(delivery, message, entry, copy)
+        except StorageError as exc:
+            return self._hand_back(delivery, f"outcome records unreachable: {exc}")
+
+    def _tell_completion(self, delivery: Delivery, message: MessageId, entry: Entry) -> Settled:
+        """Completions may be told by any copy, any number of times: the backend sets the same
+        status and URL again."""
+        decision = entry.decision
+        try:
+            self._notifier.completed(
+                decision.generation_id, decision.result_url or "", decision.metadata
+            )
+        except NotifyError as exc:
+            return self._undelivered(delivery, decision, exc)
+        self._access.accepted()
+        self._mark_told(message, entry, TOLD)
+        return self._settle(delivery, Settled.COMPLETED)
+
+    def _tell_failure(
+        self, delivery: Delivery, message: MessageId, entry: Entry, copy: str
+    ) -> Settled:
+        """A failure is told by one copy at a time, and once per generation: the backend
+        refunds the user on every failure call."""
+        report = entry.decision.failure
+        turn = self._turn(message, entry, copy) if report is not None else None
+        if turn is _MAYBE_SENT:
+            # Its teller marked it sending, then stopped: the backend may have it. Never blind.
+            error = WebhookOutcomeUnknown("the copy telling this failure stopped while sending it")
+            self._mark_told(message, entry, f"unknown: {error.message}")
+            return self._undelivered(delivery, entry.decision, error)
+        if report is None or not isinstance(turn, Entry):
+            return self._hand_back(delivery, "another copy is telling its failure")
+        if self._ledger.failure_owner(message) != message.key:
+            log.warning(
+                "generation %s: already reported failed by another message; this failure"
+                " (%s) is recorded, not sent (the backend refunds on every failure call)",
+                message.generation_id,
+                report.code.value,
+            )
+            self._telemetry.failure_withheld()
+            self._mark_told(message, turn, WITHHELD)
+            return self._settle_failure(delivery, report)
+        sending = self._ledger.mark_sending(message, turn)
+        if sending is None:
+            return self._hand_back(delivery, "another copy took the turn to tell its failure")
+        return self._send_failure(delivery, message, sending, report)
+
+    def _send_failure(
+        self, delivery: Delivery, message: MessageId, sending: Entry, report: FailureReport
+    ) -> Settled:
+        """The one failure call, by the copy holding the turn, marked as being sent."""
+        try:
+            self._notifier.failed(
+                report.generation_id, report.code, report.message, report.retry_count
+            )
+        except WebhookOutcomeUnknown as exc:
+            # Perhaps applied: no copy may send it again; an operator checks and replays.
+            self._mark_told(message, sending, f"unknown: {exc.message}")
+            return self._undelivered(delivery, sending.decision, exc)
+        except NotifyError as exc:
+            self._release_turn(message, sending)
+            return self._undelivered(delivery, sending.decision, exc)
+        self._access.accepted()
+        self._mark_told(message, sending, TOLD)
+        return self._settle_failure(delivery, report)
+
+    def _settle_failure(self, delivery: Delivery, report: FailureReport) -> Settled:
+        """Ack a told failure, or park it when the message was poison."""
+        reason = f"{report.code.value}: {report.message}"
+        return self._settle(delivery, Settled.FAILED, park=report.poison, reason=reason)
+
+    def _turn(self, message: MessageId, entry: Entry, copy: str) -> Entry | object | None:
+        """The entry with this copy holding the turn to tell; None while another copy holds it
+        (a live teller finishes well within its lease) or took it first; ``_MAYBE_SENT`` when
+        the teller's lease ran out after it marked the outcome as being sent."""
+        if entry.teller == copy:
+            return entry
+        held = self._ledger.now() - entry.teller_since < self.policy.telling_lease_seconds
+        if entry.teller is not None and held:
+            return None
+        if entry.teller is not None and entry.sending:
+            return _MAYBE_SENT
+        return self._ledger.take_turn(message, entry, copy)
+
+    def _undelivered(self, delivery: Delivery, decision: Decision, exc: NotifyError) -> Settled:
+        """The backend did not take a decided outcome: hand the message back, or give up."""
+        age = self._ledger.now() - decision.decided_at
+        if isinstance(exc, WebhookOutcomeUnknown):
+            reason, give_up = "unknown", True
+        elif isinstance(exc, WebhookUnauthorized):
+            reason, give_up = "unauthorized", age > self.policy.outcome_max_age_seconds
+            self._access.refused(exc.message)
+        elif isinstance(exc, WebhookNotFound):
+            reason, give_up = "not_found", age > self.policy.not_found_seconds
+        elif isinstance(exc, WebhookRejected):
+            reason, give_up = "rejected", True
+        else:
+            reason, give_up = "unreachable", age > self.policy.outcome_max_age_seconds
+        verdict = decision.verdict.value
+        self._telemetry.outcome_undelivered(outcome=verdict, reason=reason, parked=give_up)
+        if give_up:
+            log.error(
+                "generation %s: the backend did not take the %s (%s) after %.0f s; parked"
+                " with the outcome for an operator",
+                decision.generation_id,
+                verdict,
+                exc,
+                age,
+            )
+            return self._park(delivery, f"{verdict} not delivered: {exc}", decision)
+        log.warning(
+            "generation %s: %s not delivered (%s); handed back",
+            decision.generation_id,
+            verdict,
+            exc,
+        )
+        return self._hand_back(delivery, f"{verdict} not delivered: {exc}")
+
+    def _mark_told(self, message: MessageId, entry: Entry, how: str) -> None:
+        """Record the telling; the outcome reached the backend, so nothing may escape from here
+        into a path that would tell it again (a failure left "sending" is never resent)."""
+        try:
+            self._ledger.mark_told(message, entry, how)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.warning("generation %s: told, but not recorded: %s", message.generation_id, exc)
+
+    def _release_turn(self, message: MessageId, entry: Entry) -> None:
+        try:
+            self._ledger.release_turn(message, entry)
+        except StorageError as exc:
+            # Another copy takes the turn once the lease runs out.
+            log.warning("generation %s: turn not released: %s", message.generation_id, exc)
+
+    # --- the queue ---------------------------------------------------------------------------
+
+    def _settle(
+        self, delivery: Delivery, settled: Settled, *, park: bool = False, reason: str = ""
+    ) -> Settled:
+        if park:
+            return self._park(delivery, reason)
+        self._guard(lambda: self._source.ack(delivery))
+        return settled
+
+    def _hand_back(self, delivery: Delivery, reason: str, *, attempt: int | None = None) -> Settled:
+        delay = self.policy.delay(delivery.handbacks)
+        kept = delivery.attempt if attempt is None else attempt
+        self._guard(
+            lambda: self._source.retry(delivery, reason=reason, attempt=kept, delay_seconds=delay)
+        )
+        return Settled.RETRY
+
+    def _park(self, delivery: Delivery, reason: str, decision: Decision | None = None) -> Settled:
+        outcome = decision.as_payload() if decision is not None else None
+        self._guard(lambda: self._source.park(delivery, reason, outcome=outcome))
+        return Settled.PARKED
+
+    @staticmethod
+    def _guard(settle: Callable[[], None]) -> None:
+        """A source must not raise while settling; if one does, the broker redelivers."""
+        try:
+            settle()
+        except Exception:  # pylint: disable=broad-exception-caught
+            log.exception("the queue could not settle a delivery; it will be delivered again")
+
+
+_MAYBE_SENT = object()
+"""``_turn``'s answer when a failure may have reached the backend from a copy that stopped."""
+
+
+def _copy_token() -> str:
+    """A name for this copy's turn at telling an outcome, unique across workers."""
+    return uuid.uuid4().hex
