@@ -23,6 +23,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from adapters.lora_adapters import (
+    AdapterCacheStats,
     BASE_ADAPTER,
     DEFAULT_CAPACITY,
     DEFAULT_HOTSWAP_MAX_RANK,
@@ -333,6 +334,10 @@ class DiffusersImageModel:
     def adapter_cache(self) -> LoraAdapterCache:
         """The LoRAs kept loaded between jobs (its ``stats`` may be read from any thread)."""
         return self._adapters
+
+    def lora_cache_stats(self) -> AdapterCacheStats:
+        """The counters of the LoRAs kept loaded (safe from any thread)."""
+        return self._adapters.stats
 
     def generate(
         self,

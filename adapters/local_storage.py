@@ -188,6 +188,10 @@ class LocalStorage:
                 log.warning("could not remove the unused sidecar %s: %s", sidecar, exc.strerror)
         return StoredOutput(key=key, url=stored.url, metadata=stored.metadata, created=False)
 
+    def lora_cache_stats(self) -> None:
+        """None: local LoRAs are used where they lie, not copied into a cache."""
+        return None
+
     def check(self) -> None:
         """The root folder can be created and written; ``StorageError`` otherwise."""
         try:

@@ -20,7 +20,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache
+from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache, LoraDiskCacheStats
 from adapters.lora_files import DEFAULT_MAX_BYTES, PEFT_CONFIG, PEFT_WEIGHTS, check_lora_file_name
 from adapters.object_references import ObjectLocation, ObjectReferences, is_gcs_endpoint
 from adapters.s3_errors import (
@@ -353,6 +353,10 @@ class S3Storage:
         return self._outputs.url(key)
 
     # -- start-up and readiness ---------------------------------------------------------------
+
+    def lora_cache_stats(self) -> LoraDiskCacheStats:
+        """The disk cache's counters (safe from any thread)."""
+        return self.lora_cache.stats
 
     def check(self) -> None:
         """Every configured bucket exists and answers; ``StorageError`` naming the bucket and

@@ -134,9 +134,7 @@ def _serve(
         return EXIT_STARTUP_FAILED
     model_loaded.set()
     source = container.task_source()
-    adapter_cache = getattr(container.image_model(), "adapter_cache", None)
-    if adapter_cache is not None:
-        container.telemetry().watch_lora_cache("adapter", lambda: adapter_cache.stats)
+    container.telemetry().watch_lora_cache("adapter", container.image_model().lora_cache_stats)
     shutdown.on_first.append(source.stop_consuming)
     shutdown.install()
     log.info(
@@ -203,9 +201,7 @@ def watch(
         ),
         phrases=("taking jobs", "stopping"),
     )
-    lora_cache = getattr(storage, "lora_cache", None)
-    if lora_cache is not None:
-        telemetry.watch_lora_cache("disk", lambda: lora_cache.stats)
+    telemetry.watch_lora_cache("disk", storage.lora_cache_stats)
     telemetry.watch_gpus(container.gpu_monitor().sample)
 
 

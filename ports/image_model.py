@@ -11,6 +11,7 @@ from PIL import Image
 from domain.errors import GenerationError
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
+from ports.telemetry import LoraCacheStats
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, total steps)."""
@@ -44,6 +45,9 @@ class ImageModel(Protocol):
         on_step: StepCallback,
     ) -> Image.Image:
         """Denoise and decode; the image is ``request.width`` x ``request.height``."""
+
+    def lora_cache_stats(self) -> LoraCacheStats | None:
+        """The counters of the LoRAs kept loaded between jobs (metrics), or None without one."""
 
     def generate_batch(self, items: Sequence[BatchItem]) -> list[Image.Image | GenerationError]:
         """One image, or the error that ended that item alone, per item and in order.

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from ports.telemetry import LoraCacheStats
+
 ReferenceKind = Literal["lora", "signature"]
 """What a message's reference names: ``data.lora_path`` or ``data.signature_path``."""
 
@@ -63,6 +65,9 @@ class Storage(Protocol):
     def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
         """Store a PNG under ``key`` with string metadata unless one is there already (the first
         writer wins, across processes: S3 ``If-None-Match: *``); where a browser opens it."""
+
+    def lora_cache_stats(self) -> LoraCacheStats | None:
+        """The counters of the LoRA disk cache (metrics), or None where LoRAs are not copied."""
 
     def check(self) -> None:
         """Start-up and readiness: every configured bucket is reachable; ``StorageError`` naming

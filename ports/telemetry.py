@@ -9,6 +9,23 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 
+class LoraCacheStats(Protocol):
+    """A LoRA cache's counters for the metrics (each cache's own snapshot type provides them;
+    it may add ``entries``/``loaded``, ``bytes``, ``max_bytes``, ``capacity``)."""
+
+    @property
+    def hits(self) -> int:
+        """Lookups served by the cache."""
+
+    @property
+    def misses(self) -> int:
+        """Lookups that had to download or load."""
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped to stay within the cache's cap."""
+
+
 @runtime_checkable
 class Telemetry(Protocol):
     """Receives the worker's events; implementations must be thread-safe and never raise."""

@@ -61,6 +61,9 @@ class FakeImageModel:
     def max_batch_size(self) -> int:
         return self.batch_limit
 
+    def lora_cache_stats(self) -> None:
+        return None
+
     def generate_batch(self, items: Sequence[BatchItem]) -> list[Image.Image | GenerationError]:
         self.batches.append([item.request.generation_id for item in items])
         for item in items:
@@ -144,6 +147,9 @@ class FakeStorage:
             )
         self.outputs[key] = (data, dict(metadata))
         return StoredOutput(key=key, url=f"https://cdn.test/{key}", metadata=dict(metadata))
+
+    def lora_cache_stats(self) -> None:
+        return None
 
     def check(self) -> None:
         if self.fail_checks:
