@@ -44,7 +44,7 @@ class TaskSource(Protocol):
     and the broker delivers the message again.
     """
 
-    def start(self, *, consume: bool = True) -> None:
+    def start(self, *, consume: bool) -> None:
         """Connect; ``SourceUnavailable`` naming the cause when the queue cannot be reached.
 
         With ``consume=False`` nothing is delivered until ``start_consuming()``.
