@@ -302,6 +302,7 @@ class Container(containers.DeclarativeContainer):
             timeout_seconds=config.webhook_timeout_seconds,
             attempts=config.webhook_max_attempts,
             budget_seconds=config.webhook_retry_budget_seconds,
+            storage_attempts=config.s3_max_attempts,
         ),
     )
 

@@ -30,6 +30,18 @@ from ports.records import Record, RecordStore
 MESSAGE_KEY_HEX = 32
 """Hex digits of a message key (128 bits of SHA-256)."""
 
+TOLD_DELIVERED = "delivered"
+"""The backend took the outcome."""
+TOLD_WITHHELD = "withheld: the generation was already reported failed"
+"""A failure not sent: its generation's failure was told by another message."""
+TOLD_UNKNOWN = "unknown: "
+"""A failure the backend may have applied (its answer was lost): never sent again; every copy of
+the message is parked for an operator."""
+TOLD_PARKED = "parked: "
+"""An outcome given up on (404 for too long, refused, too old): the backend does not have it. A
+copy (an operator's replay) tells it again, and another message may own the generation's
+failure."""
+
 
 class Verdict(str, Enum):
     """The outcome decided for one message."""
@@ -139,13 +151,23 @@ class Entry:
     decision: Decision
     version: str
     told: str | None = None
-    """How the outcome was settled with the backend ("delivered", "withheld: ..."), or None."""
+    """How the outcome was settled with the backend (one of the ``TOLD_*`` forms), or None."""
     teller: str | None = None
     """The copy telling the outcome now, or None."""
     teller_since: float = 0.0
     """Wall-clock seconds when that copy took its turn (or last renewed it)."""
     sending: bool = False
     """The teller was about to send the outcome: from then on the backend may have it."""
+
+    @property
+    def settled(self) -> bool:
+        """Whether nothing more is to be told (delivered, withheld or perhaps applied)."""
+        return self.told is not None and not self.told.startswith(TOLD_PARKED)
+
+    @property
+    def given_up(self) -> bool:
+        """Whether the outcome was parked undelivered (the backend does not have it)."""
+        return self.told is not None and self.told.startswith(TOLD_PARKED)
 
 
 class OutcomeLedger:
@@ -191,15 +213,12 @@ class OutcomeLedger:
         """Make ``teller`` the copy telling the outcome; None when another copy changed the
         record first (it is telling, or told)."""
         now = self.now()
-        changed = self._replace(message, entry, told=entry.told, teller=teller, since=now)
+        told = None if entry.given_up else entry.told  # told again: no longer given up
+        changed = self._replace(message, entry, told=told, teller=teller, since=now)
         if changed is None:
             return None
         return Entry(
-            decision=entry.decision,
-            version=changed,
-            told=entry.told,
-            teller=teller,
-            teller_since=now,
+            decision=entry.decision, version=changed, told=told, teller=teller, teller_since=now
         )
 
     def mark_sending(self, message: MessageId, entry: Entry) -> Entry | None:
@@ -221,14 +240,29 @@ class OutcomeLedger:
         )
 
     def release_turn(self, message: MessageId, entry: Entry) -> None:
-        """The teller could not tell: another copy may take the turn at once."""
-        self._replace(message, entry, told=entry.told, teller=None, since=0.0)
+        """The teller could not tell (the backend surely did not apply it): another copy may take
+        the turn at once. Retried on a fresh read while the record still names this teller."""
+        current: Entry | None = entry
+        for _ in range(3):
+            if current is None or current.teller != entry.teller or current.settled:
+                return
+            if (
+                self._replace(message, current, told=current.told, teller=None, since=0.0)
+                is not None
+            ):
+                return
+            current = self.entry(message)
+        raise StorageError(f"could not release the turn of generation {message.generation_id}")
+
+    def forget_told(self, message: MessageId, entry: Entry) -> None:
+        """A completion must be told again (a copy's re-telling failed): clear "told"."""
+        self._replace(message, entry, told=None, teller=None, since=0.0)
 
     def mark_told(self, message: MessageId, entry: Entry, how: str) -> None:
         """Remember that the outcome needs no more telling, and why."""
         current: Entry | None = entry
         for _ in range(3):
-            if current is None or current.told is not None:
+            if current is None or current.settled:
                 return
             if self._replace(message, current, told=how, teller=None, since=0.0) is not None:
                 return
@@ -241,15 +275,39 @@ class OutcomeLedger:
         The owner is this message's key when it won (or had won before), another message's key
         when the generation's failure belongs to that one.
         """
-        key = f"{message.generation_id}/failure.json"
+        key = self._failure_key(message.generation_id)
         mine = {"message": message.key, "task_id": message.task_id, "at": self.now()}
         record = self._records.create(key, _encode(mine))
         if record.created:
             return message.key
+        return self._owner_of(record, key)
+
+    def take_failure(self, message: MessageId, owner: str) -> bool:
+        """Make this message the owner of its generation's failure when ``owner`` gave its up
+        (its failure was parked undelivered); whether this message owns it now."""
+        key = self._failure_key(message.generation_id)
+        owner_entry = self.entry(MessageId(generation_id=message.generation_id, key=owner))
+        if owner_entry is None or not owner_entry.given_up:
+            return False
+        record = self._records.read(key)
+        if record is None or self._owner_of(record, key) != owner:
+            return record is not None and self._owner_of(record, key) == message.key
+        mine = {"message": message.key, "task_id": message.task_id, "at": self.now()}
+        if self._records.replace(key, _encode(mine), record.version) is not None:
+            return True
+        again = self._records.read(key)
+        return again is not None and self._owner_of(again, key) == message.key
+
+    @staticmethod
+    def _owner_of(record: Record, key: str) -> str:
         owner = _decode_object(record.data, key).get("message")
         if not isinstance(owner, str):
             raise StorageError(f"record {key!r} does not name its message")
         return owner
+
+    @staticmethod
+    def _failure_key(generation_id: int) -> str:
+        return f"{generation_id}/failure.json"
 
     def _replace(  # pylint: disable=too-many-arguments
         self,

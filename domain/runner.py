@@ -384,7 +384,9 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
     ) -> None:
         # Back-pressure: the model waits if uploads pile up (released by _finish), beating
         # meanwhile: slow uploads are not a stuck worker.
-        while not self._finish_slots.acquire(timeout=HEARTBEAT_SECONDS):
+        while not self._finish_slots.acquire(  # pylint: disable=consider-using-with
+            timeout=HEARTBEAT_SECONDS
+        ):
             heartbeat()
         with self._finishing_changed:
             self._finishing += 1

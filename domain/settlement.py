@@ -29,15 +29,23 @@ from domain.errors import (
     WebhookUnauthorized,
 )
 from domain.job import Completion
-from domain.ledger import Decision, Entry, MessageId, OutcomeLedger, Verdict
+from domain.ledger import (
+    TOLD_DELIVERED,
+    TOLD_PARKED,
+    TOLD_UNKNOWN,
+    TOLD_WITHHELD,
+    Decision,
+    Entry,
+    MessageId,
+    OutcomeLedger,
+    Verdict,
+)
 from ports.notifier import Notifier
 from ports.task_source import Delivery, TaskSource
 from ports.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
-TOLD = "delivered"
-WITHHELD = "withheld: the generation was already reported failed"
 MAX_ERROR_MESSAGE = 1000
 """Characters of an error message sent to the backend (it stores ``error_message``)."""
 
@@ -86,10 +94,19 @@ class SettlementPolicy:
         return min(self.max_delay_seconds, self.base_delay_seconds * self.delay_factor**exponent)
 
 
-def telling_lease_for(*, timeout_seconds: float, attempts: int, budget_seconds: float) -> float:
-    """A telling lease far longer than the longest failure call: every attempt's timeout plus
-    the back-off budget, four times over, and never under five minutes."""
-    return max(300.0, 4.0 * (timeout_seconds * attempts + budget_seconds))
+STORAGE_CALL_WORST_SECONDS = 65.0
+"""The longest one storage request may take before it gives up (connect plus read timeout)."""
+
+
+def telling_lease_for(
+    *, timeout_seconds: float, attempts: int, budget_seconds: float, storage_attempts: int
+) -> float:
+    """A telling lease far longer than a live teller can take: the failure call (every
+    attempt's timeout plus the back-off budget) four times over, plus recording it twice over
+    (every storage attempt timing out), and never under five minutes."""
+    call = timeout_seconds * attempts + budget_seconds
+    record = storage_attempts * STORAGE_CALL_WORST_SECONDS
+    return max(300.0, 4.0 * call + 2.0 * record)
 
 
 class BackendAccess:
@@ -337,7 +354,10 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
     ) -> Settled:
         """Tell the backend the entry's outcome, unless it was told (or is being told)."""
         decision = entry.decision
-        if entry.told is not None and not (retell and decision.verdict is Verdict.COMPLETED):
+        if entry.told is not None and entry.told.startswith(TOLD_UNKNOWN):
+            # The backend may have it: every copy goes to the operator, none is sent.
+            return self._undelivered(delivery, decision, WebhookOutcomeUnknown(entry.told))
+        if entry.settled and not (retell and decision.verdict is Verdict.COMPLETED):
             log.info(
                 "generation %s: a copy of a message already told (%s); acked",
                 message.generation_id,
@@ -360,9 +380,12 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
                 decision.generation_id, decision.result_url or "", decision.metadata
             )
         except NotifyError as exc:
+            if entry.told is not None:
+                # A re-telling failed: the next copy must tell it again, not ack it as told.
+                self._forget_told(message, entry)
             return self._undelivered(delivery, decision, exc)
         self._access.accepted()
-        self._mark_told(message, entry, TOLD)
+        self._mark_told(message, entry, TOLD_DELIVERED)
         return self._settle(delivery, Settled.COMPLETED)
 
     def _tell_failure(
@@ -375,11 +398,11 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
         if turn is _MAYBE_SENT:
             # Its teller marked it sending, then stopped: the backend may have it. Never blind.
             error = WebhookOutcomeUnknown("the copy telling this failure stopped while sending it")
-            self._mark_told(message, entry, f"unknown: {error.message}")
+            self._mark_told(message, entry, f"{TOLD_UNKNOWN}{error.message}")
             return self._undelivered(delivery, entry.decision, error)
         if report is None or not isinstance(turn, Entry):
             return self._hand_back(delivery, "another copy is telling its failure")
-        if self._ledger.failure_owner(message) != message.key:
+        if not self._owns_failure(message):
             log.warning(
                 "generation %s: already reported failed by another message; this failure"
                 " (%s) is recorded, not sent (the backend refunds on every failure call)",
@@ -387,9 +410,9 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
                 report.code.value,
             )
             self._telemetry.failure_withheld()
-            self._mark_told(message, turn, WITHHELD)
+            self._mark_told(message, turn, TOLD_WITHHELD)
             return self._settle_failure(delivery, report)
-        sending = self._ledger.mark_sending(message, turn)
+        sending = self._mark_sending(message, turn)
         if sending is None:
             return self._hand_back(delivery, "another copy took the turn to tell its failure")
         return self._send_failure(delivery, message, sending, report)
@@ -404,13 +427,18 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
             )
         except WebhookOutcomeUnknown as exc:
             # Perhaps applied: no copy may send it again; an operator checks and replays.
-            self._mark_told(message, sending, f"unknown: {exc.message}")
+            self._mark_told(message, sending, f"{TOLD_UNKNOWN}{exc.message}")
             return self._undelivered(delivery, sending.decision, exc)
         except NotifyError as exc:
-            self._release_turn(message, sending)
+            # Surely not applied: another copy may tell it (or, given up, another message).
+            _, give_up = self._verdict_on(sending.decision, exc)
+            if give_up:
+                self._mark_told(message, sending, f"{TOLD_PARKED}{exc.message}")
+            else:
+                self._release_turn(message, sending)
             return self._undelivered(delivery, sending.decision, exc)
         self._access.accepted()
-        self._mark_told(message, sending, TOLD)
+        self._mark_told(message, sending, TOLD_DELIVERED)
         return self._settle_failure(delivery, report)
 
     def _settle_failure(self, delivery: Delivery, report: FailureReport) -> Settled:
@@ -431,20 +459,25 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
             return _MAYBE_SENT
         return self._ledger.take_turn(message, entry, copy)
 
+    def _verdict_on(self, decision: Decision, exc: NotifyError) -> tuple[str, bool]:
+        """Why the backend did not take the outcome, and whether to give up on it now."""
+        age = self._ledger.now() - decision.decided_at
+        if isinstance(exc, WebhookOutcomeUnknown):
+            return "unknown", True
+        if isinstance(exc, WebhookUnauthorized):
+            return "unauthorized", age > self.policy.outcome_max_age_seconds
+        if isinstance(exc, WebhookNotFound):
+            return "not_found", age > self.policy.not_found_seconds
+        if isinstance(exc, WebhookRejected):
+            return "rejected", True
+        return "unreachable", age > self.policy.outcome_max_age_seconds
+
     def _undelivered(self, delivery: Delivery, decision: Decision, exc: NotifyError) -> Settled:
         """The backend did not take a decided outcome: hand the message back, or give up."""
         age = self._ledger.now() - decision.decided_at
-        if isinstance(exc, WebhookOutcomeUnknown):
-            reason, give_up = "unknown", True
-        elif isinstance(exc, WebhookUnauthorized):
-            reason, give_up = "unauthorized", age > self.policy.outcome_max_age_seconds
+        reason, give_up = self._verdict_on(decision, exc)
+        if isinstance(exc, WebhookUnauthorized):
             self._access.refused(exc.message)
-        elif isinstance(exc, WebhookNotFound):
-            reason, give_up = "not_found", age > self.policy.not_found_seconds
-        elif isinstance(exc, WebhookRejected):
-            reason, give_up = "rejected", True
-        else:
-            reason, give_up = "unreachable", age > self.policy.outcome_max_age_seconds
         verdict = decision.verdict.value
         self._telemetry.outcome_undelivered(outcome=verdict, reason=reason, parked=give_up)
         if give_up:
@@ -473,10 +506,37 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
         except Exception as exc:  # pylint: disable=broad-exception-caught
             log.warning("generation %s: told, but not recorded: %s", message.generation_id, exc)
 
+    def _owns_failure(self, message: MessageId) -> bool:
+        """Whether this message may send its generation's one failure call: it claimed it, or
+        the message that had claimed it gave its failure up undelivered."""
+        owner = self._ledger.failure_owner(message)
+        return owner == message.key or self._ledger.take_failure(message, owner)
+
+    def _mark_sending(self, message: MessageId, turn: Entry) -> Entry | None:
+        """Mark the failure as being sent; None when another copy changed the record. A write
+        whose answer was lost (the retry then finds its own change) counts as made."""
+        try:
+            sending = self._ledger.mark_sending(message, turn)
+        except StorageError:
+            sending = None
+        if sending is not None:
+            return sending
+        current = self._ledger.entry(message)
+        landed = current is not None and current.teller == turn.teller and current.sending
+        return current if landed and current is not None and not current.settled else None
+
+    def _forget_told(self, message: MessageId, entry: Entry) -> None:
+        try:
+            self._ledger.forget_told(message, entry)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.warning(
+                "generation %s: completion not marked untold: %s", message.generation_id, exc
+            )
+
     def _release_turn(self, message: MessageId, entry: Entry) -> None:
         try:
             self._ledger.release_turn(message, entry)
-        except StorageError as exc:
+        except Exception as exc:  # pylint: disable=broad-exception-caught
             # Another copy takes the turn once the lease runs out.
             log.warning("generation %s: turn not released: %s", message.generation_id, exc)
 

@@ -727,3 +727,102 @@ def test_the_loop_beats_while_it_waits_for_a_finish_slot(wired: Wired) -> None:
         should_stop=lambda: False, stop_when_idle=True, heartbeat=lambda: beats.append(1)
     )
     assert sorted(completions(wired)) == [104, 105]
+
+
+# --- second review: a failure parked as "unknown" stays parked, a lost answer to a record write,
+# --- a re-telling that fails, ownership of a failure given up, the lease ------------------------
+
+
+def test_every_copy_of_a_failure_perhaps_applied_is_parked_never_acked(wired: Wired) -> None:
+    from domain.errors import WebhookOutcomeUnknown  # pylint: disable=import-outside-toplevel
+
+    message = backend_message(111)
+    wired.model.fail_with.append(LoraInvalid("bad"))
+    wired.notifier.fail_failures.append(WebhookOutcomeUnknown("answer lost after sending"))
+    wired.source.put(message)
+    run_all(wired)
+    wired.source.put(message)  # the park's copy was lost; the message comes back
+    run_all(wired)
+    assert len(wired.source.parked) == 2 and wired.source.acked == []
+    assert len(wired.notifier.fail_failures) == 0 and wired.notifier.of_kind("failed") == []
+
+
+class LosesAnswersOfSendingMarks:
+    """The write that marks a failure as being sent lands, but its answer is lost (the store's
+    retry finds its own change and reports a conflict)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def create(self, key: str, data: bytes) -> Any:
+        return self.inner.create(key, data)
+
+    def read(self, key: str) -> Any:
+        return self.inner.read(key)
+
+    def replace(self, key: str, data: bytes, version: str) -> Any:
+        version = self.inner.replace(key, data, version)
+        return None if b'"sending":true' in data else version
+
+
+def test_a_sending_mark_whose_answer_is_lost_still_sends_the_failure(wired: Wired) -> None:
+    wired.container.records.override(providers.Object(LosesAnswersOfSendingMarks(wired.records)))
+    wired.model.fail_with.append(LoraInvalid("bad"))
+    wired.source.put(backend_message(112))
+    run_all(wired)
+    assert failures(wired) == [112] and wired.source.parked == []
+    assert len(wired.source.acked) == 1
+
+
+def test_a_failed_re_telling_of_a_completion_is_tried_again(wired: Wired) -> None:
+    message = backend_message(113)
+    wired.source.put(message)
+    run_all(wired)  # worker A told it
+    settlement = wired.container.settlement()
+    body = json.dumps(message).encode()
+    identity = MessageId.of(113, message["task_id"], body)
+    wired.notifier.fail_completions.append(NotifyError("HTTP 503"))
+    wired.source.put(body)
+    delivery = wired.source.receive(0)
+    assert delivery is not None
+    # Worker B rendered a copy: its re-telling meets a 503 and is handed back.
+    assert settlement.failed(delivery, identity, GpuOutOfMemory("oom")).value == "retry"
+    drain(wired)  # the copy comes back and tells it again, it is not acked as told
+    assert completions(wired) == [113, 113] and wired.notifier.kinds()[-1] == "completed"
+
+
+def test_a_failure_given_up_undelivered_leaves_the_generation_to_the_next_message(
+    wired: Wired,
+) -> None:
+    wired.model.fail_with.extend([LoraInvalid("bad"), LoraInvalid("still bad")])
+    wired.notifier.fail_failures.append(WebhookRejected("HTTP 400"))
+    wired.source.put(backend_message(114))
+    run_all(wired)  # parked: the backend refused it, it does not have it
+    assert len(wired.source.parked) == 1 and failures(wired) == []
+    wired.source.put(backend_message(114))  # a new message for the generation fails too
+    run_all(wired)
+    assert failures(wired) == [114] and wired.telemetry.of("withheld") == []
+
+
+def test_an_operator_replay_of_a_failure_given_up_tells_it(wired: Wired) -> None:
+    message = backend_message(115)
+    wired.model.fail_with.append(LoraInvalid("bad"))
+    wired.notifier.fail_failures.append(WebhookRejected("HTTP 400"))
+    wired.source.put(message)
+    run_all(wired)
+    wired.source.put(message)  # replayed once the backend is fixed
+    run_all(wired)
+    assert failures(wired) == [115] and len(wired.model.calls) == 1
+
+
+def test_the_telling_lease_outlasts_a_live_teller() -> None:
+    from domain.settlement import telling_lease_for  # pylint: disable=import-outside-toplevel
+
+    assert (
+        telling_lease_for(timeout_seconds=10, attempts=3, budget_seconds=10, storage_attempts=5)
+        == 4 * 40 + 2 * 5 * 65
+    )
+    assert (
+        telling_lease_for(timeout_seconds=1, attempts=1, budget_seconds=0, storage_attempts=1)
+        == 300.0
+    )
