@@ -13,15 +13,20 @@ the other properties are decoded as usual, and the headers become
 ``{UNDECODABLE_HEADERS: "<reason>"}``. The message is then delivered like any other and its
 body decides what becomes of it. Only the properties of messages are affected: the tables of
 methods (queue arguments, server properties) are decoded as before.
+
+Some headers decode but cannot be encoded again: pika reads a double of 2**63 or more as an int,
+which its encoder then refuses (``struct.error``). ``encoding_problem()`` says so before a copy
+of the message is published with them.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import pika.data
 import pika.spec
 
 log = logging.getLogger(__name__)
@@ -29,8 +34,9 @@ log = logging.getLogger(__name__)
 UNDECODABLE_HEADERS = "x-undecodable-headers"
 """The only header of a message whose headers table could not be decoded: why it could not."""
 ORIGINAL_HEADERS_DROPPED = "x-original-headers-dropped"
-"""On a re-published copy, in place of ``UNDECODABLE_HEADERS``: the original's headers were lost
-(and why), so the copy carries only the headers the worker set."""
+"""On a re-published copy, in place of the original's headers when they could not be decoded
+(``UNDECODABLE_HEADERS``) or cannot be encoded again: they were lost, and why; the copy carries
+only the headers the worker set."""
 MAX_REASON_CHARS = 200
 _EMPTY_TABLE = struct.pack(">I", 0)
 _INSTALLED_MARK = "_tolerates_undecodable_headers"
@@ -92,3 +98,24 @@ def headers_table_span(encoded: Any, offset: int = 0) -> tuple[int, int] | None:
         return None
     end = offset + 4 + size
     return (offset, end) if end <= len(encoded) else None
+
+
+def encoding_problem(headers: Mapping[str, Any]) -> str | None:
+    """Why pika cannot encode ``headers`` as a headers table, naming the headers at fault (at
+    most ``MAX_REASON_CHARS``); None when it can."""
+    error = _encoding_error(headers)
+    if error is None:
+        return None
+    culprits = [name for name, value in headers.items() if _encoding_error({name: value})]
+    named = ", ".join(repr(name) for name in culprits) or "the headers"
+    return f"{named} cannot be encoded again: {error}"[:MAX_REASON_CHARS]
+
+
+def _encoding_error(headers: Mapping[str, Any]) -> str | None:
+    """The error pika's encoder raises on ``headers`` (into a scratch list), or None."""
+    try:
+        pika.data.encode_table([], dict(headers))
+    # struct.error, pika's UnsupportedAMQPFieldException, a header name that is not text...
+    except Exception as exc:  # pylint: disable=broad-exception-caught
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -12,15 +12,25 @@ dead-letters back to the main queue after N seconds; N = base * 4**k below the c
 cap); a parked one to ``<queue>.parked``. Only then is the original acked; a copy the broker
 refuses twice sends the original back to the queue as it is, after a delay (the retry's delay,
 at least ``REFUSED_HANDBACK_SECONDS``), so a refusing broker does not turn it into a hot loop.
-Waiting for a confirm happens on the I/O thread inside pika's BlockingChannel, which keeps
-servicing the connection meanwhile.
+So does any other failure while publishing the copy: nothing of it may escape onto the I/O
+thread, where it would tear the connection down and the broker would deliver the message again,
+to fail the same way, forever. Waiting for a confirm happens on the I/O thread inside pika's
+BlockingChannel, which keeps servicing the connection meanwhile.
 
 The hold is the channel's prefetch, set with ``global_qos``: a change applies to the running
 consumer at once and counts every delivery unsettled on the channel, whichever consumer got it.
+Queues that refuse a global QoS (quorum queues: the broker closes the connection with 540
+NOT_IMPLEMENTED, as it may when a vhost's default queue type made the backend's queue one) get a
+per-consumer prefetch from the next connection on: it applies only to consumers created after
+it, so a change of the hold re-creates the consumer, and the broker may then have sent up to the
+new hold on top of the deliveries held when it changed (``receive()`` still hands out no more
+than the hold).
 
 Nothing a message carries may stop it reaching intake: headers pika cannot decode are replaced
 by a marker (``adapters.amqp_headers``), and whatever fails while reading the headers we do
 decode hands the delivery on as a first one (attempt 0, nothing carried), so its body decides.
+A copy whose headers pika cannot encode again (it reads a double of 2**63 or more as an int its
+encoder refuses) carries the worker's headers only, and why the original's were dropped.
 A message the broker keeps redelivering at the head of the queue would starve every consumer.
 
 A delivery tag is only valid on the connection it came on: each connection has an epoch, and a
@@ -43,11 +53,19 @@ from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPError, NackError, UnroutableError
+from pika.exceptions import (
+    AMQPChannelError,
+    AMQPError,
+    ChannelClosedByBroker,
+    ConnectionClosedByBroker,
+    NackError,
+    UnroutableError,
+)
 
 from adapters.amqp_headers import (
     ORIGINAL_HEADERS_DROPPED,
     UNDECODABLE_HEADERS,
+    encoding_problem,
     install_tolerant_header_decoding,
 )
 from domain.errors import ErrorCode, FailureReport
@@ -104,8 +122,9 @@ class RabbitMQTaskSource:
 
     ``prefetch`` is the initial hold and its upper bound; ``retry_delay_seconds`` and
     ``retry_max_delay_seconds`` span the ladder of retry queues (5, 20, 80, 320, 600 by default).
-    ``refused_republishes`` counts the deliveries handed back because the broker refused their
-    copy twice (for metrics; written on the I/O thread only).
+    ``refused_republishes`` counts the deliveries handed back because their copy could not be
+    published: the broker refused it twice, or publishing it failed (for metrics; written on the
+    I/O thread only).
     """
 
     def __init__(
@@ -157,6 +176,7 @@ class RabbitMQTaskSource:
         self._channel: BlockingChannel | None = None
         self._consumer_tag: str | None = None
         self._want_consume = True
+        self._global_qos = True  # False, for good, once the queue refused it
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -369,39 +389,74 @@ class RabbitMQTaskSource:
         would come straight back and be refused again, many times a second."""
 
         def action(channel: BlockingChannel, tag: _Tag) -> None:
-            properties = _copy_properties(tag.properties, headers)
-            for last_try in (False, True):
-                try:
-                    channel.basic_publish(
-                        exchange="",
-                        routing_key=target,
-                        body=delivery.body,
-                        properties=properties,
-                        mandatory=True,
-                    )
-                except (UnroutableError, NackError) as exc:
-                    if last_try:
-                        self._hand_back_later(tag, target, exc, hand_back_after)
-                        return
-                    log.warning("the broker refused the copy for %s (%r); again", target, exc)
-                    self._declare(channel)  # the target queue may have been deleted
-                    continue
+            # Nothing may escape onto the I/O thread: the connection would be torn down, and the
+            # broker would deliver the message again, to fail the same way, forever.
+            published = False
+            try:
+                properties = _copy_properties(tag.properties, headers)
+                self._publish_copy(channel, target, delivery.body, properties)
+                published = True
                 channel.basic_ack(tag.delivery_tag)
-                return
+            except Exception as exc:  # pylint: disable=broad-exception-caught
+                if not published:
+                    self._hand_back_later(tag, target, exc, hand_back_after)
+                    return
+                log.error(
+                    "the copy of delivery %s is in %s, but the original could not be acked (%r);"
+                    " the broker delivers it again",
+                    tag.delivery_tag,
+                    target,
+                    exc,
+                )
 
         self._settle(delivery, what, action)
 
+    def _publish_copy(
+        self, channel: BlockingChannel, target: str, body: bytes, properties: Any
+    ) -> None:
+        """Publish to ``target``, confirmed; a refused copy is published once more, after
+        declaring the queues again (the target may have been deleted). Raises what the second
+        refusal or anything else raised."""
+        for last_try in (False, True):
+            try:
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=target,
+                    body=body,
+                    properties=properties,
+                    mandatory=True,
+                )
+                return
+            except (UnroutableError, NackError) as exc:
+                if last_try:
+                    raise
+                log.warning("the broker refused the copy for %s (%r); again", target, exc)
+                self._declare(channel)
+
     def _hand_back_later(self, tag: _Tag, target: str, exc: Exception, delay: float) -> None:
-        """On the I/O thread: nack the original with requeue after ``delay`` seconds."""
-        self.refused_republishes += 1
-        log.error(
-            "the broker refused the copy of delivery %s for %s twice (%r); the message goes"
-            " back as it is in %.0fs",
-            tag.delivery_tag,
-            target,
-            exc,
-            delay,
-        )
+        """On the I/O thread: nack the original with requeue after ``delay`` seconds (logged
+        once, as an error)."""
+        if isinstance(exc, (UnroutableError, NackError)):
+            log.error(
+                "the broker refused the copy of delivery %s for %s twice (%r); the message goes"
+                " back as it is in %.0fs",
+                tag.delivery_tag,
+                target,
+                exc,
+                delay,
+            )
+        else:
+            log.error(
+                "the copy of delivery %s for %s could not be published (%s: %.300s); the message"
+                " goes back as it is in %.0fs",
+                tag.delivery_tag,
+                target,
+                type(exc).__name__,
+                exc,
+                delay,
+                exc_info=exc,
+            )
+        self.refused_republishes += 1  # after the log: whoever sees the count finds the record
 
         def hand_back() -> None:
             channel = self._channel
@@ -411,10 +466,13 @@ class RabbitMQTaskSource:
             channel.basic_nack(tag.delivery_tag, requeue=True)
 
         connection = self._connection
-        if connection is None:
-            _log_dropped("hand-back", tag)
-            return
-        connection.call_later(delay, hand_back)
+        if connection is not None:
+            try:
+                connection.call_later(delay, hand_back)
+                return
+            except Exception:  # pylint: disable=broad-exception-caught
+                log.debug("scheduling the hand-back failed", exc_info=True)
+        _log_dropped("hand-back", tag)
 
     # --- the I/O thread ----------------------------------------------------------------------
 
@@ -473,16 +531,27 @@ class RabbitMQTaskSource:
             self._inbox.put(delivery)
 
     def _apply_hold(self, lowered: bool) -> None:
-        """Set the channel's prefetch (global: it applies to the running consumer at once and
-        counts every unsettled delivery); a hold of 0 cancels the consumer (a prefetch of 0
-        would mean no limit)."""
+        """Set the prefetch; a hold of 0 cancels the consumer (a prefetch of 0 would mean no
+        limit).
+
+        A global prefetch applies to the running consumer at once and counts every unsettled
+        delivery. A per-consumer one applies only to consumers created after it: the consumer
+        is re-created (the deliveries it had stay valid: tags are the channel's), and what the
+        inbox holds beyond the hold goes back."""
         channel = self._channel
         if channel is None or not channel.is_open:
             return  # applied by the next connection
         if self._hold == 0:
             self._cancel_consumer()
             return
-        channel.basic_qos(prefetch_count=self._hold, global_qos=True)
+        channel.basic_qos(prefetch_count=self._hold, global_qos=self._global_qos)
+        if not self._global_qos and self._consumer_tag is not None:
+            # pika nacks, with requeue, what arrives for the old consumer from now on. The new
+            # one may be sent up to the hold on top of what the old one left in the inbox, so
+            # the inbox is trimmed to the hold even when it was raised.
+            channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+            lowered = True
         if lowered:
             self._return_surplus(channel)
         self._begin_consuming()
@@ -529,7 +598,7 @@ class RabbitMQTaskSource:
         self._declare(channel)
         channel.confirm_delivery()
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
-        channel.basic_qos(prefetch_count=max(1, self._hold), global_qos=True)
+        channel.basic_qos(prefetch_count=max(1, self._hold), global_qos=self._global_qos)
         with self._gate:
             self._epoch += 1
             self._handed_out.clear()
@@ -561,6 +630,8 @@ class RabbitMQTaskSource:
                 log.info("connected to RabbitMQ, queue %s", self.queue_name)
                 while not stop.is_set():
                     self._connection.process_data_events(time_limit=0.2)  # type: ignore[union-attr]
+                    if self._channel is None or not self._channel.is_open:
+                        raise AMQPChannelError("the channel was closed")
                     self._refresh_depth()
                 self._shutdown()
                 return
@@ -568,7 +639,15 @@ class RabbitMQTaskSource:
                 # Any failure (not only AMQP's) must end in a reconnect, never a dead I/O thread.
                 self._last_error = exc
                 self._drop_connection()
-                if isinstance(exc, (AMQPError, OSError)):
+                if self._global_qos and _refuses_global_qos(exc):
+                    self._global_qos = False
+                    log.warning(
+                        "queue %s refuses a global QoS (%s); the hold is a per-consumer prefetch"
+                        " from now on (a change of it re-creates the consumer); reconnecting",
+                        self.queue_name,
+                        exc,
+                    )
+                elif isinstance(exc, (AMQPError, OSError)):
                     log.warning(
                         "RabbitMQ connection lost (%r); reconnecting in %.1fs", exc, backoff
                     )
@@ -633,6 +712,16 @@ def _log_dropped(what: str, tag: _Tag) -> None:
     )
 
 
+def _refuses_global_qos(exc: BaseException) -> bool:
+    """Whether the broker closed the connection (or channel) because the queue does not support
+    a global QoS (quorum queues: 540 NOT_IMPLEMENTED)."""
+    return (
+        isinstance(exc, (ConnectionClosedByBroker, ChannelClosedByBroker))
+        and exc.reply_code == 540
+        and "global qos" in str(exc.reply_text).lower()
+    )
+
+
 def _read_delivery(body: bytes, properties: Any, received_at: float, tag: _Tag) -> Delivery:
     """A delivery with the counts and the failure its headers carry."""
     headers = getattr(properties, "headers", None) or {}
@@ -654,13 +743,18 @@ def _copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicPro
 
     The marker of undecodable headers is not copied as if it were a header of the message: the
     copy says instead, in ``x-original-headers-dropped``, that the original's were lost and why
-    (the copy's own headers decode, so it is an ordinary delivery from then on)."""
+    (the copy's own headers decode, so it is an ordinary delivery from then on). So do headers
+    that decoded but cannot be encoded again: publishing them would fail."""
     merged = dict(getattr(original, "headers", None) or {})
     merged.pop(PENDING_FAILURE_HEADER, None)
     undecodable = merged.pop(UNDECODABLE_HEADERS, None)
     if undecodable is not None:
         merged[ORIGINAL_HEADERS_DROPPED] = undecodable
     merged.update(headers)
+    problem = encoding_problem(merged)
+    if problem is not None:
+        log.warning("the original's headers are not copied: %s", problem)
+        merged = {ORIGINAL_HEADERS_DROPPED: problem, **headers}
     return pika.BasicProperties(
         content_type=getattr(original, "content_type", None) or "application/json",
         content_encoding=getattr(original, "content_encoding", None),

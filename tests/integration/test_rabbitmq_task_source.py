@@ -1,9 +1,11 @@
 """The RabbitMQ adapter against a real broker: declaration, settlement, the retry ladder, parking,
-holding, a consumer the broker cancels, a connection the broker closes, and messages whose
-headers cannot be read."""
+holding, a consumer the broker cancels, a connection the broker closes, messages whose headers
+cannot be read or written back, a copy that cannot be published, and a quorum queue (which
+refuses a global QoS)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -107,6 +109,33 @@ def rabbitmqctl(*args: str) -> str:
 def headers_of(delivery: Delivery) -> dict[str, Any]:
     """The AMQP headers a delivery arrived with (kept in the adapter's tag)."""
     return dict(delivery.tag.properties.headers or {})  # type: ignore[attr-defined]
+
+
+def connects(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the sources connected (log records at INFO, from the start on)."""
+    return sum(
+        1
+        for record in caplog.records
+        if record.name == rabbitmq_task_source.__name__
+        and record.getMessage().startswith("connected to RabbitMQ")
+    )
+
+
+def records_of(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    """The adapter's log records of exactly ``level``."""
+    return [
+        record
+        for record in caplog.records
+        if record.name == rabbitmq_task_source.__name__ and record.levelno == level
+    ]
+
+
+def get_parked(rabbit: RabbitService, queue: str) -> tuple[dict[str, Any], bytes]:
+    """Take the one message of ``<queue>.parked``: its headers and body."""
+    with connect(rabbit) as connection:
+        method, properties, body = connection.channel().basic_get(f"{queue}.parked", True)
+    assert method is not None, "nothing parked"
+    return dict(properties.headers or {}), body
 
 
 def receive(source: RabbitMQTaskSource, timeout: float = 5.0) -> Delivery:
@@ -622,3 +651,189 @@ def test_an_unreachable_broker_is_named_at_start(make_source: MakeSource) -> Non
     with pytest.raises(SourceUnavailable, match=f"127.0.0.1:{port}.*Error"):
         task_source.start(timeout=1.5)
     assert not task_source.connected
+
+
+TOO_BIG_DOUBLE = RawHeaderValue(b"d" + struct.pack(">d", 1e19))
+"""A double of 2**63 or more: pika reads it as an int (10**19) its encoder refuses."""
+
+
+@pytest.mark.parametrize("settle", ["retry", "park"])
+@pytest.mark.usefixtures("raw_header_values")
+def test_a_header_pika_reads_but_cannot_write_back_is_left_off_the_copy(
+    rabbit: RabbitService,
+    make_source: MakeSource,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+    settle: str,
+) -> None:
+    # Copied with the original's headers, it raised struct.error on the I/O thread: the
+    # connection was reset, the message came back, and failed the same way, forever.
+    caplog.set_level(logging.INFO, logger=rabbitmq_task_source.__name__)
+    source = make_source()
+    source.start(consume=False)
+    headers = {"x-trace": TOO_BIG_DOUBLE, "x-keep": "k", "x-retry-count": 1}
+    publish_as_backend(rabbit, queue_name, [b"poison"], headers=headers)
+    publish_as_backend(rabbit, queue_name, [b"behind 1", b"behind 2"])
+    source.start_consuming()
+    first = receive(source)
+    assert first.body == b"poison" and first.attempt == 1
+    assert headers_of(first)["x-trace"] == 10**19  # what pika reads
+    if settle == "retry":
+        source.retry(first, reason="GPU_OOM", attempt=2, delay_seconds=1)
+    else:
+        source.park(first, "INVALID_REQUEST: poison", outcome={"kind": "failed"})
+
+    behind = [receive(source), receive(source)]
+    assert sorted(d.body for d in behind) == [b"behind 1", b"behind 2"]
+    for delivery in behind:
+        source.ack(delivery)
+    if settle == "retry":
+        again = receive(source, timeout=10)
+        copied = headers_of(again)
+        assert again.body == b"poison" and (again.attempt, again.handbacks) == (2, 2)
+        assert copied["x-death"][0]["queue"] == f"{queue_name}.retry.1s"
+        assert copied["x-reason"] == "GPU_OOM"
+        source.ack(again)
+    else:
+        assert eventually(lambda: ready(rabbit, f"{queue_name}.parked") == 1)
+        copied, body = get_parked(rabbit, queue_name)
+        assert body == b"poison" and copied["x-park-reason"] == "INVALID_REQUEST: poison"
+        assert json.loads(copied["x-decided-outcome"]) == {"kind": "failed"}
+        assert copied["x-retry-count"] == 1
+    dropped = copied["x-original-headers-dropped"]
+    assert "'x-trace'" in dropped and "encoded" in dropped and "'x-keep'" not in dropped
+    assert "x-trace" not in copied and "x-keep" not in copied
+    assert eventually(lambda: ready(rabbit, queue_name) == 0)
+    assert all(source.still_held(delivery) for delivery in behind)
+    assert connects(caplog) == 1  # never reset
+    assert not records_of(caplog, logging.ERROR)
+    assert len(records_of(caplog, logging.WARNING)) == 1  # the headers left off, once
+
+
+def test_anything_failing_while_publishing_a_copy_hands_the_original_back_later(
+    rabbit: RabbitService,
+    make_source: MakeSource,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unencodable(original: Any, headers: Any) -> pika.BasicProperties:
+        del original, headers
+        return pika.BasicProperties(headers={"x-big": 10**19})  # basic_publish raises
+
+    caplog.set_level(logging.INFO, logger=rabbitmq_task_source.__name__)
+    source = make_source()
+    source.start(consume=False)
+    publish_as_backend(rabbit, queue_name, [b"first", b"behind it"])
+    source.start_consuming()
+    first = receive(source)
+    monkeypatch.setattr(rabbitmq_task_source, "_copy_properties", unencodable)
+    began = time.monotonic()
+    source.retry(first, reason="GPU_OOM", attempt=1, delay_seconds=1)
+    second = receive(source)
+    assert second.body == b"behind it"
+    source.ack(second)
+    assert eventually(lambda: source.refused_republishes == 1)
+    (error,) = records_of(caplog, logging.ERROR)
+    assert "could not be published" in error.getMessage() and error.exc_info is not None
+    monkeypatch.undo()
+
+    again = receive(source, timeout=8)  # handed back after 5 s, as it was
+    assert time.monotonic() - began >= 4.5
+    assert again.body == b"first" and (again.attempt, again.handbacks) == (0, 0)
+    assert ready(rabbit, f"{queue_name}.retry.1s") == 0
+    # The channel still publishes with confirms: the next copy goes through.
+    source.retry(again, reason="GPU_OOM", attempt=1, delay_seconds=1)
+    retried = receive(source, timeout=10)
+    assert retried.body == b"first" and retried.attempt == 1
+    source.ack(retried)
+    assert eventually(lambda: ready(rabbit, queue_name) == 0)
+    assert source.still_held(second) and connects(caplog) == 1
+    assert len(records_of(caplog, logging.ERROR)) == 1
+
+
+def ack_one_at_a_time(source: RabbitMQTaskSource, count: int) -> dict[bytes, Delivery]:
+    """Receive and ack ``count`` deliveries (15 s at most), checking that none is handed out
+    while one is held (a hold of 1); by body."""
+    taken: dict[bytes, Delivery] = {}
+    deadline = time.monotonic() + 15
+    while len(taken) < count and time.monotonic() < deadline:
+        delivery = source.receive(1.0)
+        if delivery is None:
+            continue
+        assert source.receive(0.3) is None  # the hold of 1
+        taken[delivery.body] = delivery
+        source.ack(delivery)
+    return taken
+
+
+@pytest.fixture
+def quorum_rabbit(rabbit: RabbitService) -> Iterator[RabbitService]:
+    """A vhost of its own whose default queue type is quorum, so that the source's argument-less
+    declares accept the quorum queue declared in it (and make its retry and parked queues quorum
+    too); deleted afterwards, with every queue and policy in it. Request it before
+    ``make_source``: the sources close before it goes."""
+    vhost = f"test-quorum-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost, "--default-queue-type", "quorum")
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, rabbit.user, ".*", ".*", ".*")
+        yield dataclasses.replace(rabbit, vhost=vhost)
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def test_a_quorum_queue_is_consumed_retried_and_parked_with_a_per_consumer_hold(
+    quorum_rabbit: RabbitService,
+    make_source: MakeSource,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A quorum queue refuses a global QoS: the broker closed the connection (540) on every
+    # consume, and the worker reconnected forever.
+    with connect(quorum_rabbit) as connection:
+        connection.channel().queue_declare(
+            queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    publish_as_backend(quorum_rabbit, queue_name, [str(n).encode() for n in range(5)])
+    caplog.set_level(logging.INFO, logger=rabbitmq_task_source.__name__)
+    source = make_source(vhost=quorum_rabbit.vhost)
+    source.start(consume=False)
+    source.hold_at_most(1)
+    source.start_consuming()
+    first = receive(source, timeout=10)
+    assert source.receive(0.5) is None
+    assert eventually(lambda: ready(quorum_rabbit, queue_name) == 4)  # the broker sent one
+    (warning,) = [r for r in records_of(caplog, logging.WARNING) if "global QoS" in r.getMessage()]
+    assert "per-consumer" in warning.getMessage() and "NOT_IMPLEMENTED" in warning.getMessage()
+    assert connects(caplog) == 2  # the refused one, then per consumer
+
+    source.hold_at_most(3)  # a new consumer: the deliveries of the old one stay held
+    second, third = receive(source), receive(source)
+    assert source.receive(0.5) is None  # three held
+    assert [d.body for d in (first, second, third)] == [b"0", b"1", b"2"]
+    assert eventually(lambda: ready(quorum_rabbit, queue_name) == 1)  # "3" prefetched
+    source.hold_at_most(1)  # below what is held: nothing is handed out, the surplus goes back
+    assert source.receive(0.5) is None
+    # ... and the new consumer takes one again (its prefetch of 1 does not count the deliveries
+    # of the old consumer); had "3" stayed in the inbox, it would have taken "4" as well.
+    time.sleep(0.4)
+    assert ready(quorum_rabbit, queue_name) == 1 and source.receive(0.1) is None
+
+    source.retry(first, reason="GPU_OOM", attempt=1, delay_seconds=1)
+    source.park(second, "INVALID_REQUEST: poison", outcome={"kind": "failed"})
+    source.ack(third)
+    assert eventually(lambda: ready(quorum_rabbit, f"{queue_name}.parked") == 1)
+    parked, body = get_parked(quorum_rabbit, queue_name)
+    assert body == b"1" and parked["x-park-reason"] == "INVALID_REQUEST: poison"
+
+    rest = ack_one_at_a_time(source, 3)
+    assert sorted(rest) == [b"0", b"3", b"4"]
+    retried = rest[b"0"]
+    assert (retried.attempt, retried.handbacks) == (1, 1)
+    assert headers_of(retried)["x-death"][0]["queue"] == f"{queue_name}.retry.1s"
+    assert eventually(lambda: ready(quorum_rabbit, queue_name) == 0)
+    assert source.still_held(retried) and connects(caplog) == 2
+    types = rabbitmqctl(
+        "list_queues", "-q", "--no-table-headers", "-p", quorum_rabbit.vhost, "name", "type"
+    )
+    assert f"{queue_name}\tquorum" in types
