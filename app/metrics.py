@@ -34,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from domain.errors import ErrorCode
 from domain.settlement import Settled
+from ports.telemetry import LoraCacheStats
 
 log = logging.getLogger(__name__)
 
@@ -263,26 +264,6 @@ def metrics_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-class CacheStats(Protocol):
-    """What a LoRA cache's ``stats`` snapshot offers (a frozen dataclass of counters).
-
-    ``entries`` may be called ``loaded`` (the adapter cache); ``bytes``, ``max_bytes`` and
-    ``capacity`` are optional.
-    """
-
-    @property
-    def hits(self) -> int:
-        """Lookups served from the cache."""
-
-    @property
-    def misses(self) -> int:
-        """Lookups that had to fetch or load."""
-
-    @property
-    def evictions(self) -> int:
-        """Entries dropped to stay within the cap."""
-
-
 class GpuSampleLike(Protocol):
     """One GPU as ``adapters.gpu_monitor.GpuMonitor.sample()`` reports it."""
 
@@ -308,7 +289,7 @@ class GpuSampleLike(Protocol):
 
 
 QueueDepthSource = Callable[[], "int | None"]
-CacheStatsSource = Callable[[], "CacheStats | None"]
+CacheStatsSource = Callable[[], LoraCacheStats | None]
 GpuSource = Callable[[], Sequence[GpuSampleLike]]
 
 

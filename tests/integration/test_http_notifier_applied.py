@@ -10,10 +10,9 @@ completion is sent once more later. Against a real HTTP receiver (``BackendRecei
 
 from __future__ import annotations
 
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,52 +20,20 @@ import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 from urllib3.exceptions import ProxyError as Urllib3ProxyError
 
-from adapters.http_notifier import HttpNotifier
 from domain.errors import ErrorCode, WebhookOutcomeUnknown
 from tests.integration.backend_receiver import COMPLETED, FAILED, BackendReceiver
-from tests.integration.test_http_notifier import (
-    SEED,
+from tests.integration.test_http_notifier import (  # the fixtures are shared with it
     TOKEN,
     WHSEC,
     FakeTime,
     NotifierFactory,
+    fake_time,
+    make_notifier,
+    receiver,
     update,
 )
 
-
-@pytest.fixture
-def receiver() -> Iterator[BackendReceiver]:
-    with BackendReceiver(token=TOKEN) as backend:
-        yield backend
-
-
-@pytest.fixture
-def fake_time() -> FakeTime:
-    return FakeTime()
-
-
-@pytest.fixture
-def make_notifier(receiver: BackendReceiver, fake_time: FakeTime) -> Iterator[NotifierFactory]:
-    made: list[HttpNotifier] = []
-
-    def make(**overrides: Any) -> HttpNotifier:
-        options: dict[str, Any] = {
-            "base_url": receiver.base_url,
-            "token": TOKEN,
-            "timeout_seconds": 2.0,
-            "max_attempts": 4,
-            "sleep": fake_time.sleep,
-            "clock": fake_time.clock,
-            "rng": random.Random(SEED),
-        }
-        options.update(overrides)
-        notifier = HttpNotifier(**options)
-        made.append(notifier)
-        return notifier
-
-    yield make
-    for notifier in made:
-        notifier.close()
+__all__ = ["fake_time", "make_notifier", "receiver"]  # fixtures, used by name
 
 
 # A failure is sent again only when it cannot have been applied.

@@ -18,16 +18,8 @@ from adapters.s3_storage import GCS_CREATE_ONLY_HEADER, make_s3_client
 from domain.errors import StorageError
 from ports.records import Record, RecordStore
 from tests.integration.gcs_stand_in import GcsStandIn
+from tests.integration.s3_clients import client_for
 from tests.integration.services import S3Service, free_port
-
-
-def client_for(s3: S3Service) -> Any:
-    return make_s3_client(
-        endpoint_url=s3.endpoint_url,
-        region=s3.region,
-        access_key_id=s3.access_key,
-        secret_access_key=s3.secret_key,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -30,19 +30,11 @@ from domain.errors import (
     SignatureInvalid,
     StorageError,
 )
+from tests.integration.s3_clients import client_for
 from tests.integration.services import S3Service
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 LORA = b"safetensors-bytes" * 10
-
-
-def client_for(s3: S3Service) -> Any:
-    return make_s3_client(
-        endpoint_url=s3.endpoint_url,
-        region=s3.region,
-        access_key_id=s3.access_key,
-        secret_access_key=s3.secret_key,
-    )
 
 
 @pytest.fixture(scope="module")

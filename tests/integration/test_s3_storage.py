@@ -31,6 +31,7 @@ from domain.errors import (
     StorageError,
 )
 from domain.job import METADATA_KEY
+from tests.integration.s3_clients import client_for
 from tests.integration.services import S3Service, free_port
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -41,16 +42,6 @@ class Buckets:
     models: str
     media: str
     output: str
-
-
-def client_for(s3: S3Service, **kwargs: Any) -> Any:
-    return make_s3_client(
-        endpoint_url=s3.endpoint_url,
-        region=s3.region,
-        access_key_id=s3.access_key,
-        secret_access_key=s3.secret_key,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
