@@ -259,21 +259,28 @@ def test_concurrent_fetches_of_different_keys_run_in_parallel(
     tmp_path: Path, clock: Clock, downloads: Downloads
 ) -> None:
     cache = open_cache(tmp_path, clock, max_bytes=10_000)
+    # Each download waits until all four are downloading at once: if downloads of different
+    # keys queued behind each other, the barrier would break and no file would be written.
+    together = threading.Barrier(4, timeout=10)
+
+    def fill(target: Path) -> None:
+        together.wait()
+        downloads.file(b"x")(target)
+
     threads = [
         threading.Thread(
             target=cache.fetch,
-            args=(key(name), downloads.file(b"x", delay=0.5)),
+            args=(key(name), fill),
             kwargs={"name": f"{name}.safetensors", "folder": False},
         )
         for name in "abcd"
     ]
-    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=10)
+        thread.join(timeout=20)
+    assert not together.broken, "downloads of different keys must not queue"
     assert sorted(downloads.done) == [f"{name}.safetensors" for name in "abcd"]
-    assert time.monotonic() - started < 1.5, "downloads of different keys must not queue"
 
 
 def test_a_failed_download_leaves_nothing_and_reaches_every_waiter(
@@ -283,8 +290,11 @@ def test_a_failed_download_leaves_nothing_and_reaches_every_waiter(
     gate = threading.Event()
     errors: list[BaseException] = []
 
+    downloading = threading.Event()
+
     def broken(target: Path) -> None:
         target.write_bytes(b"half")
+        downloading.set()
         gate.wait(5)
         raise ConnectionError("connection reset")
 
@@ -297,7 +307,7 @@ def test_a_failed_download_leaves_nothing_and_reaches_every_waiter(
     threads = [threading.Thread(target=fetch) for _ in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
+    assert downloading.wait(5)
     assert [name.endswith(".part") for name in entries_on_disk(tmp_path)] == [True]
     gate.set()
     for thread in threads:
