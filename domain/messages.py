@@ -153,7 +153,7 @@ def short_repr(value: object) -> str:
 
 def _describe(error: ValidationError) -> str:
     parts = []
-    for item in error.errors(include_url=False, include_context=False):
+    for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "message"
         given = item.get("input")
         named = item["type"] in _NAMES_THE_VALUE or isinstance(given, (dict, list))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Mapping
+import logging
+import struct
+from collections.abc import Mapping, Sequence
 
 import pytest
 from PIL import Image
@@ -21,11 +24,13 @@ from domain.errors import (
     SignatureInvalid,
     StorageError,
 )
-from domain.job import METADATA_KEY, Completion, GenerationJob, Rendered
+from domain.job import METADATA_KEY, Completion, GenerationJob, Rendered, encode_png
 from domain.request import GenerationRequest, SignatureConfig, SignatureSpec
+from domain.watermark import Watermarker
+from ports.image_model import BatchItem
 from ports.storage import LoraArtifact, StoredOutput
 from tests.unit.conftest import Wired, png_bytes
-from tests.unit.fakes import FakeClock, FakeStorage
+from tests.unit.fakes import FakeClock, FakeImageModel, FakeStorage
 
 
 def make_request(**changes: object) -> GenerationRequest:
@@ -339,3 +344,216 @@ def test_a_text_signature_is_checked_at_intake(wired: Wired) -> None:
     with pytest.raises(SignatureInvalid):
         job.check(make_request(signature=bad))
     job.check(make_request(signature=SignatureSpec(config=SignatureConfig(), text="Ana")))
+
+
+# --- the completion metadata, exactly --------------------------------------------------------
+
+
+class SlowStorage(FakeStorage):
+    """The LoRA download takes 0.12345 s and the upload 0.23456 s on the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def fetch_lora(self, ref: str) -> LoraArtifact:
+        self.clock.advance(0.12345)
+        return super().fetch_lora(ref)
+
+    def put_output(self, key: str, data: bytes, metadata: Mapping[str, str]) -> StoredOutput:
+        self.clock.advance(0.23456)
+        return super().put_output(key, data, metadata)
+
+
+class SlowStamp:
+    """The container's watermarker, taking 0.04321 s per stamp on the fake clock."""
+
+    def __init__(self, inner: Watermarker, clock: FakeClock) -> None:
+        self.inner = inner
+        self.clock = clock
+
+    def stamp(
+        self, image: Image.Image, spec: SignatureSpec, signature_image: Image.Image | None = None
+    ) -> Image.Image:
+        self.clock.advance(0.04321)
+        return self.inner.stamp(image, spec, signature_image)
+
+    def decode_signature(self, data: bytes) -> Image.Image:
+        return self.inner.decode_signature(data)
+
+    def check_text(self, text: str) -> None:
+        self.inner.check_text(text)
+
+
+# Every duration has a fourth decimal, so rounding to 3 decimals (not 4, not to an integer) shows.
+STORED_METADATA = (
+    '{"durations": {"encode_seconds": 0.043, "fetch_seconds": 0.123,'
+    ' "generation_seconds": 0.123, "queued_seconds": 1.068},'
+    ' "guidance_scale": 7.5, "height": 512, "lora_checksum": "sha-7", "lora_path": "styles/1/",'
+    ' "lora_scale": 0.8, "model": "fake/sd15", "negative_prompt": "blurry",'
+    ' "prompt": "watercolor, portrait", "scheduler": "dpmsolver++", "seed": 42,'
+    ' "seed_was_chosen": true, "signature": {"kind": "image", "opacity": 0.5,'
+    ' "position": "top-left", "size": "small"}, "steps": 10, "style_id": 1, "task_id": "t-9",'
+    ' "width": 512}'
+)
+
+
+def test_the_metadata_is_stored_byte_stable_with_durations_to_the_millisecond(
+    wired: Wired,
+) -> None:
+    storage = SlowStorage(wired.clock)
+    storage.loras["styles/1/"] = b"weights"
+    storage.signatures["sig.png"] = png_bytes((100, 50), (255, 0, 0, 255))
+    wired.container.storage.override(storage)  # type: ignore[arg-type]
+    stamp = SlowStamp(wired.container.watermarker(), wired.clock)
+    wired.container.watermarker.override(stamp)  # type: ignore[arg-type]
+    wired.model.seconds_per_step = 0.0123456
+    job = wired.container.generation_job()
+    spec = SignatureSpec(
+        config=SignatureConfig(position="top-left", size="small", opacity=0.5), image_ref="sig.png"
+    )
+    request = make_request(
+        steps=10,
+        seed_was_chosen=True,
+        negative_prompt="blurry",
+        lora_ref="styles/1/",
+        lora_scale=0.8,
+        signature=spec,
+        style_id=1,
+        task_id="t-9",
+    )
+    prepared = job.prepare(request)
+    wired.clock.advance(1.06789)  # waiting for the model
+    (rendered,) = job.render_batch([prepared])
+    assert isinstance(rendered, Rendered)
+
+    completion = job.finish(rendered)
+
+    assert completion == Completion(
+        result_url="https://cdn.test/generations/500.png",
+        metadata={
+            "seed": 42,
+            "seed_was_chosen": True,
+            "steps": 10,
+            "guidance_scale": 7.5,
+            "width": 512,
+            "height": 512,
+            "scheduler": "dpmsolver++",
+            "model": "fake/sd15",
+            "prompt": "watercolor, portrait",
+            "negative_prompt": "blurry",
+            "style_id": 1,
+            "task_id": "t-9",
+            "lora_path": "styles/1/",
+            "lora_checksum": "sha-7",
+            "lora_scale": 0.8,
+            "signature": {"kind": "image", "position": "top-left", "size": "small", "opacity": 0.5},
+            "durations": {
+                "fetch_seconds": 0.123,
+                "queued_seconds": 1.068,
+                "generation_seconds": 0.123,
+                "encode_seconds": 0.043,
+                "upload_seconds": 0.235,
+                "total_seconds": 1.593,
+            },
+        },
+        reused=False,
+    )
+    data, stored = storage.outputs["generations/500.png"]
+    assert stored == {
+        METADATA_KEY: STORED_METADATA,
+        "generation-id": "500",
+        "content-sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def test_the_png_is_lossless_at_the_default_zlib_level() -> None:
+    image = Image.linear_gradient("L").convert("RGB")
+    png = encode_png(image)
+    chunks = {}
+    at = 8  # after the signature
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        chunks.setdefault(png[at + 4 : at + 8], png[at + 8 : at + 8 + length])
+        at += 12 + length
+    # zlib header 78 9C: FLEVEL 2, "default" compression (level 6); 78 DA would be levels 7-9.
+    assert chunks[b"IDAT"][:2] == b"\x78\x9c"
+    with Image.open(io.BytesIO(png)) as decoded:
+        assert decoded.format == "PNG" and decoded.tobytes() == image.tobytes()
+
+
+def test_progress_is_sent_for_the_job_s_generation(wired: Wired) -> None:
+    run_job(wired.container.generation_job(), make_request(generation_id=321))
+    assert [(kind, generation) for kind, generation, _ in wired.notifier.sent] == [
+        ("progress", 321)
+    ] * 5
+
+
+def test_progress_follows_the_configured_milestones(wired: Wired) -> None:
+    run_job(wired.container.generation_job(milestones=(0, 60)), make_request(steps=10))
+    updates = wired.notifier.of_kind("progress")
+    assert [(u.progress_percent, u.current_step) for u in updates] == [(0, 0), (60, 6)]
+
+
+def test_an_image_stored_without_metadata_is_its_completion_quietly(
+    wired: Wired, caplog: pytest.LogCaptureFixture
+) -> None:
+    wired.storage.outputs["generations/500.png"] = (b"png", {"generation-id": "500"})
+    with caplog.at_level(logging.WARNING, logger="domain.job"):
+        completion = wired.container.generation_job().stored(500)
+    assert completion == Completion(
+        result_url="https://cdn.test/generations/500.png", metadata={}, reused=True
+    )
+    assert caplog.records == []
+
+
+def test_unreadable_stored_metadata_is_logged(
+    wired: Wired, caplog: pytest.LogCaptureFixture
+) -> None:
+    wired.storage.outputs["generations/500.png"] = (b"png", {METADATA_KEY: "{not json"})
+    with caplog.at_level(logging.WARNING, logger="domain.job"):
+        wired.container.generation_job().stored(500)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "output generations/500.png: stored metadata unreadable")
+    ]
+
+
+class ShortBatchModel(FakeImageModel):
+    """Returns one image fewer than the jobs it was given."""
+
+    def generate_batch(self, items: Sequence[BatchItem]) -> list[Image.Image | GenerationError]:
+        return super().generate_batch(items)[:-1]
+
+
+def test_a_model_returning_too_few_images_drops_no_job_silently(wired: Wired) -> None:
+    model = ShortBatchModel(clock=wired.clock, batch_limit=2)
+    wired.container.image_model.override(model)  # type: ignore[arg-type]
+    job = wired.container.generation_job()
+    batch = [job.prepare(make_request(generation_id=i)) for i in (1, 2)]
+    with pytest.raises(ValueError):
+        job.render_batch(batch)
+    assert model.batches == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("raised", "logged"),
+    [
+        (RuntimeError("boom"), [("ERROR", "the model failed unexpectedly", True)]),
+        (ModelError("nan"), []),
+    ],
+)
+def test_only_an_unexpected_model_failure_is_logged_with_its_traceback(
+    wired: Wired, caplog: pytest.LogCaptureFixture, raised: Exception, logged: list[object]
+) -> None:
+    wired.model.fail_with.append(raised)
+    job = wired.container.generation_job()
+    with caplog.at_level(logging.WARNING, logger="domain.job"):
+        job.render_batch([job.prepare(make_request())])
+    records = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert records == logged
+
+
+def test_the_signature_reference_is_checked_as_a_signature(wired: Wired) -> None:
+    spec = SignatureSpec(config=SignatureConfig(), image_ref="s3://media/sig.png")
+    wired.container.generation_job().check(make_request(signature=spec))
+    assert wired.storage.checked == [("s3://media/sig.png", "signature")]

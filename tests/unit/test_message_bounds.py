@@ -209,6 +209,11 @@ def test_crash_bodies_are_invalid_requests(body: bytes | str, fragment: str) -> 
     assert fragment in _refusal(body).message
 
 
+@pytest.mark.parametrize("body", [DEEP_ARRAY, DEEP_OBJECT.encode("utf-8")])
+def test_a_deeply_nested_body_is_refused_with_a_plain_message(body: bytes | str) -> None:
+    assert _refusal(body).message == "message is not valid JSON: nested too deeply"
+
+
 @pytest.mark.parametrize("body", [HUGE_INT, DEEP_ARRAY, DEEP_OBJECT, NOT_UTF8, ONE_MB])
 def test_crash_bodies_have_no_identity(body: bytes | str) -> None:
     assert peek_identity(body) == (None, None)
@@ -219,8 +224,9 @@ def test_peek_identity_of_something_not_a_body_is_nothing(body: Any) -> None:
     assert peek_identity(body) == (None, None)
 
 
-def test_something_not_a_body_is_an_invalid_request() -> None:
-    assert "must be bytes or text" in _refusal(None).message  # type: ignore[arg-type]
+@pytest.mark.parametrize(("body", "kind"), [(None, "NoneType"), (456, "int"), (["task"], "list")])
+def test_something_not_a_body_is_an_invalid_request(body: Any, kind: str) -> None:
+    assert _refusal(body).message == f"message must be bytes or text, got {kind}"
 
 
 def test_a_number_of_4300_digits_elsewhere_is_still_read() -> None:
@@ -351,6 +357,8 @@ def test_any_bytes_raise_only_request_errors_and_peek_never_raises() -> None:
         (None, "None"),
         (True, "True"),
         ("z" * 100, "'" + "z" * 56 + "..."),
+        ("z" * 58, "'" + "z" * 58 + "'"),  # 60 characters: shown whole
+        ("z" * 59, "'" + "z" * 56 + "..."),  # 61 characters: cut to 60
         ([1, 2], "list"),
         ({"a": 1}, "dict"),
         pytest.param(10**5000, "a number too long to show", id="int-of-5001-digits"),

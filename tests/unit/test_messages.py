@@ -203,9 +203,10 @@ def test_several_bad_fields_are_all_named() -> None:
 
     message = _refusal(json.dumps(document)).message
 
-    assert "data.parameters.width: " in message
-    assert "data.parameters.steps: " in message
-    assert "100" in message
+    assert message == (
+        "data.parameters.width: must be a multiple of 8, got 100;"
+        " data.parameters.steps: Input should be greater than 0 (got 0)"
+    )
 
 
 def test_generation_id_true_is_refused() -> None:
@@ -253,7 +254,7 @@ def test_missing_type_is_invalid_request(value: Any) -> None:
     error = _refusal(_with(_backend_document(), "type", value))
     assert isinstance(error, InvalidRequest)
     assert error.code is ErrorCode.INVALID_REQUEST
-    assert error.message.startswith("type: ")
+    assert error.message == "type: Field required"
 
 
 @pytest.mark.parametrize("value", ["style_training", "IMAGE_GENERATION", "", 7])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -571,3 +572,103 @@ def test_empty_prompt_and_tags_are_refused(data: dict[str, Any]) -> None:
     assert caught.value.code is ErrorCode.INVALID_REQUEST
     assert caught.value.message.startswith("data.prompt: ")
     assert "data.prompt_tags" in caught.value.message
+
+
+# --- exact refusals ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("bottom-right", "data.signature_config must be an object; got str"),
+        ([0.5], "data.signature_config must be an object; got list"),
+        (
+            {"position": "middle"},
+            "data.signature_config.position must be one of top-left, top-center, top-right,"
+            " bottom-left, bottom-center, bottom-right; got 'middle'",
+        ),
+        (
+            {"size": "huge"},
+            "data.signature_config.size must be one of small, medium, large; got 'huge'",
+        ),
+        ({"opacity": "0.5"}, "data.signature_config.opacity must be a number; got '0.5'"),
+        ({"opacity": 1.5}, "data.signature_config.opacity must be within 0-1; got 1.5"),
+        ({"opacity": -1}, "data.signature_config.opacity must be within 0-1; got -1"),
+    ],
+)
+def test_signature_config_refusal_names_the_value(raw: Any, message: str) -> None:
+    with pytest.raises(SignatureInvalid) as caught:
+        SignatureConfig.parse(raw)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("aspect_ratio", "message"),
+    [
+        ("2:1", "data.aspect_ratio: width 1024 is outside 256-768"),
+        ("1:2", "data.aspect_ratio: height 1024 is outside 256-768"),
+    ],
+)
+def test_an_aspect_ratio_out_of_bounds_is_named(aspect_ratio: str, message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(policy=SMALL_POLICY, aspect_ratio=aspect_ratio)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (RequestPolicy(default_width=1032), "default width: width 1032 is outside 256-1024"),
+        (RequestPolicy(default_height=248), "default height: height 248 is outside 256-1024"),
+    ],
+)
+def test_a_default_size_out_of_bounds_is_named(policy: RequestPolicy, message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(policy=policy)
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"width": 1032}, "data.parameters.width: width 1032 is outside 256-1024"),
+        ({"height": 248}, "data.parameters.height: height 248 is outside 256-1024"),
+    ],
+)
+def test_a_given_size_out_of_bounds_is_named(parameters: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(parameters, aspect_ratio="1:1")
+    assert caught.value.message == message
+
+
+def test_a_prompt_at_the_limit_still_takes_its_tags() -> None:
+    # 40 characters is within SMALL_POLICY's 40, so the tag is composed in, and the result is
+    # then too long; a prompt of 39 plus a tag already in it stays at 39.
+    with pytest.raises(InvalidRequest) as caught:
+        _normalize(policy=SMALL_POLICY, prompt="x" * 40, prompt_tags=["ink"])
+    assert caught.value.message == "data.prompt: 45 characters, more than 40"
+    request = _normalize(policy=SMALL_POLICY, prompt="x" * 36 + " ink", prompt_tags=["INK"])
+    assert request.prompt == "x" * 36 + " ink"
+
+
+def test_the_default_signature_text_is_folded() -> None:
+    policy = RequestPolicy(signature_default_text="  Style \n License  ")
+    request = _normalize(policy=policy)
+    assert request.signature == SignatureSpec(
+        config=SignatureConfig(), image_ref=None, text="Style License"
+    )
+
+
+def test_each_distinct_tag_costs_one_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    searched: list[str] = []
+    search = re.search
+
+    def recording_search(pattern: str, text: str, flags: int = 0) -> re.Match[str] | None:
+        searched.append(pattern)
+        return search(pattern, text, flags)
+
+    monkeypatch.setattr(re, "search", recording_search)
+    composed = compose_prompt("ink sketch", ["oil", "ink", "oil", "ink", "oil", "ink"])
+    monkeypatch.undo()
+    assert composed == "ink sketch, oil"
+    assert len(searched) == 2
