@@ -297,10 +297,10 @@ def _completion_of(stored: StoredOutput, *, reused: bool) -> Completion:
         metadata = json.loads(stored.metadata.get(METADATA_KEY, "{}"))
     except ValueError:
         log.warning("output %s: stored metadata unreadable", stored.key)
-        metadata = {}
-    if not isinstance(metadata, dict):
-        metadata = {}
-    return Completion(result_url=stored.url, metadata=metadata, reused=reused)
+    else:
+        if isinstance(metadata, dict):
+            return Completion(result_url=stored.url, metadata=metadata, reused=reused)
+    return Completion(result_url=stored.url, metadata={}, reused=reused)
 
 
 def encode_png(image: Image.Image) -> bytes:
