@@ -25,7 +25,7 @@ from domain.watermark import Watermarker
 from ports.image_model import BatchItem, ImageModel, StepCallback
 from ports.notifier import Notifier
 from ports.storage import LoraArtifact, Storage, StoredOutput
-from ports.telemetry import NoTelemetry, Telemetry
+from ports.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ class GenerationJob:
         notifier: Notifier,
         watermarker: Watermarker,
         step_times: StepTimeEstimator,
+        output_prefix: str,
+        telemetry: Telemetry,
         milestones: Sequence[int] = DEFAULT_MILESTONES,
-        output_prefix: str = "generations/",
         clock: Callable[[], float] = time.monotonic,
-        telemetry: Telemetry | None = None,
     ) -> None:
         self._model = model
         self._storage = storage
@@ -101,7 +101,7 @@ class GenerationJob:
         self._milestones = tuple(milestones)
         self._output_prefix = output_prefix
         self._clock = clock
-        self._telemetry = telemetry if telemetry is not None else NoTelemetry()
+        self._telemetry = telemetry
 
     @property
     def max_batch_size(self) -> int:
