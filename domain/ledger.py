@@ -126,7 +126,7 @@ class Decision:
                     code=ErrorCode(raw["code"]),
                     message=str(raw["message"]),
                     retry_count=int(raw["retry_count"]),
-                    poison=bool(raw.get("poison", False)),
+                    poison=bool(raw.get("poison")),
                 )
             metadata = payload.get("metadata") or {}
             if not isinstance(metadata, dict):
@@ -290,8 +290,11 @@ class OutcomeLedger:
         if owner_entry is None or not owner_entry.given_up:
             return False
         record = self._records.read(key)
-        if record is None or self._owner_of(record, key) != owner:
-            return record is not None and self._owner_of(record, key) == message.key
+        if record is None:
+            return False
+        current = self._owner_of(record, key)
+        if current != owner:
+            return current == message.key
         mine = {"message": message.key, "task_id": message.task_id, "at": self.now()}
         if self._records.replace(key, _encode(mine), record.version) is not None:
             return True

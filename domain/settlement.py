@@ -443,8 +443,9 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
 
     def _settle_failure(self, delivery: Delivery, report: FailureReport) -> Settled:
         """Ack a told failure, or park it when the message was poison."""
-        reason = f"{report.code.value}: {report.message}"
-        return self._settle(delivery, Settled.FAILED, park=report.poison, reason=reason)
+        if report.poison:
+            return self._park(delivery, f"{report.code.value}: {report.message}")
+        return self._settle(delivery, Settled.FAILED)
 
     def _turn(self, message: MessageId, entry: Entry, copy: str) -> Entry | object | None:
         """The entry with this copy holding the turn to tell; None while another copy holds it
@@ -542,11 +543,8 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
 
     # --- the queue ---------------------------------------------------------------------------
 
-    def _settle(
-        self, delivery: Delivery, settled: Settled, *, park: bool = False, reason: str = ""
-    ) -> Settled:
-        if park:
-            return self._park(delivery, reason)
+    def _settle(self, delivery: Delivery, settled: Settled) -> Settled:
+        """Ack the delivery, settled as ``settled``."""
         self._guard(lambda: self._source.ack(delivery))
         return settled
 

@@ -119,7 +119,7 @@ class Watermarker:
                 with Image.open(io.BytesIO(data)) as probe:
                     if probe.format not in ACCEPTED_FORMATS:
                         raise SignatureInvalid(
-                            f"signature image must be PNG or WebP, got {probe.format or 'unknown'}"
+                            f"signature image must be PNG or WebP, got {probe.format}"
                         )
                     width, height = probe.size
                     if width * height > self._max_pixels:
