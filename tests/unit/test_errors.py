@@ -144,3 +144,10 @@ def test_as_generation_error_maps_others_to_internal_error(
     assert mapped.retryable is True
     assert mapped.message == expected_message
     assert str(mapped) == f"INTERNAL_ERROR: {expected_message}"
+
+
+def test_repr_and_args_carry_the_message_as_for_any_exception() -> None:
+    # What a log line with %r, a debugger or a traceback of a chained error shows.
+    error = StorageError("bucket down", code=ErrorCode.MODEL_ERROR)
+    assert error.args == ("bucket down",)
+    assert repr(error) == "StorageError('bucket down')"

@@ -98,3 +98,20 @@ def test_an_explicit_extra_id_wins_over_the_context(recorder: Recorder) -> None:
     with job_context(generation_id=1, task_id="t-1"):
         LOG.info("poison", extra={"generation_id": 99})
     assert recorder.ids() == [(99, "t-1", "poison")]
+
+
+def test_an_explicit_extra_task_id_wins_over_the_context(recorder: Recorder) -> None:
+    with job_context(generation_id=1, task_id="t-1"):
+        LOG.info("redelivered", extra={"task_id": "t-99"})
+    assert recorder.ids() == [(1, "t-99", "redelivered")]
+
+
+def test_carry_job_context_passes_keyword_arguments_on(recorder: Recorder) -> None:
+    def upload(key: str, *, bucket: str) -> str:
+        LOG.info("upload %s to %s", key, bucket)
+        return f"{bucket}/{key}"
+
+    with ThreadPoolExecutor(1) as pool, job_context(generation_id=5, task_id="t-5"):
+        result = pool.submit(carry_job_context(upload), "a.png", bucket="images").result()
+    assert result == "images/a.png"
+    assert recorder.ids() == [(5, "t-5", "upload a.png to images")]

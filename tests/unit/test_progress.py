@@ -279,3 +279,62 @@ def test_estimator_ignores_non_positive_steps_or_seconds(steps: int, seconds: fl
     estimator.record(steps=10, seconds=1.0, width=1000, height=1000)
     estimator.record(steps=steps, seconds=seconds, width=1000, height=1000)
     assert estimator.seconds_per_step(width=1000, height=1000) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("width, height", [(0, 512), (512, 0), (-8, 512), (512, -8)])
+def test_estimator_ignores_an_empty_size(width: int, height: int) -> None:
+    estimator = StepTimeEstimator()
+    estimator.record(steps=10, seconds=1.0, width=width, height=height)
+    assert estimator.seconds_per_step(width=512, height=512) is None
+
+
+@pytest.mark.parametrize(
+    "steps, seconds, width, height",
+    [(1, 0.5, 1000, 1000), (10, 5.0, 1, 1_000_000), (10, 5.0, 1_000_000, 1)],
+)
+def test_estimator_counts_the_smallest_real_sample(
+    steps: int, seconds: float, width: int, height: int
+) -> None:
+    # One step, or a one pixel wide or high image: 0.5 s per step per megapixel either way.
+    estimator = StepTimeEstimator()
+    estimator.record(steps=steps, seconds=seconds, width=width, height=height)
+    assert estimator.seconds_per_step(width=1000, height=1000) == 0.5
+    assert estimator.seconds_per_step(width=2000, height=500) == 0.5
+    assert estimator.seconds_per_step(width=100, height=100) == 0.005
+
+
+def test_estimator_smoothing_of_1_keeps_only_the_newest_sample() -> None:
+    estimator = StepTimeEstimator(smoothing=1.0)
+    estimator.record(steps=10, seconds=1.0, width=1000, height=1000)
+    estimator.record(steps=10, seconds=3.0, width=1000, height=1000)
+    assert estimator.seconds_per_step(width=1000, height=1000) == 0.3
+
+
+@pytest.mark.parametrize("smoothing", [0.0, -0.1, 1.01, 1.5, 2.0])
+def test_estimator_smoothing_outside_0_to_1_is_refused(smoothing: float) -> None:
+    with pytest.raises(ValueError) as caught:
+        StepTimeEstimator(smoothing=smoothing)
+    assert str(caught.value) == f"smoothing must lie within (0, 1], got {smoothing}"
+
+
+def test_a_single_step_run_reports_start_and_finish(clock: FakeClock) -> None:
+    tracker = _tracker(clock, total_steps=1)
+    assert tracker.start() == ProgressUpdate(0, 1, 0, None)
+    clock.advance(3.0)
+    assert tracker.step(1) == ProgressUpdate(1, 1, 100, 0)
+
+
+@pytest.mark.parametrize("step", [0, -3])
+def test_a_step_below_zero_counts_as_none_done(clock: FakeClock, step: int) -> None:
+    tracker = _tracker(clock, total_steps=50, expected_step_seconds=0.5)
+    assert tracker.step(step) == ProgressUpdate(0, 50, 0, 25)
+
+
+@pytest.mark.parametrize("elapsed, eta", [(5.0000004, 5), (5.000001, 6)])
+def test_eta_ignores_float_noise_under_half_a_microsecond(
+    clock: FakeClock, elapsed: float, eta: int
+) -> None:
+    tracker = _tracker(clock, total_steps=2, milestones=(50,))
+    tracker.start()
+    clock.advance(elapsed)
+    assert tracker.step(1) == ProgressUpdate(1, 2, 50, eta)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from adapters.fonts import SignatureFonts
 from domain.errors import ErrorCode, SignatureInvalid
@@ -169,20 +171,37 @@ def test_stamp_without_image_or_text_is_signature_invalid(watermarker: Watermark
 
 
 class BoxFont:
-    """A fake font: each character is half the font size wide, the text one size high."""
+    """A fake font: each character is half the font size wide, the text one size high.
 
-    def __init__(self, size: int, *, failure: Exception | None = None, empty: bool = False):
+    ``offset`` moves the inked box right and down (a glyph with a left bearing); every
+    measurement is appended to ``measured`` as ``(font size, stroke width)``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        failure: Exception | None = None,
+        empty: bool = False,
+        offset: int = 0,
+        measured: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.size = size
         self.failure = failure
         self.empty = empty
+        self.offset = offset
+        self.measured = measured if measured is not None else []
 
     def getbbox(self, text: str, stroke_width: int = 0) -> tuple[int, int, int, int]:
         """The inked box of ``text``, or the configured failure."""
+        self.measured.append((self.size, stroke_width))
         if self.failure is not None:
             raise self.failure
         if self.empty:
             return (0, 0, 0, 0)
-        return (0, 0, len(text) * self.size // 2 + 2 * stroke_width, self.size + 2 * stroke_width)
+        width = len(text) * self.size // 2 + 2 * stroke_width
+        height = self.size + 2 * stroke_width
+        return (self.offset, self.offset, self.offset + width, self.offset + height)
 
 
 class RecordingFonts:
@@ -194,17 +213,26 @@ class RecordingFonts:
         *,
         failure: Exception | None = None,
         empty: bool = False,
+        offset: int = 0,
     ) -> None:
         self.sizes: list[int] = []
+        self.measured: list[tuple[int, int]] = []
         self.inner = inner
         self.failure = failure
         self.empty = empty
+        self.offset = offset
 
     def __call__(self, size: int) -> Any:
         self.sizes.append(size)
         if self.inner is not None:
             return self.inner(size)
-        return BoxFont(size, failure=self.failure, empty=self.empty)
+        return BoxFont(
+            size,
+            failure=self.failure,
+            empty=self.empty,
+            offset=self.offset,
+            measured=self.measured,
+        )
 
 
 @pytest.mark.parametrize(
@@ -327,3 +355,277 @@ def test_narrow_text_on_a_large_image_stays_in_its_box(watermarker: Watermarker)
     assert inked is not None
     assert box.left <= inked[0] and inked[2] <= box.left + box.width
     assert box.top <= inked[1] and inked[3] <= box.top + box.height
+
+
+# --- exact geometry, colours and limits ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image_size", "mark_size", "size", "position", "expected"),
+    [
+        # The smallest image a request may ask for: 3 % of 64 rounds to 2, the 2 px floor.
+        ((64, 64), (200, 100), "medium", "bottom-right", Placement(46, 54, 16, 8)),
+        # 3 % of 83 rounds to 2, of 84 to 3.
+        ((83, 83), (200, 100), "medium", "bottom-right", Placement(60, 71, 21, 10)),
+        ((84, 84), (200, 100), "medium", "bottom-right", Placement(60, 71, 21, 10)),
+        ((84, 84), (200, 100), "medium", "top-left", Placement(3, 3, 21, 10)),
+        ((1024, 768), (200, 100), "small", "bottom-center", Placement(435, 660, 154, 77)),
+        # A mark flat enough to round to no height keeps one row.
+        ((512, 512), (1000, 1), "medium", "bottom-right", Placement(369, 496, 128, 1)),
+        # A mark thin enough to scale to no width keeps one column.
+        ((512, 512), (1, 1000), "medium", "bottom-right", Placement(496, 15, 1, 482)),
+        # A tiny image: 15 % of 3 px rounds to nothing; the mark keeps one pixel.
+        ((3, 3), (10, 5), "small", "bottom-right", Placement(0, 0, 1, 1)),
+        # An image lower than its two margins: the mark is scaled to one row.
+        ((100, 4), (10, 10), "small", "top-left", Placement(3, 3, 1, 1)),
+    ],
+)
+def test_box_by_value(
+    image_size: tuple[int, int],
+    mark_size: tuple[int, int],
+    size: str,
+    position: str,
+    expected: Placement,
+) -> None:
+    config = SignatureConfig(position=position, size=size)
+    assert signature_box(image_size, mark_size, config) == expected
+
+
+def test_empty_text_message_is_exact(watermarker: Watermarker) -> None:
+    with pytest.raises(SignatureInvalid) as caught:
+        watermarker.check_text(" ")
+    assert caught.value.message == "signature text is empty"
+
+
+def test_stamp_without_image_or_text_names_what_is_missing(watermarker: Watermarker) -> None:
+    with pytest.raises(SignatureInvalid) as caught:
+        watermarker.stamp(Image.new("RGB", (64, 64)), SignatureSpec(config=SignatureConfig()))
+    assert caught.value.message == "signature has neither an image nor a text"
+
+
+def test_decode_takes_a_signature_of_exactly_the_byte_limit() -> None:
+    data = png_bytes((30, 20), (1, 2, 3, 255))
+    at_limit = Watermarker(font_loader=SignatureFonts(), max_signature_bytes=len(data))
+    assert at_limit.decode_signature(data).size == (30, 20)
+    one_under = Watermarker(font_loader=SignatureFonts(), max_signature_bytes=len(data) - 1)
+    with pytest.raises(SignatureInvalid) as caught:
+        one_under.decode_signature(data)
+    assert (
+        caught.value.message == f"signature image is {len(data)} bytes, more than {len(data) - 1}"
+    )
+
+
+def test_decode_takes_a_signature_of_exactly_the_pixel_limit() -> None:
+    data = png_bytes((200, 100), (0, 0, 0, 255))
+    at_limit = Watermarker(font_loader=SignatureFonts(), max_signature_pixels=20_000)
+    assert at_limit.decode_signature(data).size == (200, 100)
+    one_under = Watermarker(font_loader=SignatureFonts(), max_signature_pixels=19_999)
+    with pytest.raises(SignatureInvalid) as caught:
+        one_under.decode_signature(data)
+    assert caught.value.message == "signature image is 200x100, more than 19999 pixels"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` RGBA pixels and holds none."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b""))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_decode_refuses_a_decompression_bomb_as_signature_invalid(
+    watermarker: Watermarker,
+) -> None:
+    # 10000 x 10000 is over Pillow's 89 M pixel bomb warning, which is turned into a refusal.
+    with pytest.raises(SignatureInvalid) as caught:
+        watermarker.decode_signature(png_header_only(10_000, 10_000))
+    assert caught.value.message.startswith(
+        "signature image cannot be decoded: Image size (100000000 pixels) exceeds limit"
+    )
+
+
+def test_decode_takes_a_png_whose_animation_chunk_pillow_ignores(
+    watermarker: Watermarker,
+) -> None:
+    # An acTL chunk announcing 0 frames: Pillow warns and reads the plain PNG image.
+    plain = png_bytes((30, 20), (10, 20, 30, 255))
+    header_end = 8 + 8 + 13 + 4  # signature, then IHDR's length, type, data and CRC
+    animated = (
+        plain[:header_end] + png_chunk(b"acTL", struct.pack(">II", 0, 0)) + plain[header_end:]
+    )
+    with pytest.warns(UserWarning, match="Invalid APNG"):
+        image = watermarker.decode_signature(animated)
+    assert (image.mode, image.size, image.getpixel((29, 19))) == (
+        "RGBA",
+        (30, 20),
+        (10, 20, 30, 255),
+    )
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P"])
+def test_decode_gives_rgba_whatever_the_png_mode(watermarker: Watermarker, mode: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 4), (255, 255, 255)).convert(mode).save(buffer, format="PNG")
+    image = watermarker.decode_signature(buffer.getvalue())
+    assert (image.mode, image.size, image.getpixel((7, 3))) == ("RGBA", (8, 4), (255,) * 4)
+
+
+def test_stamp_takes_an_rgb_signature_as_opaque(watermarker: Watermarker) -> None:
+    config = SignatureConfig(position="top-left", size="large", opacity=1.0)
+    mark = Image.new("RGB", (10, 10), (255, 0, 0))
+    stamped = watermarker.stamp(Image.new("RGB", (200, 200), BLACK), SignatureSpec(config), mark)
+    # large = 70 px on 200, margin 6.
+    assert stamped.getpixel((40, 40)) == (255, 0, 0)
+    assert stamped.getpixel((5, 40)) == BLACK and stamped.getpixel((76, 40)) == BLACK
+
+
+def test_mark_is_resampled_with_lanczos(watermarker: Watermarker) -> None:
+    # A 10 px mark, white then black, scaled up 7 times: Lanczos's values across the edge.
+    mark = Image.new("RGBA", (10, 10), (255, 255, 255, 255))
+    mark.paste((0, 0, 0, 255), (5, 0, 10, 10))
+    config = SignatureConfig(position="top-left", size="large", opacity=1.0)
+    stamped = watermarker.stamp(
+        Image.new("RGB", (200, 200), (0, 0, 255)), SignatureSpec(config), mark
+    )
+    row = [stamped.getpixel((x, 20)) for x in range(38, 44)]
+    assert row == [(value, value, value) for value in (228, 192, 150, 105, 63, 27)]
+
+
+# --- text layout: font size, outline and the inked box ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "font_px", "stroke"),
+    [
+        ("x", 256, 18),  # 256 // 14
+        ("x" * 9, 28, 2),  # 2 px from 28 px on
+        ("x" * 10, 26, 1),
+        ("x" * 18, 14, 1),
+        ("x" * 19, 13, 1),  # under 14 px: the 1 px floor
+    ],
+)
+def test_outline_is_a_fourteenth_of_the_font_size_at_least_1_px(
+    text: str, font_px: int, stroke: int
+) -> None:
+    fonts = RecordingFonts()
+    Watermarker(font_loader=fonts).check_text(text)
+    # Probe at 64 px without outline (32 px a character), then the sized font with its outline.
+    assert fonts.measured == [(64, 0), (font_px, stroke)]
+
+
+def test_font_size_follows_the_inked_width_not_the_right_edge() -> None:
+    fonts = RecordingFonts(offset=10)  # the ink starts 10 px right of the origin
+    Watermarker(font_loader=fonts).check_text("ab")
+    assert fonts.sizes == [64, 128]
+
+
+class OnePixelFont(BoxFont):
+    """A fake font whose text is one pixel wide (plus its outline) and inked all over."""
+
+    def getbbox(self, text: str, stroke_width: int = 0) -> tuple[int, int, int, int]:
+        return (0, 0, 1 + 2 * stroke_width, self.size)
+
+    def getmask(self, text: str, *args: Any, **kwargs: Any) -> Any:
+        """The ink of ``text`` for ``ImageDraw``: a solid box."""
+        del text, args, kwargs
+        return Image.new("L", (1, self.size), 255).im
+
+
+@pytest.mark.parametrize(
+    ("image_width", "font_px"),
+    [
+        (3, 64),  # 15 % of 3 px rounds to nothing: still a 1 px target, 64 px for 1 px ink
+        (9, 64),  # 15 % of 9 px rounds to 1 px
+        (10, 128),  # 15 % of 10 px rounds to 2 px
+    ],
+)
+def test_a_tiny_image_still_asks_for_a_one_pixel_wide_text(image_width: int, font_px: int) -> None:
+    fonts = RecordingFonts(OnePixelFont)
+    mark = Watermarker(font_loader=fonts).render_text(
+        "i", image_width, SignatureConfig("top-left", "small")
+    )
+    assert fonts.sizes == [64, font_px] and mark.size == (1 + 2 * (font_px // 14), font_px)
+
+
+class FixedBoxFont:
+    """A fake font whose inked box is always ``box``."""
+
+    def __init__(self, box: tuple[int, int, int, int]) -> None:
+        self.box = box
+
+    def getbbox(self, text: str, stroke_width: int = 0) -> tuple[int, int, int, int]:
+        """``box``, whatever the text."""
+        del text, stroke_width
+        return self.box
+
+
+def probe_then(box: tuple[int, int, int, int]) -> Callable[[int], Any]:
+    """Fonts that measure normally at the 64 px probe and give ``box`` at the drawing size."""
+    return lambda size: BoxFont(size) if size == 64 else FixedBoxFont(box)
+
+
+@pytest.mark.parametrize(
+    "box", [(5, 0, 5, 10), (0, 5, 10, 5), (5, 5, 4, 10), (0, 5, 10, 4)], ids=str
+)
+def test_text_with_no_ink_at_its_drawing_size_is_signature_invalid(
+    box: tuple[int, int, int, int],
+) -> None:
+    marker = Watermarker(font_loader=RecordingFonts(probe_then(box)))
+    with pytest.raises(SignatureInvalid) as caught:
+        marker.check_text("Ana")
+    assert caught.value.message == "signature text 'Ana' has nothing to draw"
+
+
+def test_text_with_one_pixel_of_ink_at_its_drawing_size_is_accepted() -> None:
+    fonts = RecordingFonts(probe_then((7, 7, 8, 8)))
+    Watermarker(font_loader=fonts).check_text("Ana")
+    assert fonts.sizes == [64, 85]  # "Ana" is 96 px at the probe: 64 * 128 / 96
+
+
+def reference_drawing(text: str, font: Any, stroke: int) -> Image.Image:
+    """``text`` drawn with room to spare, light with a dark outline, cropped to its ink."""
+    canvas = Image.new("RGBA", (2000, 1000), (0, 0, 0, 0))
+    ImageDraw.Draw(canvas).text(
+        (500, 300),
+        text,
+        font=font,
+        fill=(255, 255, 255, 255),
+        stroke_width=stroke,
+        stroke_fill=(0, 0, 0, 255),
+    )
+    return canvas.crop(canvas.getbbox())
+
+
+@pytest.mark.parametrize(
+    ("text", "image_width", "size"),
+    [("Ana Rivera", 512, "small"), ("Ana Rivera", 1024, "large"), ("lj", 512, "medium")],
+)
+def test_text_mark_is_the_fonts_inked_box_with_all_the_ink(
+    text: str, image_width: int, size: str
+) -> None:
+    fonts = RecordingFonts(SignatureFonts())
+    mark = Watermarker(font_loader=fonts).render_text(text, image_width, SignatureConfig(size=size))
+    font = SignatureFonts()(fonts.sizes[-1])
+    stroke = max(1, fonts.sizes[-1] // 14)
+    left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
+    assert mark.size == (right - left, bottom - top)
+    inked = mark.crop(mark.getbbox())
+    assert inked.tobytes() == reference_drawing(text, font, stroke).tobytes()
+
+
+def test_text_mark_is_white_with_a_black_outline_on_clear_pixels(
+    watermarker: Watermarker,
+) -> None:
+    mark = watermarker.render_text("Ana Rivera", 512, SignatureConfig(size="large"))
+    pixels = [mark.getpixel((x, y)) for x in range(mark.width) for y in range(mark.height)]
+    assert (255, 255, 255, 255) in pixels and (0, 0, 0, 255) in pixels
+    assert all(red == green == blue for red, green, blue, _ in pixels)  # no colour cast
+    clear = [pixel for pixel in pixels if pixel[3] == 0]
+    assert clear and set(clear) == {(0, 0, 0, 0)}
