@@ -336,12 +336,17 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
                 results = self._job.render_batch(
                     [job.prepared for job in runnable], pulse=heartbeat
                 )
+                if len(results) != len(runnable):
+                    raise RuntimeError(
+                        f"the render stage returned {len(results)} results"
+                        f" for {len(runnable)} jobs"
+                    )
             except Exception as exc:  # pylint: disable=broad-exception-caught
                 log.exception("the render stage failed")
                 results = [as_generation_error(exc) for _ in runnable]
             self._hold.record(jobs=len(runnable), seconds=self._clock() - began)
             self._adjust_hold()
-        for job, result in zip(runnable, results, strict=True):
+        for job, result in zip(runnable, results):  # one result per job, checked above
             with self._context(job):
                 if isinstance(result, Rendered):
                     self._to_finish(pool, job, result, heartbeat)

@@ -511,10 +511,20 @@ class LosesResults:
         return []
 
 
-def test_a_result_missing_from_the_render_stage_stops_the_loop_loudly(wired: Wired) -> None:
-    # Never a delivery left unsettled in silence: the worker stops and the broker redelivers.
+def test_a_result_missing_from_the_render_stage_fails_its_job_and_the_loop_goes_on(
+    wired: Wired,
+) -> None:
+    # Never a delivery left unsettled in silence, never the loop ended: the job is retried.
     runner = wired.container.job_runner(job=LosesResults(wired.container.generation_job()))
-    wired.source.put(backend_message(371))
-    with pytest.raises(ValueError, match=r"^zip\(\) argument 2 is shorter than argument 1$"):
-        run_all(runner)
+    message = backend_message(371)
+    wired.source.put(message)
+    assert run_all(runner) == 1
     assert len(wired.model.calls) == 1 and wired.notifier.of_kind("completed") == []
+    reason = "INTERNAL_ERROR: RuntimeError: the render stage returned 0 results for 1 jobs"
+    assert [(json.loads(d.body)["task_id"], why, n) for d, why, n, _ in wired.source.retried] == [
+        (message["task_id"], reason, 1)
+    ]
+    assert [(e["outcome"], e["error_code"]) for e in wired.telemetry.of("finished")] == [
+        ("retry", "INTERNAL_ERROR")
+    ]
+    assert wired.source.settled_twice == []
