@@ -224,14 +224,16 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
                 if completion is None:
                     return None
                 log.info("generation %s: its image is stored; reporting it", message.generation_id)
-                return self._decide(delivery, message, self._completion(message, completion))
+                return self._decide(
+                    delivery, message, self._completion(message, completion), retell=False
+                )
         except StorageError as exc:
             return self._hand_back(delivery, f"outcome records unreachable: {exc}")
         return self._tell(delivery, message, entry, _copy_token(), retell=False)
 
     def carried(self, delivery: Delivery, message: MessageId, report: FailureReport) -> Settled:
         """A failure an earlier worker version decided and carried in the message's headers."""
-        return self._decide(delivery, message, self._failure(message, report))
+        return self._decide(delivery, message, self._failure(message, report), retell=False)
 
     # --- the end of a job --------------------------------------------------------------------
 
@@ -283,7 +285,7 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
             retry_count=delivery.attempt,
             poison=True,
         )
-        return self._decide(delivery, message, self._failure(message, report))
+        return self._decide(delivery, message, self._failure(message, report), retell=False)
 
     # --- without a job -----------------------------------------------------------------------
 
@@ -328,7 +330,7 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
         )
 
     def _decide(
-        self, delivery: Delivery, message: MessageId, decision: Decision, *, retell: bool = False
+        self, delivery: Delivery, message: MessageId, decision: Decision, *, retell: bool
     ) -> Settled:
         """Record ``decision`` (or find the one recorded first) and tell the one that stands.
 
