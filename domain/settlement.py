@@ -224,16 +224,14 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
                 if completion is None:
                     return None
                 log.info("generation %s: its image is stored; reporting it", message.generation_id)
-                return self._decide(
-                    delivery, message, self._completion(message, completion), retell=False
-                )
+                return self._decide(delivery, message, self._completion(message, completion))
         except StorageError as exc:
             return self._hand_back(delivery, f"outcome records unreachable: {exc}")
         return self._tell(delivery, message, entry, _copy_token(), retell=False)
 
     def carried(self, delivery: Delivery, message: MessageId, report: FailureReport) -> Settled:
         """A failure an earlier worker version decided and carried in the message's headers."""
-        return self._decide(delivery, message, self._failure(message, report), retell=False)
+        return self._decide(delivery, message, self._failure(message, report))
 
     # --- the end of a job --------------------------------------------------------------------
 
@@ -285,7 +283,7 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
             retry_count=delivery.attempt,
             poison=True,
         )
-        return self._decide(delivery, message, self._failure(message, report), retell=False)
+        return self._decide(delivery, message, self._failure(message, report))
 
     # --- without a job -----------------------------------------------------------------------
 
@@ -330,7 +328,7 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
         )
 
     def _decide(
-        self, delivery: Delivery, message: MessageId, decision: Decision, *, retell: bool
+        self, delivery: Delivery, message: MessageId, decision: Decision, *, retell: bool = False
     ) -> Settled:
         """Record ``decision`` (or find the one recorded first) and tell the one that stands.
 
