@@ -38,7 +38,8 @@ from ports.telemetry import NoTelemetry, Telemetry
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
-"""How often the loop proves it is alive while it waits for an intake to finish."""
+"""How often the loop proves it is alive while it waits for an intake or a finish slot (the
+runner's default ``heartbeat_seconds``)."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,9 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
 
     ``lookahead`` jobs are prepared ahead of the model (at least a batch's worth);
     ``finish_backlog`` jobs may wait for their upload before the model pauses;
-    ``max_held`` (the broker's prefetch, MAX_CONCURRENT_GENERATIONS) caps what is held.
+    ``max_held`` (the broker's prefetch, MAX_CONCURRENT_GENERATIONS) caps what is held;
+    ``heartbeat_seconds`` is how often the loop beats while it waits for an intake or a finish
+    slot.
     """
 
     def __init__(
@@ -122,14 +125,15 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         job: GenerationJob,
         normalizer: RequestNormalizer,
         settlement: Settlement,
+        io_threads: int,
+        lookahead: int,
+        max_batch_size: int,
+        max_held: int,
+        max_hold_seconds: float,
         telemetry: Telemetry | None = None,
-        io_threads: int = 4,
-        lookahead: int = 2,
         finish_backlog: int = 4,
-        max_batch_size: int = 1,
-        max_held: int = 10,
-        max_hold_seconds: float = 600.0,
         poll_seconds: float = 1.0,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
@@ -139,15 +143,17 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         self._telemetry = telemetry if telemetry is not None else NoTelemetry()
         self._batch = max(1, min(max_batch_size, job.max_batch_size))
         self._io_threads = max(2, io_threads)
-        # A batch is drawn from jobs already prepared, so look ahead at least a batch's worth.
-        self._lookahead = max(1, lookahead, self._batch)
-        self._finish_slots = threading.BoundedSemaphore(max(1, finish_backlog, self._batch))
+        # A batch is drawn from jobs already prepared, so look ahead at least a batch's worth
+        # (the batch is at least 1, so are these).
+        self._lookahead = max(lookahead, self._batch)
+        self._finish_slots = threading.BoundedSemaphore(max(finish_backlog, self._batch))
         self._finishing = 0
         self._finishing_changed = threading.Condition()
         self._hold = HoldBudget(max_hold_seconds=max_hold_seconds, ceiling=max_held)
         self._held_limit = max(1, max_held)
         self._max_hold = max_hold_seconds
         self._poll_seconds = poll_seconds
+        self._heartbeat_seconds = heartbeat_seconds
         self._clock = clock
         self._in_flight = InFlight()
 
@@ -191,11 +197,10 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
                     self._render(pool, batch, heartbeat)
         return taken
 
-    @staticmethod
-    def _next(intake: Future[_Job | None], heartbeat: Callable[[], None]) -> _Job | None:
+    def _next(self, intake: Future[_Job | None], heartbeat: Callable[[], None]) -> _Job | None:
         """The intake's job, proving liveness while it downloads."""
         while not intake.done():
-            wait([intake], timeout=HEARTBEAT_SECONDS)
+            wait([intake], timeout=self._heartbeat_seconds)
             heartbeat()
         return intake.result()  # the intake's boundary leaves nothing to raise
 
@@ -390,7 +395,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         # Back-pressure: the model waits if uploads pile up (released by _finish), beating
         # meanwhile: slow uploads are not a stuck worker.
         while not self._finish_slots.acquire(  # pylint: disable=consider-using-with
-            timeout=HEARTBEAT_SECONDS
+            timeout=self._heartbeat_seconds
         ):
             heartbeat()
         with self._finishing_changed:
