@@ -135,7 +135,7 @@ def test_a_dropped_connection_tells_one_outcome_per_message(
     assert len(parked) == 2 and all(b.startswith((b"{", b"[")) for b, _ in parked)
 
 
-def test_two_workers_on_one_host_share_the_queue_and_the_lora_cache(
+def test_two_workers_on_one_host_share_the_queue_and_the_lora_cache(  # pylint: disable=too-many-locals
     stack: Stack, worker_env: dict[str, str], tiny_loras: dict[str, Path], tmp_path: Path
 ) -> None:
     upload_tree(stack, stack.models_bucket, "styles/2/", tiny_loras["peft"])

@@ -42,11 +42,11 @@ def drain(wired: Wired, rounds: int = 20, step: float = 1000.0) -> int:
     """Run, and let every delayed copy come back (moving the clock), until the queue is empty."""
     taken = run_all(wired)
     for _ in range(rounds):
-        if not len(wired.source):
+        if len(wired.source) == 0:
             break
         wired.clock.advance(step)
         taken += run_all(wired)
-    assert not len(wired.source), "messages left in the queue"
+    assert len(wired.source) == 0, "messages left in the queue"
     return taken
 
 
@@ -634,7 +634,8 @@ def test_a_failure_told_but_not_recorded_is_never_sent_again(
         wired.clock.advance(400)
         wired.container.job_runner().run(should_stop=lambda: False, stop_when_idle=True)
     assert failures(wired) == [101] and len(wired.model.calls) == 1
-    ((_, reason, outcome),) = source.parked
+    assert len(source.parked) == 1
+    _, reason, outcome = source.parked[0]
     assert "stopped while sending" in reason and outcome["verdict"] == "failed"  # type: ignore[index]
     assert {"outcome": "failed", "reason": "unknown", "parked": True} in wired.telemetry.of(
         "undelivered"
@@ -708,10 +709,10 @@ class UploadWaitingForBeats(FakeStorage):
             self.waited.set()
             start = len(self.beats)
             deadline = threading.Event()
-            for _ in range(100):
+            for _ in range(1000):
                 if len(self.beats) >= start + 2:
                     break
-                deadline.wait(0.1)
+                deadline.wait(0.01)
             assert len(self.beats) >= start + 2, "no heartbeat while waiting for a finish slot"
         return super().put_output(key, data, metadata)
 
@@ -720,7 +721,7 @@ def test_the_loop_beats_while_it_waits_for_a_finish_slot(wired: Wired) -> None:
     beats: list[int] = []
     storage = UploadWaitingForBeats(beats)
     wired.container.storage.override(providers.Object(storage))
-    wired.container.job_runner.add_kwargs(finish_backlog=1)
+    wired.container.job_runner.add_kwargs(finish_backlog=1, heartbeat_seconds=0.01)
     for generation_id in (104, 105):
         wired.source.put(backend_message(generation_id))
     wired.container.job_runner().run(

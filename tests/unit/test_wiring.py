@@ -135,7 +135,8 @@ def test_overrides_reach_the_use_case(wired: Wired) -> None:
 
 def test_domain_and_ports_import_no_infrastructure() -> None:
     code = (
-        "import sys, domain.job, domain.runner, domain.settlement, domain.ledger, domain.watermark, ports\n"
+        "import sys, domain.job, domain.runner, domain.settlement, domain.ledger,"
+        " domain.watermark, ports\n"
         "bad = {'torch', 'diffusers', 'transformers', 'peft', 'pika', 'boto3', 'botocore',"
         " 'requests'} & set(sys.modules)\n"
         "print(sorted(bad))\n"
