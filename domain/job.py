@@ -295,7 +295,7 @@ def _completion_of(stored: StoredOutput, *, reused: bool) -> Completion:
     """The completion of a stored image, with the metadata stored beside it."""
     try:
         metadata = json.loads(stored.metadata.get(METADATA_KEY, "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # object metadata is not ours alone: any text may be there
         log.warning("output %s: stored metadata unreadable", stored.key)
     else:
         if isinstance(metadata, dict):

@@ -37,9 +37,9 @@ from ports.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 1.0
+LIVENESS_BEAT_SECONDS = 1.0
 """How often the loop proves it is alive while it waits for an intake or a finish slot (the
-runner's default ``heartbeat_seconds``)."""
+runner's default ``liveness_beat_seconds``)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
     ``lookahead`` jobs are prepared ahead of the model (at least a batch's worth);
     ``finish_backlog`` jobs may wait for their upload before the model pauses;
     ``max_held`` (the broker's prefetch, MAX_CONCURRENT_GENERATIONS) caps what is held;
-    ``heartbeat_seconds`` is how often the loop beats while it waits for an intake or a finish
+    ``liveness_beat_seconds`` is how often the loop beats while it waits for an intake or a finish
     slot.
     """
 
@@ -133,7 +133,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         telemetry: Telemetry | None = None,
         finish_backlog: int = 4,
         poll_seconds: float = 1.0,
-        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        liveness_beat_seconds: float = LIVENESS_BEAT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
@@ -153,7 +153,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         self._held_limit = max(1, max_held)
         self._max_hold = max_hold_seconds
         self._poll_seconds = poll_seconds
-        self._heartbeat_seconds = heartbeat_seconds
+        self._liveness_beat_seconds = liveness_beat_seconds
         self._clock = clock
         self._in_flight = InFlight()
 
@@ -200,7 +200,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
     def _next(self, intake: Future[_Job | None], heartbeat: Callable[[], None]) -> _Job | None:
         """The intake's job, proving liveness while it downloads."""
         while not intake.done():
-            wait([intake], timeout=self._heartbeat_seconds)
+            wait([intake], timeout=self._liveness_beat_seconds)
             heartbeat()
         return intake.result()  # the intake's boundary leaves nothing to raise
 
@@ -395,7 +395,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         # Back-pressure: the model waits if uploads pile up (released by _finish), beating
         # meanwhile: slow uploads are not a stuck worker.
         while not self._finish_slots.acquire(  # pylint: disable=consider-using-with
-            timeout=self._heartbeat_seconds
+            timeout=self._liveness_beat_seconds
         ):
             heartbeat()
         with self._finishing_changed:

@@ -302,6 +302,23 @@ def test_a_stored_image_is_reported_never_rendered_again(wired: Wired) -> None:
     assert second == {**first, "durations": durations}
 
 
+@pytest.mark.parametrize("metadata", ["[" * 1_100, "not json", "[1, 2]", "null"])
+def test_a_stored_image_with_unreadable_metadata_is_still_reported_completed(
+    wired: Wired, metadata: str
+) -> None:
+    # Object metadata can be edited by anyone with access to the bucket: whatever it holds, the
+    # stored image is reported (never failed and refunded), with no metadata, and not rendered.
+    wired.storage.outputs["generations/54.png"] = (b"png", {"generation-metadata": metadata})
+    message = backend_message(54)
+    wired.source.put(message)
+    run_all(wired)
+    assert wired.model.calls == [] and wired.notifier.kinds() == ["completed"]
+    assert wired.notifier.of_kind("completed") == [
+        {"result_url": "https://cdn.test/generations/54.png"}
+    ]
+    assert [json.loads(d.body) for d in wired.source.acked] == [message]
+
+
 def test_a_poison_duplicate_under_a_new_task_is_not_refunded_twice(wired: Wired) -> None:
     wired.source.put(backend_message(54, lora_path="styles/none/"))
     wired.source.put(backend_message(54, lora_path="styles/none/"))
@@ -721,7 +738,7 @@ def test_the_loop_beats_while_it_waits_for_a_finish_slot(wired: Wired) -> None:
     beats: list[int] = []
     storage = UploadWaitingForBeats(beats)
     wired.container.storage.override(providers.Object(storage))
-    wired.container.job_runner.add_kwargs(finish_backlog=1, heartbeat_seconds=0.01)
+    wired.container.job_runner.add_kwargs(finish_backlog=1, liveness_beat_seconds=0.01)
     for generation_id in (104, 105):
         wired.source.put(backend_message(generation_id))
     wired.container.job_runner().run(

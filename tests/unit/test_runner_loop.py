@@ -249,7 +249,7 @@ def test_a_runner_without_telemetry_runs_and_reports_nothing(wired: Wired) -> No
 
 def test_one_io_thread_asked_is_two_and_no_more(wired: Wired) -> None:
     board, storage, _ = gated(wired)
-    wired.container.job_runner.add_kwargs(io_threads=1, lookahead=3, heartbeat_seconds=BEAT)
+    wired.container.job_runner.add_kwargs(io_threads=1, lookahead=3, liveness_beat_seconds=BEAT)
     marks: list[int] = []
 
     def two_held_a_while() -> bool:
@@ -272,7 +272,7 @@ def test_one_io_thread_asked_is_two_and_no_more(wired: Wired) -> None:
 
 def test_the_loop_beats_while_it_waits_for_an_intake(wired: Wired) -> None:
     board, storage, _ = gated(wired)
-    wired.container.job_runner.add_kwargs(heartbeat_seconds=BEAT)
+    wired.container.job_runner.add_kwargs(liveness_beat_seconds=BEAT)
     entered: list[int] = []
 
     def beaten_while_held() -> bool:
@@ -308,7 +308,7 @@ def test_four_rendered_jobs_may_wait_for_their_upload_then_the_model_pauses(
     wired: Wired,
 ) -> None:
     board, storage, model = gated(wired)
-    wired.container.job_runner.add_kwargs(io_threads=8, heartbeat_seconds=BEAT)
+    wired.container.job_runner.add_kwargs(io_threads=8, liveness_beat_seconds=BEAT)
     opened_at: list[int] = []
     idle: list[int] = [0, 0]  # beats in a row with the model idle, model calls then
 
