@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import (
     ErrorCode,
     GenerationError,
@@ -23,6 +24,7 @@ from domain.request import GenerationRequest
 from ports.image_model import BatchItem, StepCallback
 from ports.records import Record
 from ports.storage import LoraArtifact, ReferenceKind, StoredOutput
+from ports.task_source import Delivery
 
 
 class FakeClock:
@@ -286,3 +288,18 @@ class FakeTelemetry:
 
     def of(self, name: str) -> list[dict[str, Any]]:
         return [payload for event, payload in self.events if event == name]
+
+
+class AgingSource(InMemoryTaskSource):
+    """Its first delivery has waited ``age`` seconds by the time it is handed to the runner."""
+
+    def __init__(self, clock: FakeClock, age: float) -> None:
+        super().__init__(clock=clock)
+        self.fake_clock, self.age = clock, age
+
+    def receive(self, timeout: float) -> Delivery | None:
+        delivery = super().receive(timeout)
+        if delivery is not None and self.age:
+            self.fake_clock.advance(self.age)
+            self.age = 0.0
+        return delivery

@@ -27,10 +27,9 @@ from domain.errors import (
 from domain.ledger import MessageId
 from domain.runner import HoldBudget
 from ports.storage import StoredOutput
-from ports.task_source import Delivery
 from tests.messages import backend_message
 from tests.unit.conftest import Wired
-from tests.unit.fakes import FakeClock, FakeImageModel, FakeStorage
+from tests.unit.fakes import AgingSource, FakeClock, FakeImageModel, FakeStorage
 
 
 def run_all(wired: Wired) -> int:
@@ -433,21 +432,6 @@ def test_a_refused_outcome_is_parked_at_once(wired: Wired) -> None:
 
 
 # --- 7. nothing waits past the broker's patience ----------------------------------------------
-
-
-class AgingSource(InMemoryTaskSource):
-    """Its first delivery has waited ``age`` seconds by the time it is handed to the runner."""
-
-    def __init__(self, clock: FakeClock, age: float) -> None:
-        super().__init__(clock=clock)
-        self.fake_clock, self.age = clock, age
-
-    def receive(self, timeout: float) -> Delivery | None:
-        delivery = super().receive(timeout)
-        if delivery is not None and self.age:
-            self.fake_clock.advance(self.age)
-            self.age = 0.0
-        return delivery
 
 
 def test_a_delivery_held_too_long_goes_back_unstarted(wired: Wired) -> None:

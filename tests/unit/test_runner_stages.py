@@ -25,7 +25,7 @@ from ports.storage import StoredOutput
 from ports.task_source import Delivery
 from tests.messages import backend_message
 from tests.unit.conftest import Wired
-from tests.unit.fakes import FakeClock, FakeImageModel, FakeStorage
+from tests.unit.fakes import AgingSource, FakeClock, FakeImageModel, FakeStorage
 
 HELD_TOO_LONG = "held longer than MAX_HOLD_SECONDS before its job could start"
 
@@ -94,21 +94,6 @@ def test_a_message_without_a_task_id_runs_and_is_known_by_its_body(wired: Wired)
 
 
 # --- held too long: at intake, and before render ---------------------------------------------
-
-
-class AgingSource(InMemoryTaskSource):
-    """Its first delivery has waited ``age`` seconds by the time it is handed to the runner."""
-
-    def __init__(self, clock: FakeClock, age: float) -> None:
-        super().__init__(clock=clock)
-        self.fake_clock, self.age = clock, age
-
-    def receive(self, timeout: float) -> Delivery | None:
-        delivery = super().receive(timeout)
-        if delivery is not None and self.age:
-            self.fake_clock.advance(self.age)
-            self.age = 0.0
-        return delivery
 
 
 def aging(wired: Wired, age: float) -> AgingSource:
