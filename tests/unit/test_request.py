@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from domain.request import (
     RequestPolicy,
     SignatureConfig,
     SignatureSpec,
+    batch_key,
     compose_prompt,
     output_key,
 )
@@ -672,3 +674,51 @@ def test_each_distinct_tag_costs_one_search(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()
     assert composed == "ink sketch, oil"
     assert len(searched) == 2
+
+
+# --- batch keys -------------------------------------------------------------------------------
+
+BATCH_HEAD = GenerationRequest(
+    generation_id=1,
+    prompt="watercolor",
+    width=512,
+    height=768,
+    steps=30,
+    guidance_scale=7.5,
+    seed=1,
+    scheduler="dpmsolver++",
+)
+
+
+def test_the_batch_key_is_size_steps_guidance_and_scheduler() -> None:
+    assert batch_key(BATCH_HEAD) == (512, 768, 30, 7.5, "dpmsolver++")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"width": 520},
+        {"height": 776},
+        {"steps": 31},
+        {"guidance_scale": 7.0},
+        {"scheduler": "euler"},
+    ],
+    ids=["width", "height", "steps", "guidance", "scheduler"],
+)
+def test_each_model_setting_splits_a_batch(change: dict[str, Any]) -> None:
+    assert batch_key(replace(BATCH_HEAD, **change)) != batch_key(BATCH_HEAD)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"generation_id": 2, "task_id": "t-2", "style_id": 9},
+        {"prompt": "ink", "negative_prompt": "blurry"},
+        {"seed": 2, "seed_was_chosen": True},
+        {"lora_ref": "styles/2/", "lora_scale": 0.5},
+        {"signature": SignatureSpec(text="Ana", image_ref=None, config=SignatureConfig())},
+    ],
+    ids=["identity", "prompts", "seed", "lora", "signature"],
+)
+def test_what_each_job_has_of_its_own_shares_a_batch(change: dict[str, Any]) -> None:
+    assert batch_key(replace(BATCH_HEAD, **change)) == batch_key(BATCH_HEAD)
