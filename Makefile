@@ -48,6 +48,7 @@ bench-gpu: setup
 
 lint: setup
 	$(PY) -m black --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pylint app domain ports adapters containers.py bench tools
 	$(PY) -m pylint tests --disable=missing-function-docstring,missing-class-docstring,redefined-outer-name,duplicate-code
 	$(VENV)/bin/hadolint Dockerfile
