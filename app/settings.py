@@ -1,4 +1,4 @@
-"""Settings from the environment and ``.env`` (CONTRACT.md section 4), checked at start."""
+"""Settings from the environment and ``.env`` (README, "Settings": the backend's own variable names first), checked at start."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    # Broker (CONTRACT.md section 4).
+    # Broker (README, "Settings").
     rabbitmq_host: str = "localhost"
     rabbitmq_port: int = Field(default=5672, ge=1, le=65535)
     rabbitmq_user: str = "guest"

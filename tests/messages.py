@@ -1,4 +1,4 @@
-"""Queue messages in the shape the backend's code publishes (CONTRACT.md section 1)."""
+"""Queue messages in the shape the backend's code publishes (README, "Queue message")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A real HTTP server that plays the backend's webhook endpoints (CONTRACT.md section 2) in tests.
+"""A real HTTP server that plays the backend's webhook endpoints (README, "Webhooks") in tests.
 
 It enforces the backend's rules and records every request::
 

@@ -11,7 +11,7 @@ import pytest
 from domain.errors import ErrorCode, GenerationError, InvalidRequest, UnsupportedTask
 from domain.messages import GenerationMessage, parse_message, peek_identity
 
-# CONTRACT.md section 1, "Message, as the backend's code sends it", verbatim.
+# The message as the backend's code sends it, verbatim (README, "Queue message": the first shape).
 BACKEND_MESSAGE = """{
   "task_id": "660f9511-f3ac-52e5-b827-557766551111",
   "type": "image_generation",
@@ -29,7 +29,8 @@ BACKEND_MESSAGE = """{
   "webhook_url": "https://api.example.com/api/webhooks/generation/456/status"
 }"""
 
-# CONTRACT.md section 1, "Message, as docs/PATTERNS.md 7.2 shows it", verbatim.
+# The message as the backend's own documentation shows it, verbatim (README, "Queue message":
+# the second shape).
 DOCUMENTED_MESSAGE = """{
   "task_id": "…", "type": "image_generation",
   "data": {
