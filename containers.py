@@ -24,7 +24,7 @@ from adapters.rabbitmq_task_source import RabbitMQTaskSource
 from adapters.s3_records import S3RecordStore
 from adapters.s3_storage import S3Storage, make_s3_client
 from app.metrics import PrometheusTelemetry
-from app.settings import Settings, load_settings
+from app.settings import Settings, load_settings, plain_secret
 from domain.job import GenerationJob
 from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
@@ -98,14 +98,6 @@ def init_gpu_monitor(*, visible_devices: str | None) -> Iterator[GpuMonitor]:
         monitor.close()
 
 
-def secret(value: object) -> str | None:
-    """The plain value of a SecretStr (or None), for the adapters that send it."""
-    if value is None:
-        return None
-    getter = getattr(value, "get_secret_value", None)
-    return getter() if getter else str(value)
-
-
 def allowed_buckets(buckets: tuple[str, ...] | list[str] | None) -> frozenset[str] | None:
     """S3_ALLOWED_BUCKETS as the storage adapters take it: None (any bucket) when empty."""
     return frozenset(buckets) if buckets else None
@@ -147,8 +139,8 @@ class Container(containers.DeclarativeContainer):
         make_s3_client,
         endpoint_url=config.aws_s3_endpoint_url,
         region=config.aws_s3_region_name,
-        access_key_id=providers.Callable(secret, config.aws_access_key_id),
-        secret_access_key=providers.Callable(secret, config.aws_secret_access_key),
+        access_key_id=providers.Callable(plain_secret, config.aws_access_key_id),
+        secret_access_key=providers.Callable(plain_secret, config.aws_secret_access_key),
         max_attempts=config.s3_max_attempts,
     )
 
@@ -220,11 +212,11 @@ class Container(containers.DeclarativeContainer):
         http=providers.Resource(
             init_http_notifier,
             base_url=config.backend_api_url,
-            token=providers.Callable(secret, config.internal_api_token),
+            token=providers.Callable(plain_secret, config.internal_api_token),
             timeout_seconds=config.webhook_timeout_seconds,
             max_attempts=config.webhook_max_attempts,
             retry_budget_seconds=config.webhook_retry_budget_seconds,
-            signing_secret=providers.Callable(secret, config.webhook_signing_secret),
+            signing_secret=providers.Callable(plain_secret, config.webhook_signing_secret),
             telemetry=telemetry,
         ),
         console=providers.Singleton(ConsoleNotifier),
@@ -237,7 +229,7 @@ class Container(containers.DeclarativeContainer):
             host=config.rabbitmq_host,
             port=config.rabbitmq_port,
             user=config.rabbitmq_user,
-            password=providers.Callable(secret, config.rabbitmq_pass),
+            password=providers.Callable(plain_secret, config.rabbitmq_pass),
             vhost=config.rabbitmq_vhost,
             queue_name=config.rabbitmq_queue,
             prefetch=config.max_concurrent_generations,

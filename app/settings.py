@@ -1,4 +1,5 @@
-"""Settings from the environment and ``.env`` (README, "Settings": the backend's own variable names first), checked at start."""
+"""Settings from the environment and ``.env``, checked at start (README, "Settings": the
+backend's own variable names first)."""
 
 from __future__ import annotations
 
@@ -176,15 +177,21 @@ class Settings(BaseSettings):
         return self.s3_output_bucket or self.aws_storage_bucket_name
 
 
+def plain_secret(value: object) -> str | None:
+    """The plain text of a secret setting (a ``SecretStr`` or a plain value); None when unset."""
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    return getter() if getter is not None else str(value)
+
+
 def secret_values(settings: Settings) -> list[str]:
     """The values of the secret settings (for the log redactor); unset ones are left out."""
     values = []
     for name in sorted(SECRET_SETTINGS):
-        value = getattr(settings, name.lower(), None)
-        getter = getattr(value, "get_secret_value", None)
-        plain = getter() if getter is not None else value
+        plain = plain_secret(getattr(settings, name.lower(), None))
         if plain:
-            values.append(str(plain))
+            values.append(plain)
     return values
 
 
