@@ -24,11 +24,11 @@ import http.server
 import itertools
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from adapters.s3_storage import make_s3_client
+from tests.integration.local_http import LocalHttpServer
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 GENERATION_MATCH = "x-goog-if-generation-match"
@@ -52,7 +52,7 @@ class SeenRequest:
     status: int
 
 
-class GcsStandIn:
+class GcsStandIn(LocalHttpServer):
     """Cloud Storage's XML API for PUT and GET of objects, on ``127.0.0.1`` (a free port).
 
     ``objects`` maps ``(bucket, key)`` to what is stored; ``requests`` lists what arrived.
@@ -92,23 +92,7 @@ class GcsStandIn:
             def log_message(self, *_: Any) -> None:  # pylint: disable=arguments-differ
                 """Quiet: ``requests`` says what happened."""
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> GcsStandIn:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _traceback: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
 
     def client(self) -> Any:
         """A client for Cloud Storage's endpoint whose requests come here instead."""

@@ -9,11 +9,9 @@ moto never gives (403 on a bucket, 400 InvalidArgument, 501 to a conditional wri
 from __future__ import annotations
 
 import http.server
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
@@ -30,6 +28,7 @@ from domain.errors import (
     SignatureInvalid,
     StorageError,
 )
+from tests.integration.local_http import LocalHttpServer
 from tests.integration.s3_clients import client_for
 from tests.integration.services import S3Service
 
@@ -181,7 +180,7 @@ def test_a_bare_lora_key_needs_the_models_bucket(
 # -- answers moto does not give ----------------------------------------------------------------
 
 
-class S3Answers:
+class S3Answers(LocalHttpServer):
     """Answers every request with ``status`` and an S3 error document naming ``code``."""
 
     def __init__(self, status: int, code: str) -> None:
@@ -209,22 +208,7 @@ class S3Answers:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> S3Answers:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        _type: type[BaseException] | None,
-        _value: BaseException | None,
-        _traceback: TracebackType | None,
-    ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(Handler)
 
     def storage(self, tmp_path: Path) -> S3Storage:
         """A storage whose models and media buckets are ``models-b`` and ``media-b``."""
