@@ -1,14 +1,17 @@
 """The composition root: settings -> resources -> adapters -> use case.
 
-Nothing here runs at import time. ``build_container(settings)`` fills the configuration; tests
-replace any provider with ``container.<provider>.override(...)``.
+Nothing here runs at import time. ``build_container(values)`` fills the configuration with the
+values the entry points read (``Settings.container_config()``: every setting by field name,
+secrets in plain text); tests replace any provider with ``container.<provider>.override(...)``.
+This module imports no entry point and no settings class: configuration flows in as values.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from dependency_injector import containers, providers
 
@@ -24,7 +27,6 @@ from adapters.rabbitmq_task_source import RabbitMQTaskSource
 from adapters.s3_records import S3RecordStore
 from adapters.s3_storage import S3Storage, make_s3_client
 from app.metrics import PrometheusTelemetry
-from app.settings import Settings, load_settings, plain_secret
 from domain.job import GenerationJob
 from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
@@ -128,7 +130,7 @@ class Container(containers.DeclarativeContainer):
         ),
         warmup=config.model_warmup,
         max_batch_size=config.max_batch_size,
-        adapter_cache_size=config.lora_adapter_cache_size,
+        adapter_cache_size=config.lora_pipeline_cache_size,
         mixed_lora_batches=config.mixed_lora_batches,
         hotswap_max_rank=config.lora_hotswap_max_rank,
         lora_max_bytes=config.lora_max_bytes,
@@ -139,8 +141,8 @@ class Container(containers.DeclarativeContainer):
         make_s3_client,
         endpoint_url=config.aws_s3_endpoint_url,
         region=config.aws_s3_region_name,
-        access_key_id=providers.Callable(plain_secret, config.aws_access_key_id),
-        secret_access_key=providers.Callable(plain_secret, config.aws_secret_access_key),
+        access_key_id=config.aws_access_key_id,
+        secret_access_key=config.aws_secret_access_key,
         max_attempts=config.s3_max_attempts,
     )
 
@@ -212,11 +214,11 @@ class Container(containers.DeclarativeContainer):
         http=providers.Resource(
             init_http_notifier,
             base_url=config.backend_api_url,
-            token=providers.Callable(plain_secret, config.internal_api_token),
+            token=config.internal_api_token,
             timeout_seconds=config.webhook_timeout_seconds,
             max_attempts=config.webhook_max_attempts,
             retry_budget_seconds=config.webhook_retry_budget_seconds,
-            signing_secret=providers.Callable(plain_secret, config.webhook_signing_secret),
+            signing_secret=config.webhook_signing_secret,
             telemetry=telemetry,
         ),
         console=providers.Singleton(ConsoleNotifier),
@@ -229,7 +231,7 @@ class Container(containers.DeclarativeContainer):
             host=config.rabbitmq_host,
             port=config.rabbitmq_port,
             user=config.rabbitmq_user,
-            password=providers.Callable(plain_secret, config.rabbitmq_pass),
+            password=config.rabbitmq_pass,
             vhost=config.rabbitmq_vhost,
             queue_name=config.rabbitmq_queue,
             prefetch=config.max_concurrent_generations,
@@ -323,11 +325,8 @@ class Container(containers.DeclarativeContainer):
     )
 
 
-def build_container(settings: Settings | None = None) -> Container:
-    """A container configured from ``settings`` (read from the environment when omitted)."""
-    settings = settings or load_settings()
+def build_container(values: Mapping[str, Any]) -> Container:
+    """A container configured from ``values`` (``Settings.container_config()``)."""
     container = Container()
-    values = settings.model_dump()
-    values["output_bucket"] = settings.output_bucket
-    container.config.from_dict(values)
+    container.config.from_dict(dict(values))
     return container

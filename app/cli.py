@@ -66,7 +66,7 @@ def _embedded_container(settings: Settings, storage_root: Path) -> Container:
     from containers import build_container  # pylint: disable=import-outside-toplevel
 
     embedded = settings.model_copy(update={**EMBEDDED, "local_storage_dir": str(storage_root)})
-    return build_container(embedded)
+    return build_container(embedded.container_config())
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:

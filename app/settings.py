@@ -3,9 +3,9 @@ backend's own variable names first)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain.progress import DEFAULT_MILESTONES
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
         env_ignore_empty=True,
         extra="ignore",
         frozen=True,
+        populate_by_name=True,
     )
 
     # Broker (README, "Settings").
@@ -102,7 +103,13 @@ class Settings(BaseSettings):
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = "default"
     model_warmup: bool = True
-    lora_adapter_cache_size: int = Field(default=8, ge=1, le=256)
+    # LORA_ADAPTER_CACHE_SIZE is this setting's name before 2026-11 (still read).
+    lora_pipeline_cache_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        validation_alias=AliasChoices("lora_pipeline_cache_size", "lora_adapter_cache_size"),
+    )
     mixed_lora_batches: bool = True
     lora_hotswap_max_rank: int = Field(default=32, ge=1, le=4096)
 
@@ -175,6 +182,15 @@ class Settings(BaseSettings):
     def output_bucket(self) -> str:
         """Where PNGs go: S3_OUTPUT_BUCKET, else the media bucket."""
         return self.s3_output_bucket or self.aws_storage_bucket_name
+
+    def container_config(self) -> dict[str, Any]:
+        """The values the composition root is configured with (``containers.build_container``):
+        every setting by field name, secrets in plain text, and ``output_bucket``."""
+        values = self.model_dump()
+        for name in SECRET_SETTINGS:
+            values[name.lower()] = plain_secret(values[name.lower()])
+        values["output_bucket"] = self.output_bucket
+        return values
 
 
 def plain_secret(value: object) -> str | None:

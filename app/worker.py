@@ -86,7 +86,7 @@ def start(container: Container) -> str | None:
 
 def run_worker(settings: Settings, container: Container | None = None) -> int:
     """Run until a signal; the process exit status."""
-    container = container or build_container(settings)
+    container = container or build_container(settings.container_config())
     favour_the_model_thread()
     telemetry = container.telemetry()
     liveness = Liveness(

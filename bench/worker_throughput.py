@@ -180,7 +180,7 @@ def worker_run(  # pylint: disable=too-many-locals
                 ),
                 properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
             )
-    container = build_container(settings)
+    container = build_container(settings.container_config())
     container.image_model.override(providers.Object(model))
     counter = CountingNotifier(container.notifier())
     container.notifier.override(providers.Object(counter))

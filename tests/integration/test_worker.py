@@ -58,7 +58,9 @@ class RunningWorker:
 @pytest.fixture
 def worker(worker_env: dict[str, str]) -> Iterator[RunningWorker]:
     """The worker's container and runner on a thread (signals are the subprocess test's)."""
-    container = build_container(load_settings(**{k.lower(): v for k, v in worker_env.items()}))
+    container = build_container(
+        load_settings(**{k.lower(): v for k, v in worker_env.items()}).container_config()
+    )
     problem = start(container)
     assert problem is None, problem
     stop = threading.Event()

@@ -53,7 +53,7 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[Wired]:
     """
     monkeypatch.chdir("/")  # no stray .env is read
     settings = load_settings(max_retries=3, signature_default_text="")
-    container = build_container(settings)
+    container = build_container(settings.container_config())
     clock = FakeClock()
     fakes = Wired(
         container=container,

@@ -105,7 +105,7 @@ def test_selectors_build_the_configured_adapters(
             storage_backend="local",
             notifier_backend="console",
             task_source_backend="memory",
-        )
+        ).container_config()
     )
     assert isinstance(container.storage(), LocalStorage)
     assert isinstance(container.notifier(), ConsoleNotifier)
@@ -134,7 +134,11 @@ def test_overrides_reach_the_use_case(wired: Wired) -> None:
 
 
 def test_building_the_container_does_not_import_torch() -> None:
-    code = "import sys, containers\ncontainers.build_container()\nprint('torch' in sys.modules)"
+    code = (
+        "import sys, containers\nfrom app.settings import load_settings\n"
+        "containers.build_container(load_settings().container_config())\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd="/",
@@ -164,3 +168,23 @@ def test_the_warm_up_covers_every_aspect_ratio_most_jobs_size_first() -> None:
     shapes = containers.warm_up_shapes()
     assert shapes[0] == ASPECT_RATIOS["1:1"]
     assert sorted(shapes) == sorted(set(ASPECT_RATIOS.values()))
+
+
+def test_the_pipeline_cache_size_is_read_under_its_old_name_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir("/")
+    monkeypatch.setenv("LORA_ADAPTER_CACHE_SIZE", "3")
+    assert load_settings().lora_pipeline_cache_size == 3
+    monkeypatch.setenv("LORA_PIPELINE_CACHE_SIZE", "5")
+    assert load_settings().lora_pipeline_cache_size == 5
+
+
+def test_the_container_is_configured_with_plain_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/")
+    values = load_settings(
+        internal_api_token="t0k", s3_output_bucket=None, aws_storage_bucket_name="media"
+    ).container_config()
+    assert values["internal_api_token"] == "t0k"
+    assert values["aws_access_key_id"] is None
+    assert values["output_bucket"] == "media"
