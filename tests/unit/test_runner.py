@@ -25,7 +25,7 @@ from domain.errors import (
     WebhookUnauthorized,
 )
 from domain.ledger import MessageId
-from domain.runner import HoldBudget
+from domain.holding import HoldBudget
 from ports.storage import StoredOutput
 from tests.messages import backend_message
 from tests.unit.conftest import Wired
@@ -818,7 +818,9 @@ def test_an_operator_replay_of_a_failure_given_up_tells_it(wired: Wired) -> None
 
 
 def test_the_telling_lease_outlasts_a_live_teller() -> None:
-    from domain.settlement import telling_lease_for  # pylint: disable=import-outside-toplevel
+    from domain.settlement_policy import (
+        telling_lease_for,
+    )  # pylint: disable=import-outside-toplevel
 
     assert (
         telling_lease_for(timeout_seconds=10, attempts=3, budget_seconds=10, storage_attempts=5)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import GenerationError, StorageError
-from domain.runner import HoldBudget
+from domain.holding import HoldBudget
 from ports.image_model import BatchItem, StepCallback
 from ports.storage import LoraArtifact, StoredOutput
 from ports.task_source import Delivery

@@ -31,13 +31,9 @@ from domain.errors import (
 )
 from domain.job import Completion
 from domain.ledger import Decision, Entry, MessageId, OutcomeLedger, Verdict
-from domain.settlement import (
-    BackendAccess,
-    Settled,
-    Settlement,
-    SettlementPolicy,
-    telling_lease_for,
-)
+from domain.backend_access import BackendAccess
+from domain.settlement import Settlement
+from domain.settlement_policy import Settled, SettlementPolicy, telling_lease_for
 from ports.records import Record
 from ports.task_source import Delivery
 from tests.unit.fakes import FakeClock, FakeNotifier, FakeRecordStore, FakeTelemetry
@@ -398,7 +394,7 @@ def test_backend_access_logs_a_refusal_and_a_recovery_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     access = BackendAccess(probe_seconds=30.0, clock=FakeClock())
-    with caplog.at_level(logging.INFO, logger="domain.settlement"):
+    with caplog.at_level(logging.INFO, logger="domain.backend_access"):
         access.accepted()  # nothing was refused: nothing to say
         access.refused("HTTP 401")
         assert [(r.levelname, "HTTP 401" in r.getMessage()) for r in caplog.records] == [
