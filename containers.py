@@ -32,7 +32,9 @@ from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
 from domain.request import ASPECT_RATIOS, RequestNormalizer, RequestPolicy
 from domain.runner import StagedRunner
-from domain.settlement import BackendAccess, Settlement, SettlementPolicy, telling_lease_for
+from domain.backend_access import BackendAccess
+from domain.settlement import Settlement
+from domain.settlement_policy import SettlementPolicy, telling_lease_for
 from domain.watermark import Watermarker
 
 

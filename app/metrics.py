@@ -33,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from domain.errors import ErrorCode
-from domain.settlement import Settled
+from domain.settlement_policy import Settled
 from ports.telemetry import LoraCacheStats
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ BATCH_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)
 """Images per model call (MAX_BATCH_SIZE is 4 by default)."""
 
 OUTCOMES = tuple(settled.value for settled in Settled)
-"""How deliveries are settled (``domain.settlement.Settled``); each series exists from the start."""
+"""How deliveries are settled (``domain.settlement_policy.Settled``); each series exists from the start."""
 
 UNDELIVERED_REASONS = ("unreachable", "unauthorized", "not_found", "rejected", "unknown")
 """Why the backend did not take a decided outcome."""

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from domain.progress import DEFAULT_MILESTONES
 from domain.request import RequestPolicy
-from domain.settlement import SettlementPolicy
+from domain.settlement_policy import SettlementPolicy
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

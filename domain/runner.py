@@ -26,12 +26,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from domain.errors import GenerationError, InvalidRequest, as_generation_error
+from domain.holding import HoldBudget, InFlight
 from domain.job import GenerationJob, Prepared, Rendered
 from domain.ledger import MessageId
 from domain.log_context import job_context
 from domain.messages import parse_message, peek_identity
 from domain.request import GenerationRequest, RequestNormalizer, batch_key
-from domain.settlement import Settled, Settlement
+from domain.settlement import Settlement
+from domain.settlement_policy import Settled
 from ports.task_source import Delivery, TaskSource
 from ports.telemetry import NoTelemetry, Telemetry
 
@@ -43,8 +45,8 @@ runner's default ``liveness_beat_seconds``)."""
 
 
 @dataclass(frozen=True)
-class _Job:
-    """A delivery whose job is prepared: its message identity and its inputs."""
+class _Ready:
+    """A delivery ready to render: its message identity and its prepared inputs."""
 
     delivery: Delivery
     message: MessageId
@@ -54,58 +56,6 @@ class _Job:
     def request(self) -> GenerationRequest:
         """The job's request."""
         return self.prepared.request
-
-
-class HoldBudget:
-    """How many deliveries the worker may hold so that each starts within ``max_hold_seconds``.
-
-    Jobs start one model call after another, so the k-th held delivery starts after about
-    ``(k - 1) * seconds_per_job``. Before the first measurement the ceiling holds.
-    """
-
-    def __init__(self, *, max_hold_seconds: float, ceiling: int, smoothing: float = 0.3) -> None:
-        self._max_hold = max_hold_seconds
-        self._ceiling = max(1, ceiling)
-        self._smoothing = smoothing
-        self._seconds_per_job: float | None = None
-
-    def record(self, *, jobs: int, seconds: float) -> None:
-        """One model call ran ``jobs`` jobs in ``seconds``."""
-        if jobs < 1 or seconds <= 0:
-            return
-        sample = seconds / jobs
-        previous = self._seconds_per_job
-        self._seconds_per_job = (
-            sample if previous is None else previous + self._smoothing * (sample - previous)
-        )
-
-    def count(self) -> int:
-        """Deliveries to hold at most: 1 plus those that start within the hold limit."""
-        if self._seconds_per_job is None:
-            return self._ceiling
-        fits = int(self._max_hold // self._seconds_per_job)
-        return max(1, min(self._ceiling, 1 + fits))
-
-
-class InFlight:
-    """Generations with a delivery being worked on in this process (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._generations: set[int] = set()
-
-    def claim(self, generation_id: int) -> bool:
-        """Take the generation; False when another delivery of it is in flight here."""
-        with self._lock:
-            if generation_id in self._generations:
-                return False
-            self._generations.add(generation_id)
-            return True
-
-    def release(self, generation_id: int) -> None:
-        """The delivery that claimed the generation is settled."""
-        with self._lock:
-            self._generations.discard(generation_id)
 
 
 class StagedRunner:  # pylint: disable=too-many-instance-attributes
@@ -172,7 +122,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         ``heartbeat`` is called on every turn and at every denoising step (liveness).
         """
         taken = 0
-        pending: deque[Future[_Job | None]] = deque()
+        pending: deque[Future[_Ready | None]] = deque()
         with ThreadPoolExecutor(self._io_threads, thread_name_prefix="job-io") as pool:
             while True:
                 heartbeat()
@@ -197,19 +147,19 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
                     self._render(pool, batch, heartbeat)
         return taken
 
-    def _next(self, intake: Future[_Job | None], heartbeat: Callable[[], None]) -> _Job | None:
+    def _next(self, intake: Future[_Ready | None], heartbeat: Callable[[], None]) -> _Ready | None:
         """The intake's job, proving liveness while it downloads."""
         while not intake.done():
             wait([intake], timeout=self._liveness_beat_seconds)
             heartbeat()
         return intake.result()  # the intake's boundary leaves nothing to raise
 
-    def _companions(self, head: _Job, pending: deque[Future[_Job | None]]) -> list[_Job]:
+    def _companions(self, head: _Ready, pending: deque[Future[_Ready | None]]) -> list[_Ready]:
         """Prepared jobs that can share the head's model call, taken out of ``pending``.
 
         Only jobs whose intake is done are taken: the model never waits to fill a batch.
         """
-        companions: list[_Job] = []
+        companions: list[_Ready] = []
         if self._batch == 1:
             return companions
         key = batch_key(head.request)
@@ -234,7 +184,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
 
     # --- intake ------------------------------------------------------------------------------
 
-    def _intake(self, delivery: Delivery) -> _Job | None:
+    def _intake(self, delivery: Delivery) -> _Ready | None:
         """Read, dedupe and prepare one delivery; None when it was settled here."""
         generation_id, task_id = peek_identity(delivery.body)
         message = MessageId.of(generation_id, task_id, delivery.body) if generation_id else None
@@ -261,7 +211,9 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
                 if settled is not None:
                     self._ended(delivery, settled)
                     return None
-                job = _Job(delivery=delivery, message=message, prepared=self._job.prepare(request))
+                job = _Ready(
+                    delivery=delivery, message=message, prepared=self._job.prepare(request)
+                )
                 claimed = None  # the job owns the claim from here
                 return job
             except Exception as exc:  # pylint: disable=broad-exception-caught
@@ -320,7 +272,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
     # --- render ------------------------------------------------------------------------------
 
     def _render(
-        self, pool: ThreadPoolExecutor, batch: list[_Job], heartbeat: Callable[[], None]
+        self, pool: ThreadPoolExecutor, batch: list[_Ready], heartbeat: Callable[[], None]
     ) -> None:
         """One model call for the jobs still worth running; then each moves on to finish."""
         runnable = [job for job in batch if self._still_worth_running(job)]
@@ -367,7 +319,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
             self._held_limit = count
             self._source.hold_at_most(count)
 
-    def _still_worth_running(self, job: _Job) -> bool:
+    def _still_worth_running(self, job: _Ready) -> bool:
         """False (and the delivery settled) for a job whose delivery should not run now."""
         with self._context(job):
             if not self._source.still_held(job.delivery):
@@ -388,7 +340,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
     def _to_finish(
         self,
         pool: ThreadPoolExecutor,
-        job: _Job,
+        job: _Ready,
         rendered: Rendered,
         heartbeat: Callable[[], None],
     ) -> None:
@@ -404,7 +356,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
 
     # --- finish ------------------------------------------------------------------------------
 
-    def _finish(self, job: _Job, rendered: Rendered) -> None:
+    def _finish(self, job: _Ready, rendered: Rendered) -> None:
         try:
             with self._context(job):
                 try:
@@ -449,6 +401,6 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
 
     @staticmethod
     @contextmanager
-    def _context(job: _Job) -> Iterator[None]:
+    def _context(job: _Ready) -> Iterator[None]:
         with job_context(generation_id=job.request.generation_id, task_id=job.request.task_id):
             yield

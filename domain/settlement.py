@@ -11,21 +11,16 @@ Nothing here waits for another delivery.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 
+from domain.backend_access import BackendAccess
 from domain.errors import (
     FailureReport,
     GenerationError,
     NotifyError,
     StorageError,
-    WebhookNotFound,
     WebhookOutcomeUnknown,
-    WebhookRejected,
     WebhookUnauthorized,
 )
 from domain.job import Completion
@@ -40,124 +35,12 @@ from domain.ledger import (
     OutcomeLedger,
     Verdict,
 )
+from domain.settlement_policy import MAX_ERROR_MESSAGE, Settled, SettlementPolicy
 from ports.notifier import Notifier
 from ports.task_source import Delivery, TaskSource
 from ports.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
-
-MAX_ERROR_MESSAGE = 1000
-"""Characters of an error message sent to the backend (it stores ``error_message``)."""
-
-
-class Settled(str, Enum):
-    """How a delivery left the worker (the ``outcome`` label of the jobs metric)."""
-
-    COMPLETED = "completed"
-    """The completion was told (now or before): acked."""
-    FAILED = "failed"
-    """The failure was told, or withheld because the generation's failure was told: acked."""
-    DUPLICATE = "duplicate"
-    """A copy of a message whose outcome was already told: acked, nothing sent."""
-    RETRY = "retry"
-    """Handed back to the queue, to be delivered again after a back-off."""
-    RETURNED = "returned"
-    """Given back unstarted: a copy of its job runs here, it waited too long, or its
-    connection died."""
-    PARKED = "parked"
-    """Set aside for an operator: a poison message, or an outcome the backend never took."""
-
-
-@dataclass(frozen=True)
-class SettlementPolicy:
-    """How long and how often a message is handed back before the worker gives up on it.
-
-    A retryable error is retried ``max_retries`` times, then reported failed. Every hand-back
-    waits ``base * factor ** handbacks`` seconds, at most ``max_delay_seconds``. A decided outcome
-    the backend cannot take is kept for ``outcome_max_age_seconds`` (``not_found_seconds`` when
-    the backend answers 404), then parked with the outcome for an operator.
-    """
-
-    max_retries: int = 3
-    base_delay_seconds: float = 5.0
-    delay_factor: float = 4.0
-    max_delay_seconds: float = 600.0
-    outcome_max_age_seconds: float = 86400.0
-    not_found_seconds: float = 300.0
-    telling_lease_seconds: float = 300.0
-    """How long another copy waits for the copy telling a failure before taking over (the
-    teller is then presumed dead: a live one finishes within the webhook's retry budget)."""
-
-    def delay(self, handbacks: int) -> float:
-        """Seconds before a message handed back ``handbacks`` times before comes again."""
-        exponent = min(max(0, handbacks), 32)
-        return min(self.max_delay_seconds, self.base_delay_seconds * self.delay_factor**exponent)
-
-
-STORAGE_CALL_WORST_SECONDS = 65.0
-"""The longest one storage request may take before it gives up (connect plus read timeout)."""
-
-
-def telling_lease_for(
-    *, timeout_seconds: float, attempts: int, budget_seconds: float, storage_attempts: int
-) -> float:
-    """A telling lease far longer than a live teller can take: the failure call (every
-    attempt's timeout plus the back-off budget) four times over, plus recording it twice over
-    (every storage attempt timing out), and never under five minutes."""
-    call = timeout_seconds * attempts + budget_seconds
-    record = storage_attempts * STORAGE_CALL_WORST_SECONDS
-    return max(300.0, 4.0 * call + 2.0 * record)
-
-
-class BackendAccess:
-    """Whether the backend takes the worker's credentials, as the last outcome call or probe said.
-
-    A refusal (401/403) is a misconfiguration: readiness turns red with the reason, and intake
-    hands deliveries back without running them until a probe (at most every ``probe_seconds``)
-    or an outcome call is accepted again. Thread-safe.
-    """
-
-    def __init__(self, *, probe_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        self._probe_seconds = probe_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._refusal: str | None = None
-        self._last_probe = float("-inf")
-
-    @property
-    def refusal(self) -> str | None:
-        """Why the backend refuses the worker's credentials, or None while it takes them."""
-        with self._lock:
-            return self._refusal
-
-    def refused(self, reason: str) -> None:
-        """The backend answered 401/403."""
-        with self._lock:
-            first = self._refusal is None
-            self._refusal = reason
-            self._last_probe = self._clock()
-        if first:
-            log.error(
-                "the backend refuses the worker's credentials (%s): set INTERNAL_API_TOKEN to the"
-                " backend's token; messages go back to the queue until it is accepted",
-                reason,
-            )
-
-    def accepted(self) -> None:
-        """An outcome call or a probe went through."""
-        with self._lock:
-            was = self._refusal
-            self._refusal = None
-        if was is not None:
-            log.info("the backend accepts the worker's credentials again")
-
-    def probe_due(self) -> bool:
-        """Whether a refused worker should ask the backend again now (claims the probe)."""
-        with self._lock:
-            if self._refusal is None or self._clock() - self._last_probe < self._probe_seconds:
-                return False
-            self._last_probe = self._clock()
-            return True
 
 
 class Settlement:  # pylint: disable=too-many-instance-attributes
@@ -431,7 +314,7 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
             return self._undelivered(delivery, sending.decision, exc)
         except NotifyError as exc:
             # Surely not applied: another copy may tell it (or, given up, another message).
-            _, give_up = self._verdict_on(sending.decision, exc)
+            _, give_up = self.policy.verdict(self._ledger.now() - sending.decision.decided_at, exc)
             if give_up:
                 self._mark_told(message, sending, f"{TOLD_PARKED}{exc.message}")
             else:
@@ -460,23 +343,10 @@ class Settlement:  # pylint: disable=too-many-instance-attributes
             return _MAYBE_SENT
         return self._ledger.take_turn(message, entry, copy)
 
-    def _verdict_on(self, decision: Decision, exc: NotifyError) -> tuple[str, bool]:
-        """Why the backend did not take the outcome, and whether to give up on it now."""
-        age = self._ledger.now() - decision.decided_at
-        if isinstance(exc, WebhookOutcomeUnknown):
-            return "unknown", True
-        if isinstance(exc, WebhookUnauthorized):
-            return "unauthorized", age > self.policy.outcome_max_age_seconds
-        if isinstance(exc, WebhookNotFound):
-            return "not_found", age > self.policy.not_found_seconds
-        if isinstance(exc, WebhookRejected):
-            return "rejected", True
-        return "unreachable", age > self.policy.outcome_max_age_seconds
-
     def _undelivered(self, delivery: Delivery, decision: Decision, exc: NotifyError) -> Settled:
         """The backend did not take a decided outcome: hand the message back, or give up."""
         age = self._ledger.now() - decision.decided_at
-        reason, give_up = self._verdict_on(decision, exc)
+        reason, give_up = self.policy.verdict(age, exc)
         if isinstance(exc, WebhookUnauthorized):
             self._access.refused(exc.message)
         verdict = decision.verdict.value
