@@ -818,9 +818,8 @@ def test_an_operator_replay_of_a_failure_given_up_tells_it(wired: Wired) -> None
 
 
 def test_the_telling_lease_outlasts_a_live_teller() -> None:
-    from domain.settlement_policy import (
-        telling_lease_for,
-    )  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from domain.settlement_policy import telling_lease_for
 
     assert (
         telling_lease_for(timeout_seconds=10, attempts=3, budget_seconds=10, storage_attempts=5)
