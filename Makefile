@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo generate worker test test-unit test-integration bench bench-gpu lint format lock clean mutation mutation-recheck mutation-clean
+.PHONY: setup demo generate worker test test-unit test-integration bench bench-gpu lint format docs lock clean mutation mutation-recheck mutation-clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,11 @@ lint: setup
 
 format: setup
 	$(PY) -m black .
+
+# The generated tables of docs/ (every setting, every error code), rendered from the code between
+# their markers; tests/unit/test_docs.py fails while one differs from the rendering.
+docs: setup
+	$(PY) -m tools.docs_tables
 
 # Re-pin constraints.txt from a clean resolve of pyproject.toml (needs the package index).
 lock:

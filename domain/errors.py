@@ -32,7 +32,7 @@ class ErrorCode(str, Enum):
 
     @property
     def description(self) -> str:
-        """One line for operators and the README's error table."""
+        """The one wording of the code: for operators and docs/error-codes.md."""
         return _DESCRIPTIONS[self]
 
 
@@ -41,10 +41,13 @@ _RETRYABLE = frozenset(
 )
 
 _DESCRIPTIONS = {
-    ErrorCode.INVALID_REQUEST: "The message is not JSON or a field is missing or out of range.",
+    ErrorCode.INVALID_REQUEST: "The message is not JSON, or a field is missing, out of range or"
+    " an unreadable reference; `error_message` names the field, e.g."
+    " `data.parameters.width: must be a multiple of 8, got 500`.",
     ErrorCode.UNSUPPORTED_TASK: "The message's `type` is not `image_generation`.",
     ErrorCode.LORA_NOT_FOUND: "No LoRA exists at `lora_path`.",
-    ErrorCode.LORA_INVALID: "The LoRA is not a safetensors LoRA that fits the base model.",
+    ErrorCode.LORA_INVALID: "The LoRA is not a safetensors LoRA that fits the base model"
+    " (pickles, corrupt files, foreign layers, too large, rank too high).",
     ErrorCode.SIGNATURE_INVALID: "The signature image or `signature_config` cannot be used.",
     ErrorCode.GPU_OOM: "The GPU ran out of memory, even for a single image.",
     ErrorCode.MODEL_ERROR: "The diffusion model failed to load or to generate.",
