@@ -16,12 +16,12 @@ from dependency_injector import containers, providers
 
 from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
-from adapters.gpu_monitor import GpuMonitor
 from adapters.http_notifier import HttpNotifier
 from adapters.local import LocalRecordStore, LocalStorage
 from adapters.local.records import records_root
 from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
+from adapters.nvml import GpuMonitor
 from adapters.rabbitmq_task_source import RabbitMQTaskSource
 from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
 from app.metrics import PrometheusTelemetry
