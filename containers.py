@@ -22,9 +22,9 @@ from adapters.local.records import records_root
 from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
 from adapters.nvml import GpuMonitor
+from adapters.prometheus import PrometheusTelemetry
 from adapters.rabbitmq_task_source import RabbitMQTaskSource
 from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
-from app.metrics import PrometheusTelemetry
 from domain.job import GenerationJob
 from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator

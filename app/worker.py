@@ -134,7 +134,7 @@ def _serve(
         return EXIT_STARTUP_FAILED
     model_loaded.set()
     source = container.task_source()
-    container.telemetry().watch_lora_cache("adapter", container.image_model().lora_cache_stats)
+    container.telemetry().watch_lora_cache("pipeline", container.image_model().lora_cache_stats)
     shutdown.on_first.append(source.stop_consuming)
     shutdown.install()
     log.info(

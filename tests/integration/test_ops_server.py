@@ -25,8 +25,8 @@ import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.prometheus import PrometheusTelemetry
 from app.cli import main
-from app.metrics import PrometheusTelemetry
 from app.ops_server import Liveness, OpsServer, OpsServerError, Readiness
 from tests.integration.services import RabbitService
 
