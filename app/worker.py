@@ -16,7 +16,8 @@ from collections.abc import Callable
 from types import FrameType
 
 from app.logging_setup import SecretRedactor
-from app.ops_server import Liveness, OpsServer, Readiness
+from app.ops_server import OpsServer
+from app.probes import Liveness, Readiness
 from app.settings import Settings, secret_values
 from containers import Container, build_container
 from domain.errors import GenerationError
