@@ -56,10 +56,11 @@ lint: setup
 format: setup
 	$(PY) -m black .
 
-# The generated tables of docs/ (every setting, every error code), rendered from the code between
-# their markers; tests/unit/test_docs.py fails while one differs from the rendering.
+# The generated parts of docs/ (every setting, every error code, every metric), rendered from the
+# code; tests/unit/test_docs.py and test_metrics.py fail while one differs from the rendering.
 docs: setup
 	$(PY) -m tools.docs_tables
+	$(PY) -m adapters.prometheus.docs > docs/metrics.md
 
 # Re-pin constraints.txt from a clean resolve of pyproject.toml (needs the package index).
 lock:

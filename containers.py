@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from dependency_injector import containers, providers
 
 from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
-from adapters.gpu_monitor import GpuMonitor
 from adapters.http_notifier import HttpNotifier
-from adapters.local_records import LocalRecordStore
-from adapters.local_storage import LocalStorage
+from adapters.local import LocalRecordStore, LocalStorage
+from adapters.local.records import records_root
 from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
+from adapters.nvml import GpuMonitor
+from adapters.prometheus import PrometheusTelemetry
 from adapters.rabbitmq_task_source import RabbitMQTaskSource
-from adapters.s3_records import S3RecordStore
-from adapters.s3_storage import S3Storage, make_s3_client
-from app.metrics import PrometheusTelemetry
+from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
 from domain.job import GenerationJob
 from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
@@ -102,16 +100,6 @@ def init_gpu_monitor(*, visible_devices: str | None) -> Iterator[GpuMonitor]:
         monitor.close()
 
 
-def allowed_buckets(buckets: tuple[str, ...] | list[str] | None) -> frozenset[str] | None:
-    """S3_ALLOWED_BUCKETS as the storage adapters take it: None (any bucket) when empty."""
-    return frozenset(buckets) if buckets else None
-
-
-def local_records_root(storage_dir: str, bucket: str, prefix: str) -> str:
-    """Where the local storage keeps outcome records: beside the outputs, as S3 does."""
-    return str(Path(storage_dir) / bucket / prefix)
-
-
 class Container(containers.DeclarativeContainer):
     """Wires the worker; adapters are chosen by the ``*_backend`` settings."""
 
@@ -169,7 +157,7 @@ class Container(containers.DeclarativeContainer):
             endpoint_url=config.aws_s3_endpoint_url,
             region=config.aws_s3_region_name,
             max_signature_bytes=config.signature_max_bytes,
-            allowed_buckets=providers.Callable(allowed_buckets, config.s3_allowed_buckets),
+            allowed_buckets=config.s3_allowed_buckets,
         ),
         local=providers.Singleton(
             LocalStorage,
@@ -177,7 +165,7 @@ class Container(containers.DeclarativeContainer):
             models_bucket=config.s3_models_bucket,
             media_bucket=config.aws_storage_bucket_name,
             output_bucket=config.output_bucket,
-            allowed_buckets=providers.Callable(allowed_buckets, config.s3_allowed_buckets),
+            allowed_buckets=config.s3_allowed_buckets,
         ),
     )
 
@@ -192,7 +180,7 @@ class Container(containers.DeclarativeContainer):
         local=providers.Singleton(
             LocalRecordStore,
             root=providers.Callable(
-                local_records_root,
+                records_root,
                 config.local_storage_dir,
                 config.output_bucket,
                 config.outcome_records_prefix,

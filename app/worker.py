@@ -16,7 +16,8 @@ from collections.abc import Callable
 from types import FrameType
 
 from app.logging_setup import SecretRedactor
-from app.ops_server import Liveness, OpsServer, Readiness
+from app.ops_server import OpsServer
+from app.probes import Liveness, Readiness
 from app.settings import Settings, secret_values
 from containers import Container, build_container
 from domain.errors import GenerationError
@@ -134,7 +135,7 @@ def _serve(
         return EXIT_STARTUP_FAILED
     model_loaded.set()
     source = container.task_source()
-    container.telemetry().watch_lora_cache("adapter", container.image_model().lora_cache_stats)
+    container.telemetry().watch_lora_cache("pipeline", container.image_model().lora_cache_stats)
     shutdown.on_first.append(source.stop_consuming)
     shutdown.install()
     log.info(

@@ -46,7 +46,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from adapters.diffusers_model import DiffusersImageModel
-from adapters.local_storage import sha256_of
+from adapters.local.storage import sha256_of
 from adapters.lora_adapters import LoraAdapterCache
 from adapters.tiny_model import build_tiny_lora, build_tiny_model
 from bench.sd15 import (

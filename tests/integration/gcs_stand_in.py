@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from adapters.s3_storage import make_s3_client
+from adapters.s3 import make_s3_client
 from tests.integration.local_http import LocalHttpServer
 
 GCS_ENDPOINT = "https://storage.googleapis.com"

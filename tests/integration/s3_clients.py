@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.s3_storage import make_s3_client
+from adapters.s3 import make_s3_client
 from tests.integration.services import S3Service
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from adapters.diffusers_model import DiffusersImageModel
-from adapters.local_storage import sha256_of
+from adapters.local.storage import sha256_of
 from adapters.lora_disk_cache import LoraCacheKey, LoraDiskCache
 from adapters.tiny_model import build_tiny_lora
 from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, ModelError, StorageError

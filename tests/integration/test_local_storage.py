@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters import local_storage
-from adapters.local_storage import LocalStorage, sha256_of
+from adapters.local import LocalStorage
+from adapters.local import storage as local_storage
+from adapters.local.storage import sha256_of
 from domain.errors import (
     ErrorCode,
     InvalidRequest,

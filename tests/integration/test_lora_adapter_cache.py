@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensor
 
 from adapters.diffusers_model import DiffusersImageModel
-from adapters.local_storage import sha256_of
+from adapters.local.storage import sha256_of
 from adapters.lora_adapters import HOTSWAP_SLOT, LoraAdapterCache, is_cuda_oom, lora_layers
 from adapters.lora_files import LoraLayout, LoraValidator
 from adapters.tiny_model import build_tiny_lora

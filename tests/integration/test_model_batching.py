@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapters.diffusers_model import DiffusersImageModel, plan_batches
-from adapters.local_storage import sha256_of
+from adapters.local.storage import sha256_of
 from adapters.tiny_model import build_tiny_lora
 from domain.errors import ErrorCode, GenerationError, GpuOutOfMemory, LoraInvalid, ModelError
 from domain.request import GenerationRequest

@@ -25,9 +25,10 @@ import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.prometheus import PrometheusTelemetry
 from app.cli import main
-from app.metrics import PrometheusTelemetry
-from app.ops_server import Liveness, OpsServer, OpsServerError, Readiness
+from app.ops_server import OpsServer, OpsServerError
+from app.probes import Liveness, Readiness
 from tests.integration.services import RabbitService
 
 
@@ -171,7 +172,7 @@ def check_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.Log
 def test_a_raising_or_hung_check_fails_within_the_time_limit_without_piling_up(
     telemetry: PrometheusTelemetry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app.ops_server")
+    caplog.set_level(logging.INFO, logger="app.probes")
     release = threading.Event()
     calls = {"hung": 0}
 
@@ -221,7 +222,7 @@ def test_a_raising_or_hung_check_fails_within_the_time_limit_without_piling_up(
 def test_only_registered_phrases_reach_the_body_the_rest_goes_to_the_log_redacted(
     telemetry: PrometheusTelemetry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app.ops_server")
+    caplog.set_level(logging.INFO, logger="app.probes")
 
     def redact(text: str) -> str:
         return text.replace("tok-123456", "***")
@@ -260,7 +261,7 @@ def test_only_registered_phrases_reach_the_body_the_rest_goes_to_the_log_redacte
 def test_state_changes_are_logged_once_each(
     telemetry: PrometheusTelemetry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app.ops_server")
+    caplog.set_level(logging.INFO, logger="app.probes")
     connected = threading.Event()
     readiness = Readiness()
     readiness.add(

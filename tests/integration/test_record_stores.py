@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from adapters.local_records import LocalRecordStore
-from adapters.s3_records import S3RecordStore
-from adapters.s3_storage import GCS_CREATE_ONLY_HEADER, make_s3_client
+from adapters.local import LocalRecordStore
+from adapters.s3 import S3RecordStore, make_s3_client
+from adapters.s3.client import GCS_CREATE_ONLY_HEADER
 from domain.errors import StorageError
 from ports.records import Record, RecordStore
 from tests.integration.gcs_stand_in import GcsStandIn

@@ -18,8 +18,8 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from adapters.lora_disk_cache import LoraDiskCache
-from adapters.s3_records import S3RecordStore
-from adapters.s3_storage import GCS_CREATE_ONLY_HEADER, S3Storage, make_s3_client
+from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
+from adapters.s3.client import GCS_CREATE_ONLY_HEADER
 from domain.errors import (
     ErrorCode,
     GenerationError,

@@ -19,9 +19,10 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from urllib3.exceptions import ProtocolError
 
-from adapters.local_storage import LocalStorage, sha256_of
+from adapters.local import LocalStorage
+from adapters.local.storage import sha256_of
 from adapters.lora_disk_cache import LoraDiskCache
-from adapters.s3_storage import S3Storage, make_s3_client
+from adapters.s3 import S3Storage, make_s3_client
 from domain.errors import (
     ErrorCode,
     InvalidRequest,
@@ -133,7 +134,7 @@ def put_peft(admin: Any, bucket: str, prefix: str, *, config: bool = True) -> di
         files["adapter_config.json"] = b'{"r": 8}'
     for name, data in files.items():
         admin.put_object(Bucket=bucket, Key=prefix + name, Body=data)
-    # Neither a pickle nor a nested file belongs to the adapter: they are never downloaded.
+    # Neither a pickle nor a nested file belongs to the LoRA: they are never downloaded.
     admin.put_object(Bucket=bucket, Key=prefix + "optimizer.bin", Body=b"pickle")
     admin.put_object(
         Bucket=bucket, Key=prefix + "checkpoint-1/adapter_model.safetensors", Body=b"x"

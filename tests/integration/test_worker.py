@@ -345,7 +345,7 @@ def test_operations_of_a_running_worker(  # pylint: disable=too-many-locals,too-
                 None,
             )
             # The first job downloaded and loaded the LoRA; the second found it in both caches.
-            for level in ("disk", "adapter"):
+            for level in ("disk", "pipeline"):
                 assert metric(text, "stylelicense_lora_cache_misses_total", level=level) == 1
                 assert metric(text, "stylelicense_lora_cache_hits_total", level=level) == 1
             assert metric(text, "stylelicense_queue_depth") == 0

@@ -23,10 +23,6 @@ SETTING_NAMES = [name.upper() for name in FIELDS]
 README_MAX_BYTES = 12 * 1024
 """A five-minute read; the details live in docs/."""
 
-NOT_YET_MERGED = frozenset({"docs/metrics.md"})
-"""Docs another branch of issue 12 adds (rendered from the metric definitions): a link to one
-may dangle until that branch is merged; once the file exists its links are checked too."""
-
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 
@@ -105,9 +101,6 @@ def test_the_production_configuration_uses_the_backends_names() -> None:
 def test_every_link_resolves(page: str, target: str) -> None:
     file_part, _, anchor = target.partition("#")
     path = (ROOT / page).parent / file_part if file_part else ROOT / page
-    relative = path.resolve().relative_to(ROOT).as_posix()
-    if relative in NOT_YET_MERGED and not path.exists():
-        return
     assert path.exists(), f"{page}: {target} does not exist"
     if anchor:
         assert anchor in anchors(path), f"{page}: {target}: no heading with that anchor"

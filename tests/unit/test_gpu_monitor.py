@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from adapters.gpu_monitor import GpuMonitor, GpuSample
+from adapters.nvml import GpuMonitor, GpuSample
 
 GIB = 1024**3
 
@@ -171,7 +171,7 @@ def test_an_nvml_error_mid_sample_gives_no_samples_and_is_logged_once(
     assert len(monitor.sample()) == 2
 
     nvml.failing = True
-    with caplog.at_level(logging.INFO, logger="adapters.gpu_monitor"):
+    with caplog.at_level(logging.INFO, logger="adapters.nvml"):
         assert monitor.sample() == []
         assert monitor.sample() == []
         failures = [r for r in caplog.records if "GPU sample failed" in r.getMessage()]

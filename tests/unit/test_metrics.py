@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from app.metrics import METRICS, PrometheusTelemetry, metrics_table
+from adapters.prometheus import PrometheusTelemetry
+from adapters.prometheus.definitions import METRICS
+from adapters.prometheus.docs import REGENERATE, metrics_page, metrics_table
 from domain.errors import ErrorCode
 from ports.telemetry import Telemetry
 
@@ -23,11 +26,11 @@ class DiskStats:
 
 
 @dataclass(frozen=True)
-class AdapterCacheStats:
+class PipelineLoraStats:
     hits: int
     misses: int
     evictions: int
-    loaded: int
+    entries: int
     capacity: int = 8
 
 
@@ -138,7 +141,7 @@ def test_webhook_attempts_and_failures_by_kind() -> None:
 
 def test_recording_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     telemetry = PrometheusTelemetry(process_metrics=False)
-    with caplog.at_level(logging.WARNING, logger="app.metrics"):
+    with caplog.at_level(logging.WARNING, logger="adapters.prometheus.telemetry"):
         telemetry.images_generated(count=-1, steps=10, seconds=1.0)  # a counter cannot go down
     assert "images_generated could not be recorded" in caplog.text
 
@@ -150,7 +153,7 @@ def test_scrape_time_sources_are_read_at_each_scrape() -> None:
         queue_depth=lambda: depth["value"],
         lora_caches={
             "disk": lambda: DiskStats(hits=5, misses=2, evictions=1, entries=4, bytes=4096),
-            "adapter": lambda: AdapterCacheStats(hits=9, misses=3, evictions=2, loaded=4),
+            "pipeline": lambda: PipelineLoraStats(hits=9, misses=3, evictions=2, entries=4),
         },
         gpus=lambda: [
             GpuSample(0, "NVIDIA H200", 87.0, 20 * 2**30, 141 * 2**30),
@@ -161,13 +164,13 @@ def test_scrape_time_sources_are_read_at_each_scrape() -> None:
     depth["value"] = 8
     assert value(telemetry, "stylelicense_queue_depth") == 8
     assert value(telemetry, "stylelicense_lora_cache_hits_total", level="disk") == 5
-    assert value(telemetry, "stylelicense_lora_cache_misses_total", level="adapter") == 3
-    assert value(telemetry, "stylelicense_lora_cache_evictions_total", level="adapter") == 2
-    assert value(telemetry, "stylelicense_lora_cache_entries", level="adapter") == 4
+    assert value(telemetry, "stylelicense_lora_cache_misses_total", level="pipeline") == 3
+    assert value(telemetry, "stylelicense_lora_cache_evictions_total", level="pipeline") == 2
+    assert value(telemetry, "stylelicense_lora_cache_entries", level="pipeline") == 4
     assert value(telemetry, "stylelicense_lora_cache_bytes", level="disk") == 4096
-    assert value(telemetry, "stylelicense_lora_cache_bytes", level="adapter") is None
+    assert value(telemetry, "stylelicense_lora_cache_bytes", level="pipeline") is None
     assert value(telemetry, "stylelicense_lora_cache_max_bytes", level="disk") == 2**30
-    assert value(telemetry, "stylelicense_lora_cache_capacity", level="adapter") == 8
+    assert value(telemetry, "stylelicense_lora_cache_capacity", level="pipeline") == 8
     assert value(telemetry, "stylelicense_lora_cache_capacity", level="disk") is None
     gpu0 = {"gpu": "0", "name": "NVIDIA H200"}
     gpu1 = {"gpu": "1", "name": "NVIDIA H200"}
@@ -181,7 +184,7 @@ def test_absent_sources_give_absent_metrics_not_zeros() -> None:
     telemetry = PrometheusTelemetry(
         process_metrics=False,
         queue_depth=lambda: None,
-        lora_caches={"adapter": lambda: None},
+        lora_caches={"pipeline": lambda: None},
         gpus=list,
     )
     served = names_served(telemetry)
@@ -197,11 +200,11 @@ def test_absent_sources_give_absent_metrics_not_zeros() -> None:
 
 def test_sources_can_be_attached_after_construction() -> None:
     telemetry = PrometheusTelemetry(process_metrics=False)
-    assert value(telemetry, "stylelicense_lora_cache_hits_total", level="adapter") is None
-    telemetry.watch_lora_cache("adapter", lambda: AdapterCacheStats(1, 0, 0, 1))
+    assert value(telemetry, "stylelicense_lora_cache_hits_total", level="pipeline") is None
+    telemetry.watch_lora_cache("pipeline", lambda: PipelineLoraStats(1, 0, 0, 1))
     telemetry.watch_queue_depth(lambda: 0)
     telemetry.watch_gpus(lambda: [GpuSample(0, "RTX 4090", 10.0, 1, 2)])
-    assert value(telemetry, "stylelicense_lora_cache_hits_total", level="adapter") == 1
+    assert value(telemetry, "stylelicense_lora_cache_hits_total", level="pipeline") == 1
     assert value(telemetry, "stylelicense_queue_depth") == 0
     assert value(telemetry, "stylelicense_gpu_utilization_percent", gpu="0", name="RTX 4090") == 10
 
@@ -222,7 +225,7 @@ def test_a_failing_source_is_skipped_logged_once_and_the_scrape_goes_on(
         gpus=lambda: [GpuSample(0, "H200", "busy", 1, 2)],  # type: ignore[arg-type]
         lora_caches={"disk": lambda: DiskStats(1, 2, 3, 4, 5)},
     )
-    with caplog.at_level(logging.DEBUG, logger="app.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="adapters.prometheus.telemetry"):
         served = names_served(telemetry)
         names_served(telemetry)
     assert "stylelicense_queue_depth" not in served
@@ -250,15 +253,14 @@ def test_every_metric_served_is_documented_in_the_table() -> None:
         queue_depth=lambda: 1,
         lora_caches={
             "disk": lambda: DiskStats(1, 1, 1, 1, 1),
-            "adapter": lambda: AdapterCacheStats(1, 1, 1, 1),
+            "pipeline": lambda: PipelineLoraStats(1, 1, 1, 1),
         },
         gpus=lambda: [GpuSample(0, "H200", 1.0, 1, 2)],
         info={"model": "sd15", "device": "cuda"},
     )
-    documented = {doc.name for doc in METRICS}
+    documented = {metric.exposed_name for metric in METRICS}
     served = {name for name in names_served(telemetry) if name.startswith("stylelicense_")}
-    assert served <= documented
-    assert len(served) == len(documented) - 1  # all but the process_* / python_* row
+    assert served == documented
     table = metrics_table()
     assert all(f"| `{name}` |" in table for name in documented)
     assert value(telemetry, "stylelicense_worker_info", model="sd15", device="cuda") == 1
@@ -266,8 +268,8 @@ def test_every_metric_served_is_documented_in_the_table() -> None:
 
 def test_the_real_snapshots_of_the_disk_cache_and_the_gpu_monitor_fit() -> None:
     # pylint: disable=import-outside-toplevel
-    from adapters.gpu_monitor import GpuSample as MonitorSample
     from adapters.lora_disk_cache import LoraDiskCacheStats
+    from adapters.nvml import GpuSample as MonitorSample
 
     stats = LoraDiskCacheStats(hits=3, misses=1, evictions=0, entries=1, bytes=10, max_bytes=100)
     telemetry = PrometheusTelemetry(
@@ -281,3 +283,8 @@ def test_the_real_snapshots_of_the_disk_cache_and_the_gpu_monitor_fit() -> None:
     labels = {"gpu": "0", "name": "NVIDIA H200"}
     assert value(telemetry, "stylelicense_gpu_memory_used_bytes", **labels) == 5
     assert value(telemetry, "stylelicense_gpu_utilization_percent", **labels) is None
+
+
+def test_docs_metrics_md_is_the_rendering_of_the_definitions() -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+    assert page.read_text(encoding="utf-8") == metrics_page(), f"regenerate it: {REGENERATE}"

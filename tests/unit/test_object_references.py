@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.object_references import ObjectLocation, ObjectReferences, parse_reference
+from adapters.object_store.references import ObjectLocation, ObjectReferences, parse_reference
 from domain.errors import ErrorCode, InvalidRequest
 
 MINIO = "http://minio.internal:9000"

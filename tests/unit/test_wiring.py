@@ -13,7 +13,7 @@ import pytest
 from dependency_injector import providers
 
 from adapters.console_notifier import ConsoleNotifier
-from adapters.local_storage import LocalStorage
+from adapters.local import LocalStorage
 from adapters.memory_task_source import InMemoryTaskSource
 from app.settings import SettingsError, load_settings
 import containers

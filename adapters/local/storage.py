@@ -1,7 +1,7 @@
 """Storage on a local folder laid out like S3: ``<root>/<bucket>/<key>``.
 
 Used by the demo and by ``generate``; references take the same forms as on S3 (``s3://`` URIs,
-bare keys, the storage's URLs; see ``object_references``) and map to the same layout, so a job
+bare keys, the storage's URLs; see ``object_store.references``) and map to the same layout, so a job
 written for S3 runs unchanged against files on disk. LoRAs are used where they lie (no copy, so
 no disk cache); their checksum is remembered while the files' size and mtime stay the same, so a
 style used by every job is not re-hashed for each one. Outputs are written once, the first
@@ -14,14 +14,14 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from adapters.atomic_files import create_exclusive, replace_atomically
+from adapters.local.atomic_files import create_exclusive, replace_atomically
 from adapters.lora_disk_cache import sha256_of
 from adapters.lora_files import PEFT_CONFIG, PEFT_WEIGHTS
-from adapters.object_references import ObjectLocation, ObjectReferences
-from adapters.output_sidecars import (
+from adapters.object_store.references import ObjectLocation, ObjectReferences
+from adapters.object_store.sidecars import (
     content_sha256,
     decode_metadata,
     encode_metadata,
@@ -56,7 +56,7 @@ class LocalStorage:
         media_bucket: str,
         output_bucket: str,
         models_bucket: str | None = None,
-        allowed_buckets: frozenset[str] | None = None,
+        allowed_buckets: Iterable[str] | None = None,
         endpoint_url: str | None = None,
         public_base_url: str | None = None,
     ) -> None:

@@ -16,12 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapters.atomic_files import create_exclusive, replace_atomically
-from adapters.write_once import checked_record_key, create_or_read
+from adapters.local.atomic_files import create_exclusive, replace_atomically
+from adapters.object_store.records import checked_record_key, create_or_read
 from domain.errors import StorageError
 from ports.records import Record
 
 LOCK_FILE = ".lock"
+
+
+def records_root(storage_dir: str | os.PathLike, bucket: str, prefix: str) -> str:
+    """Where the local storage's records go: under ``prefix`` in ``bucket``, beside the outputs,
+    as on S3 (``LOCAL_STORAGE_DIR/<bucket>/<OUTCOME_RECORDS_PREFIX>``)."""
+    return str(Path(storage_dir) / bucket / prefix)
 
 
 class LocalRecordStore:

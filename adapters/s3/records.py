@@ -18,10 +18,10 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.object_references import is_gcs_endpoint
-from adapters.s3_errors import is_already_there, is_not_found, is_not_implemented, storage_error
-from adapters.s3_storage import GCS_GENERATION_HEADER, register_gcs_preconditions
-from adapters.write_once import checked_record_key, create_or_read
+from adapters.object_store.records import checked_record_key, create_or_read
+from adapters.object_store.references import is_gcs_endpoint
+from adapters.s3.client import GCS_GENERATION_HEADER, register_gcs_preconditions
+from adapters.s3.errors import is_already_there, is_not_found, is_not_implemented, storage_error
 from domain.errors import StorageError
 from ports.records import Record
 

@@ -3,8 +3,8 @@
 Two workers may render one job (a redelivery after a dropped connection). The PNG is put with
 ``If-None-Match: *``, so S3 (AWS, MinIO) stores the first and answers 412 to the others, who
 then report the stored image and its metadata instead of their own. The metadata sidecar is
-named after the PNG's content hash (``output_sidecars``) and written, also conditionally, before
-the PNG: whichever PNG is kept, its sidecar is there and no other writer replaced it.
+named after the PNG's content hash (``object_store.sidecars``) and written, also conditionally,
+before the PNG: whichever PNG is kept, its sidecar is there and no other writer replaced it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.output_sidecars import (
+from adapters.object_store.sidecars import (
     CONTENT_SHA256,
     content_sha256,
     decode_metadata,
@@ -27,7 +27,7 @@ from adapters.output_sidecars import (
     legacy_sidecar_name,
     sidecar_name,
 )
-from adapters.s3_errors import (
+from adapters.s3.errors import (
     is_already_there,
     is_not_found,
     is_not_implemented,

@@ -4,8 +4,8 @@ LoRAs go through a ``LoraDiskCache`` keyed by bucket, key and ETag: every fetch 
 (or one listing for a PEFT folder) to learn the current version, and a download only when that
 version is not on disk yet, so a changed object is fetched again and a warm style costs nothing
 more. Pickle formats, non-safetensors files and oversized LoRAs are refused before any download.
-References are parsed by ``object_references`` (every form the backend stores), failures mapped
-by ``s3_errors``; outputs are written once by ``s3_outputs``.
+References are parsed by ``object_store.references`` (every form the backend stores), failures
+mapped by ``s3.errors``; outputs are written once by ``s3.outputs``.
 """
 
 from __future__ import annotations
@@ -16,22 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache, LoraDiskCacheStats
 from adapters.lora_files import DEFAULT_MAX_BYTES, PEFT_CONFIG, PEFT_WEIGHTS, check_lora_file_name
-from adapters.object_references import ObjectLocation, ObjectReferences, is_gcs_endpoint
-from adapters.s3_errors import (
-    error_code,
-    http_status,
-    is_not_found,
-    reading_error,
-    scrubbed,
-    storage_error,
-)
-from adapters.s3_outputs import S3OutputStore
+from adapters.object_store.references import ObjectLocation, ObjectReferences
+from adapters.s3.errors import error_code, http_status, is_not_found, reading_error, storage_error
+from adapters.s3.outputs import S3OutputStore
 from domain.errors import (
     GenerationError,
     LoraInvalid,
@@ -47,86 +38,6 @@ EXTRA_TEXT_SUFFIXES = frozenset({".md", ".txt", ".json"})
 """Besides the two required files, a PEFT folder's small text files (README.md) are downloaded."""
 MAX_EXTRA_TEXT_BYTES = 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
-GCS_CREATE_ONLY_HEADER = "x-goog-if-generation-match"
-"""Cloud Storage's XML API documents ``If-None-Match`` and ``If-Match`` for reads only; its
-preconditions on uploads are ``x-goog-if-generation-match: 0`` (create only, sent beside
-``If-None-Match: *``) and ``x-goog-if-generation-match: <generation>`` (replace that generation
-only, sent instead of an ``If-Match`` naming the generation)."""
-GCS_GENERATION_HEADER = "x-goog-generation"
-"""Cloud Storage's answer header naming an object's generation (GET, HEAD and PUT answers)."""
-GCS_PRECONDITIONS_HANDLER = "stylelicense-gcs-preconditions"
-"""The ``unique_id`` of the handler that adds the precondition header: registered once."""
-
-
-def make_s3_client(
-    *,
-    endpoint_url: str | None,
-    region: str,
-    access_key_id: str | None,
-    secret_access_key: str | None,
-    max_attempts: int = 5,
-    connect_timeout: float = 5.0,
-    read_timeout: float = 60.0,
-) -> Any:
-    """A boto3 S3 client; path-style addressing with an endpoint (MinIO), default chain if no keys.
-
-    ``max_attempts`` counts the first try (boto3's "standard" retry mode, which retries
-    connection errors, 5xx and throttling with backoff). On Cloud Storage's endpoint, conditional
-    puts also carry its own precondition header (``register_gcs_preconditions``), and checksums
-    are computed only where an operation requires one: botocore's default sends uploads
-    ``aws-chunked`` with a trailing checksum, which Cloud Storage's XML API does not take.
-    """
-    gcs = is_gcs_endpoint(endpoint_url)
-    config = Config(
-        region_name=region,
-        signature_version="s3v4",
-        # botocore's own "max_attempts" counts retries only; "total_max_attempts" counts tries.
-        retries={"mode": "standard", "total_max_attempts": max_attempts},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        s3={"addressing_style": "path"} if endpoint_url else None,
-        request_checksum_calculation="when_required" if gcs else None,
-        response_checksum_validation="when_required" if gcs else None,
-    )
-    try:
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=config,
-        )
-    except (BotoCoreError, ValueError) as exc:
-        raise StorageError(f"cannot create the S3 client: {scrubbed(str(exc))}") from exc
-    if gcs:
-        register_gcs_preconditions(client)
-    return client
-
-
-def register_gcs_preconditions(client: Any) -> None:
-    """Make the client's conditional puts conditional on Cloud Storage too; idempotent.
-
-    Before signing (so the header is signed), a PutObject with ``If-None-Match: *`` also gets
-    ``x-goog-if-generation-match: 0``, and one with ``If-Match: <generation>`` (digits: Cloud
-    Storage's generation, never an ETag) gets ``x-goog-if-generation-match: <generation>`` in its
-    place. Cloud Storage answers 412 when the precondition fails.
-    """
-    client.meta.events.register(
-        "before-sign.s3.PutObject", _gcs_preconditions, unique_id=GCS_PRECONDITIONS_HANDLER
-    )
-
-
-def _gcs_preconditions(request: Any, **_: Any) -> None:
-    """Add Cloud Storage's precondition to a create-only put or a put replacing a generation."""
-    if request.headers.get("If-None-Match") == "*":
-        request.headers[GCS_CREATE_ONLY_HEADER] = "0"
-    generation = request.headers.get("If-Match")
-    if isinstance(generation, bytes):
-        generation = generation.decode("ascii", "replace")
-    if isinstance(generation, str) and generation.isascii() and generation.isdigit():
-        del request.headers["If-Match"]
-        request.headers[GCS_CREATE_ONLY_HEADER] = generation
 
 
 @dataclass(frozen=True)
@@ -159,7 +70,7 @@ class S3Storage:
         output_bucket: str,
         lora_cache: LoraDiskCache,
         models_bucket: str | None = None,
-        allowed_buckets: frozenset[str] | None = None,
+        allowed_buckets: Iterable[str] | None = None,
         max_lora_bytes: int = DEFAULT_MAX_BYTES,
         public_base_url: str | None = None,
         endpoint_url: str | None = None,
@@ -287,7 +198,7 @@ class S3Storage:
             )
 
     def _list_folder(self, bucket: str, prefix: str) -> Iterable[tuple[_Object, int]]:
-        """The files directly in the folder (sub-folders are not part of a PEFT adapter)."""
+        """The files directly in the folder (sub-folders are not part of a PEFT LoRA)."""
         paginator = self._client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):

@@ -1,0 +1,1 @@
+"""What the S3 and the local storage share: references, output sidecars, record rules."""

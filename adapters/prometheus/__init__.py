@@ -1,0 +1,5 @@
+"""Prometheus (prometheus-client): the ``Telemetry`` port, its metric definitions and their docs."""
+
+from adapters.prometheus.telemetry import PrometheusTelemetry
+
+__all__ = ["PrometheusTelemetry"]
