@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
-from domain.log_context import JOB_FIELDS, JobContextFilter
+from domain.log_context import LOG_ID_FIELDS, LogIdsFilter
 
 LogFormat = Literal["json", "text"]
 
@@ -58,7 +58,7 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "
     "message",
     "asctime",
     "taskName",
-    *JOB_FIELDS,
+    *LOG_ID_FIELDS,
 }
 """Attributes every LogRecord has: anything else on a record came from ``extra=``."""
 
@@ -243,7 +243,7 @@ def configure_logging(
             old.close()
     handler = _RootHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _OWNED, True)
-    handler.addFilter(JobContextFilter())
+    handler.addFilter(LogIdsFilter())
     handler.addFilter(RedactingFilter(SecretRedactor(secrets)))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)

@@ -1,10 +1,10 @@
-"""Which job a log line belongs to: ``generation_id`` and ``task_id`` on every line of a job.
+"""Which generation a log line belongs to: ``generation_id`` and ``task_id`` on its every line.
 
 The ids live in a ``contextvars.ContextVar``, so they follow the code that runs a job on any
 thread (each thread, and each ``contextvars`` context, sees its own value) without being passed
-through every call. ``JobContextFilter`` copies them onto each ``logging.LogRecord``; outside a
+through every call. ``LogIdsFilter`` copies them onto each ``logging.LogRecord``; outside a
 job they are None. Work handed to another thread carries the ids along when it is wrapped with
-``carry_job_context`` (a new thread starts with an empty context).
+``carry_log_ids`` (a new thread starts with an empty context).
 """
 
 from __future__ import annotations
@@ -19,38 +19,36 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 R = TypeVar("R")
 
-JOB_FIELDS = ("generation_id", "task_id")
+LOG_ID_FIELDS = ("generation_id", "task_id")
 """The record attributes the filter sets."""
 
 
 @dataclass(frozen=True)
-class JobContext:
-    """The ids of the job being worked on; None where unknown."""
+class LogIds:
+    """The ids of the generation being worked on; None where unknown."""
 
     generation_id: int | None = None
     task_id: str | None = None
 
 
-_CURRENT: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
-    "stylelicense_job_context", default=None
+_CURRENT: contextvars.ContextVar[LogIds | None] = contextvars.ContextVar(
+    "stylelicense_log_ids", default=None
 )
 
 
-def current_job() -> JobContext | None:
-    """The job this code runs for, or None outside a job."""
+def current_log_ids() -> LogIds | None:
+    """The ids of the generation this code works on, or None outside a job."""
     return _CURRENT.get()
 
 
 @contextmanager
-def job_context(
-    *, generation_id: int | None = None, task_id: str | None = None
-) -> Iterator[JobContext]:
+def log_ids(*, generation_id: int | None = None, task_id: str | None = None) -> Iterator[LogIds]:
     """Mark the code inside as working on a job (restored on exit, also on an exception).
 
-    Nested inside another job context, an id left as None keeps the outer value.
+    Nested inside other log ids, an id left as None keeps the outer value.
     """
     outer = _CURRENT.get()
-    context = JobContext(
+    context = LogIds(
         generation_id=(
             generation_id if generation_id is not None else (outer.generation_id if outer else None)
         ),
@@ -63,10 +61,10 @@ def job_context(
         _CURRENT.reset(token)
 
 
-def carry_job_context(function: Callable[P, R]) -> Callable[P, R]:
+def carry_log_ids(function: Callable[P, R]) -> Callable[P, R]:
     """``function`` bound to the caller's current context, for another thread to run.
 
-    ``executor.submit(carry_job_context(upload), key)`` logs the upload with the ids of the job
+    ``executor.submit(carry_log_ids(upload), key)`` logs the upload with the ids of the job
     that submitted it.
     """
     context = contextvars.copy_context()
@@ -77,7 +75,7 @@ def carry_job_context(function: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
-class JobContextFilter(logging.Filter):
+class LogIdsFilter(logging.Filter):
     """Stamps ``generation_id`` and ``task_id`` on every record (None outside a job).
 
     Attach it to a handler, not a logger: handler filters see the records of every logger.

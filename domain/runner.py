@@ -29,7 +29,7 @@ from domain.errors import GenerationError, InvalidRequest, as_generation_error
 from domain.holding import HoldBudget, InFlight
 from domain.job import GenerationJob, Prepared, Rendered
 from domain.ledger import MessageId
-from domain.log_context import job_context
+from domain.log_context import log_ids
 from domain.messages import parse_message, peek_identity
 from domain.request import GenerationRequest, RequestNormalizer, batch_key
 from domain.settlement import Settlement
@@ -188,7 +188,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         """Read, dedupe and prepare one delivery; None when it was settled here."""
         generation_id, task_id = peek_identity(delivery.body)
         message = MessageId.of(generation_id, task_id, delivery.body) if generation_id else None
-        with job_context(generation_id=generation_id, task_id=task_id):
+        with log_ids(generation_id=generation_id, task_id=task_id):
             claimed: MessageId | None = None
             try:
                 returned = self._turn_away(delivery)
@@ -279,7 +279,7 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
         if not runnable:
             return
         head = runnable[0].request if len(runnable) == 1 else None
-        with job_context(
+        with log_ids(
             generation_id=head.generation_id if head else None,
             task_id=head.task_id if head else None,
         ):
@@ -402,5 +402,5 @@ class StagedRunner:  # pylint: disable=too-many-instance-attributes
     @staticmethod
     @contextmanager
     def _context(job: _Ready) -> Iterator[None]:
-        with job_context(generation_id=job.request.generation_id, task_id=job.request.task_id):
+        with log_ids(generation_id=job.request.generation_id, task_id=job.request.task_id):
             yield

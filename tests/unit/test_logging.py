@@ -16,7 +16,7 @@ import pytest
 
 from app.logging_setup import REDACTED, SecretRedactor, configure_logging
 from domain.errors import StorageError
-from domain.log_context import job_context
+from domain.log_context import log_ids
 
 TOKEN = "tok-9f8e7d6c5b4a-internal"
 AWS_KEY_ID = "AKIAEXAMPLEKEYID1234"
@@ -66,7 +66,7 @@ def test_every_line_is_one_json_object_with_the_job_ids_from_its_thread() -> Non
     LOG.info("before the job")
 
     def work() -> None:
-        with job_context(generation_id=456, task_id="660f9511"):
+        with log_ids(generation_id=456, task_id="660f9511"):
             LOG.info("generated\nin two lines", extra={"duration_seconds": 1.25})
             LOG.warning("upload slow", extra={"error_code": "STORAGE_ERROR", "attempt": 2})
 
@@ -109,7 +109,7 @@ def test_extra_fields_cannot_overwrite_the_standard_ones() -> None:
 def test_text_format_shows_the_ids_and_the_extra_fields() -> None:
     stream = setup("text")
     LOG.info("idle")
-    with job_context(generation_id=7, task_id="t-7"):
+    with log_ids(generation_id=7, task_id="t-7"):
         LOG.info("done in %.1f s", 2.0, extra={"duration_seconds": 2.0})
     idle, done = stream.getvalue().splitlines()
     assert idle.endswith(" INFO tests.logging: idle")
@@ -122,7 +122,7 @@ def test_text_format_shows_the_ids_and_the_extra_fields() -> None:
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_no_secret_reaches_the_output_however_it_is_logged(fmt: str) -> None:
     stream = setup(fmt)
-    with job_context(generation_id=1, task_id="t"):
+    with log_ids(generation_id=1, task_id="t"):
         LOG.info("token is %s", TOKEN)
         # Deliberately: a secret already inside the message text, not passed as an argument.
         LOG.info(f"aws {AWS_KEY_ID} {AWS_SECRET} in the message itself")  # pylint: disable=W1203

@@ -18,7 +18,7 @@ from PIL import Image
 from adapters.memory_task_source import InMemoryTaskSource
 from domain.errors import ErrorCode, FailureReport, GenerationError
 from domain.ledger import MessageId
-from domain.log_context import JobContextFilter
+from domain.log_context import LogIdsFilter
 from domain.runner import StagedRunner
 from ports.image_model import BatchItem
 from ports.storage import StoredOutput
@@ -34,7 +34,7 @@ HELD_TOO_LONG = "held longer than MAX_HOLD_SECONDS before its job could start"
 def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Log records at INFO and above, stamped with the job's ids as the worker's handler does."""
     caplog.set_level(logging.INFO)
-    caplog.handler.addFilter(JobContextFilter())
+    caplog.handler.addFilter(LogIdsFilter())
     return caplog
 
 
