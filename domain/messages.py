@@ -1,4 +1,5 @@
-"""Wire models of the queue message, exactly as the backend publishes it (README, "Queue message").
+"""Wire models of the queue message, exactly as the backend publishes it (docs/contract.md,
+"Queue message").
 
 Two shapes are accepted: the one the backend's code sends (flat ``data`` with ``aspect_ratio``,
 ``seed``, ``prompt_tags``, ``signature_*``) and the one its docs show (``data.parameters`` with

@@ -11,7 +11,7 @@ from domain.progress import ProgressUpdate
 
 @runtime_checkable
 class Notifier(Protocol):
-    """The backend's webhooks (the README's "Webhooks" section).
+    """The backend's webhooks (docs/contract.md, "Webhooks").
 
     ``completed`` and ``failed`` either deliver or raise: ``WebhookUnauthorized`` (401/403: the
     token or the source header is wrong), ``WebhookNotFound`` (404: the backend does not know

@@ -1,4 +1,4 @@
-"""Queue messages in the shape the backend's code publishes (README, "Queue message")."""
+"""Queue messages in the shape the backend's code publishes (docs/contract.md, "Queue message")."""
 
 from __future__ import annotations
 

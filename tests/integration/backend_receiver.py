@@ -1,4 +1,5 @@
-"""A real HTTP server that plays the backend's webhook endpoints (README, "Webhooks") in tests.
+"""A real HTTP server that plays the backend's webhook endpoints (docs/contract.md, "Webhooks")
+in tests.
 
 It enforces the backend's rules and records every request::
 

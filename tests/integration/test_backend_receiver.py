@@ -1,4 +1,5 @@
-"""The test backend holds what the real backend's views store (README, "Webhooks").
+"""The test backend holds what the real backend's views store (docs/contract.md, "What the
+backend does with each call").
 
 The end-to-end tests assert on this state (a refund counted twice, metadata erased by a late
 progress call), so the receiver's own rules are tested here with plain HTTP calls.

@@ -1,5 +1,5 @@
-"""The README's guarantees, against the real broker, the real S3 API and a backend that keeps
-what the real one keeps (a refund per failure call, progress replacing the stored JSON).
+"""The guarantees of docs/guarantees.md, against the real broker, the real S3 API and a backend
+that keeps what the real one keeps (a refund per failure call, progress replacing the stored JSON).
 
 Each test runs ``python -m app worker`` as the container does and breaks something on the way:
 a connection closed by ``rabbitmqctl close_connection``, a body published twice, a second
@@ -176,9 +176,9 @@ def test_two_workers_on_one_host_share_the_queue_and_the_lora_cache(  # pylint: 
 def test_the_worker_starts_with_only_the_backends_environment(
     stack: Stack, tiny_model_dir: Path, tiny_loras: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The backend's own variables (README, "Settings"), an S3 endpoint and a local model path:
-    nothing else. The queue is the backend's own, ``image_generation``, and references are as
-    the backend stores them (a full s3:// URI, and the public URL of the signature)."""
+    """The backend's own variables (docs/contract.md, "Environment"), an S3 endpoint and a local
+    model path: nothing else. The queue is the backend's own, ``image_generation``, and references
+    are as the backend stores them (a full s3:// URI, and the public URL of the signature)."""
     if port_open("127.0.0.1", 9100):
         pytest.fail("port 9100 (METRICS_PORT's default) is taken on this machine")
     env = {

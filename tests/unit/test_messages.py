@@ -11,7 +11,8 @@ import pytest
 from domain.errors import ErrorCode, GenerationError, InvalidRequest, UnsupportedTask
 from domain.messages import GenerationMessage, parse_message, peek_identity
 
-# The message as the backend's code sends it, verbatim (README, "Queue message": the first shape).
+# The message as the backend's code sends it, verbatim (docs/contract.md, "Queue message": the
+# first shape).
 BACKEND_MESSAGE = """{
   "task_id": "660f9511-f3ac-52e5-b827-557766551111",
   "type": "image_generation",
@@ -29,8 +30,8 @@ BACKEND_MESSAGE = """{
   "webhook_url": "https://api.example.com/api/webhooks/generation/456/status"
 }"""
 
-# The message as the backend's own documentation shows it, verbatim (README, "Queue message":
-# the second shape).
+# The message as the backend's own documentation shows it, verbatim (docs/contract.md, "Queue
+# message": the second shape).
 DOCUMENTED_MESSAGE = """{
   "task_id": "…", "type": "image_generation",
   "data": {

@@ -1,4 +1,4 @@
-"""The worker loop and its settlement: every guarantee of the README's "Guarantees" section that
+"""The worker loop and its settlement: every guarantee of docs/guarantees.md that
 the domain keeps, played with recording fakes (the in-memory source plays the broker)."""
 
 from __future__ import annotations
