@@ -1,1 +1,1 @@
-"""Adapters: one technology per module, implementing the ports."""
+"""Adapters: the ports implemented, one technology per module or package."""

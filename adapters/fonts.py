@@ -1,4 +1,4 @@
-"""The text-signature font: DejaVu Sans Bold from the system, else Pillow's scalable default."""
+"""FontLoader on Pillow: DejaVu Sans Bold from the system, else Pillow's scalable default."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def find_font(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 class SignatureFonts:
-    """Loads the signature font at any pixel size, caching each size.
+    """The ``FontLoader`` port: loads the signature font at any pixel size, caching each size.
 
     The font is loaded once on construction, so a file that is not a font fails at startup
     rather than on the first text signature.

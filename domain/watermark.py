@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
 from domain.errors import SignatureInvalid
 from domain.request import SignatureConfig, SignatureSpec
-
-FontLoader = Callable[[int], ImageFont.FreeTypeFont | ImageFont.ImageFont]
-"""Returns a scalable font at a pixel size; injected so the domain never touches the disk."""
+from ports.fonts import FontLoader
 
 ACCEPTED_FORMATS = frozenset({"PNG", "WEBP"})
 

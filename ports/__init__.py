@@ -1,5 +1,6 @@
 """The interfaces the use case needs; adapters implement them."""
 
+from ports.fonts import FontLoader
 from ports.image_model import BatchItem, ImageModel, StepCallback
 from ports.notifier import Notifier
 from ports.records import Record, RecordStore
@@ -10,6 +11,7 @@ from ports.telemetry import NoTelemetry, Telemetry
 __all__ = [
     "BatchItem",
     "Delivery",
+    "FontLoader",
     "ImageModel",
     "LoraArtifact",
     "Notifier",

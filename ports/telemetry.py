@@ -10,8 +10,8 @@ from typing import Protocol, runtime_checkable
 
 
 class LoraCacheStats(Protocol):
-    """A LoRA cache's counters for the metrics (each cache's own snapshot type provides them;
-    it may add ``entries``/``loaded``, ``bytes``, ``max_bytes``, ``capacity``)."""
+    """A LoRA cache's counters for the metrics (the disk cache's and the pipeline LoRAs' own
+    snapshot types provide them; each may add ``bytes``, ``max_bytes`` or ``capacity``)."""
 
     @property
     def hits(self) -> int:
@@ -24,6 +24,10 @@ class LoraCacheStats(Protocol):
     @property
     def evictions(self) -> int:
         """Entries dropped to stay within the cache's cap."""
+
+    @property
+    def entries(self) -> int:
+        """LoRAs the cache holds now."""
 
 
 @runtime_checkable
