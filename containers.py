@@ -18,12 +18,12 @@ from dependency_injector import containers, providers
 from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
 from adapters.gpu_monitor import GpuMonitor
-from adapters.http_notifier import HttpNotifier
+from adapters.webhooks import HttpNotifier
 from adapters.local_records import LocalRecordStore
 from adapters.local_storage import LocalStorage
 from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
-from adapters.rabbitmq_task_source import RabbitMQTaskSource
+from adapters.rabbitmq import RabbitMQTaskSource
 from adapters.s3_records import S3RecordStore
 from adapters.s3_storage import S3Storage, make_s3_client
 from app.metrics import PrometheusTelemetry

@@ -20,8 +20,8 @@ import pika
 import pika.data
 import pytest
 
-from adapters import rabbitmq_task_source
-from adapters.rabbitmq_task_source import RabbitMQTaskSource
+from adapters.rabbitmq import task_source as rabbitmq_task_source
+from adapters.rabbitmq import RabbitMQTaskSource
 from domain.errors import ErrorCode, FailureReport
 from ports.task_source import Delivery, SourceUnavailable
 from tests.integration.services import RabbitService, free_port, unavailable

@@ -27,8 +27,8 @@ new hold on top of the deliveries held when it changed (``receive()`` still hand
 than the hold).
 
 Nothing a message carries may stop it reaching intake: headers pika cannot decode are replaced
-by a marker (``adapters.amqp_headers``), and whatever fails while reading the headers we do
-decode hands the delivery on as a first one (attempt 0, nothing carried), so its body decides.
+by a marker (``adapters.rabbitmq.header_codec``), and whatever fails while reading the headers we
+do decode hands the delivery on as a first one (attempt 0, nothing carried), so its body decides.
 A copy whose headers pika cannot encode again (it reads a double of 2**63 or more as an int its
 encoder refuses) carries the worker's headers only, and why the original's were dropped.
 A message the broker keeps redelivering at the head of the queue would starve every consumer.
@@ -62,7 +62,7 @@ from pika.exceptions import (
     UnroutableError,
 )
 
-from adapters.amqp_headers import (
+from adapters.rabbitmq.header_codec import (
     ORIGINAL_HEADERS_DROPPED,
     UNDECODABLE_HEADERS,
     encoding_problem,
