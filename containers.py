@@ -82,15 +82,6 @@ def init_image_model(
         model.close()
 
 
-def init_http_notifier(**kwargs: object) -> Iterator[HttpNotifier]:
-    """The webhook client (a Resource: its progress thread and HTTP pool are closed on shutdown)."""
-    notifier = HttpNotifier(**kwargs)  # type: ignore[arg-type]
-    try:
-        yield notifier
-    finally:
-        notifier.close()
-
-
 def init_gpu_monitor(*, visible_devices: str | None) -> Iterator[GpuMonitor]:
     """NVML, started lazily at the first sample (a Resource: shut down with the worker)."""
     monitor = GpuMonitor(visible_devices=visible_devices)
@@ -212,7 +203,7 @@ class Container(containers.DeclarativeContainer):
     notifier = providers.Selector(
         config.notifier_backend,
         http=providers.Resource(
-            init_http_notifier,
+            HttpNotifier.resource,
             base_url=config.backend_api_url,
             token=config.internal_api_token,
             timeout_seconds=config.webhook_timeout_seconds,
