@@ -16,15 +16,15 @@ from dependency_injector import containers, providers
 
 from adapters.console_notifier import ConsoleNotifier
 from adapters.fonts import SignatureFonts
-from adapters.http_notifier import HttpNotifier
 from adapters.local import LocalRecordStore, LocalStorage
 from adapters.local.records import records_root
 from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
 from adapters.nvml import GpuMonitor
 from adapters.prometheus import PrometheusTelemetry
-from adapters.rabbitmq_task_source import RabbitMQTaskSource
+from adapters.rabbitmq import RabbitMQTaskSource
 from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
+from adapters.webhooks import HttpNotifier
 from domain.job import GenerationJob
 from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
@@ -80,15 +80,6 @@ def init_image_model(
         yield model
     finally:
         model.close()
-
-
-def init_http_notifier(**kwargs: object) -> Iterator[HttpNotifier]:
-    """The webhook client (a Resource: its progress thread and HTTP pool are closed on shutdown)."""
-    notifier = HttpNotifier(**kwargs)  # type: ignore[arg-type]
-    try:
-        yield notifier
-    finally:
-        notifier.close()
 
 
 def init_gpu_monitor(*, visible_devices: str | None) -> Iterator[GpuMonitor]:
@@ -202,7 +193,7 @@ class Container(containers.DeclarativeContainer):
     notifier = providers.Selector(
         config.notifier_backend,
         http=providers.Resource(
-            init_http_notifier,
+            HttpNotifier.resource,
             base_url=config.backend_api_url,
             token=config.internal_api_token,
             timeout_seconds=config.webhook_timeout_seconds,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from adapters.http_notifier import (
+from adapters.webhooks import (
     COMPLETE_PATH,
     FAILED_PATH,
     PROGRESS_PATH,

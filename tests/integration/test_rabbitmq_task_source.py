@@ -20,8 +20,8 @@ import pika
 import pika.data
 import pytest
 
-from adapters import rabbitmq_task_source
-from adapters.rabbitmq_task_source import RabbitMQTaskSource
+from adapters import rabbitmq
+from adapters.rabbitmq import RabbitMQTaskSource, delivery_headers, settling
 from domain.errors import ErrorCode, FailureReport
 from ports.task_source import Delivery, SourceUnavailable
 from tests.integration.services import RabbitService, free_port, unavailable
@@ -116,7 +116,7 @@ def connects(caplog: pytest.LogCaptureFixture) -> int:
     return sum(
         1
         for record in caplog.records
-        if record.name == rabbitmq_task_source.__name__
+        if record.name == rabbitmq.__name__
         and record.getMessage().startswith("connected to RabbitMQ")
     )
 
@@ -126,7 +126,7 @@ def records_of(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.Log
     return [
         record
         for record in caplog.records
-        if record.name == rabbitmq_task_source.__name__ and record.levelno == level
+        if record.name == rabbitmq.__name__ and record.levelno == level
     ]
 
 
@@ -384,7 +384,7 @@ def test_a_copy_the_broker_refuses_twice_hands_the_original_back_later(
         publish_as_backend(rabbit, queue_name, [b'{"n": 4}'])
         source.start_consuming()
         first = receive(source)
-        caplog.set_level(logging.ERROR, logger=rabbitmq_task_source.__name__)
+        caplog.set_level(logging.ERROR, logger=rabbitmq.__name__)
         began = time.monotonic()
         source.retry(first, reason="GPU_OOM", attempt=1, delay_seconds=1)
         # Retried at once on every redelivery, as a runner would: the original must not come
@@ -398,9 +398,7 @@ def test_a_copy_the_broker_refuses_twice_hands_the_original_back_later(
         assert redelivered <= 1
         assert eventually(lambda: source.refused_republishes == redelivered + 1)
         errors = [
-            r
-            for r in caplog.records
-            if r.name == rabbitmq_task_source.__name__ and r.levelno == logging.ERROR
+            r for r in caplog.records if r.name == rabbitmq.__name__ and r.levelno == logging.ERROR
         ]
         assert len(errors) == source.refused_republishes and "twice" in errors[0].getMessage()
 
@@ -508,8 +506,8 @@ def test_anything_failing_while_reading_headers_hands_the_delivery_on(
     def broken(raw: object) -> None:
         raise RuntimeError(f"cannot read {raw!r}")
 
-    monkeypatch.setattr(rabbitmq_task_source, "_carried_failure", broken)
-    caplog.set_level(logging.WARNING, logger=rabbitmq_task_source.__name__)
+    monkeypatch.setattr(delivery_headers, "_carried_failure", broken)
+    caplog.set_level(logging.WARNING, logger=rabbitmq.__name__)
     headers = {"x-pending-failure": "{}", "x-retry-count": 2, "x-handback-count": 3}
     publish_as_backend(rabbit, queue_name, [b"odd"], headers=headers)
     publish_as_backend(rabbit, queue_name, [b"behind it"])
@@ -668,7 +666,7 @@ def test_a_header_pika_reads_but_cannot_write_back_is_left_off_the_copy(
 ) -> None:
     # Copied with the original's headers, it raised struct.error on the I/O thread: the
     # connection was reset, the message came back, and failed the same way, forever.
-    caplog.set_level(logging.INFO, logger=rabbitmq_task_source.__name__)
+    caplog.set_level(logging.INFO, logger=rabbitmq.__name__)
     source = make_source()
     source.start(consume=False)
     headers = {"x-trace": TOO_BIG_DOUBLE, "x-keep": "k", "x-retry-count": 1}
@@ -721,13 +719,13 @@ def test_anything_failing_while_publishing_a_copy_hands_the_original_back_later(
         del original, headers
         return pika.BasicProperties(headers={"x-big": 10**19})  # basic_publish raises
 
-    caplog.set_level(logging.INFO, logger=rabbitmq_task_source.__name__)
+    caplog.set_level(logging.INFO, logger=rabbitmq.__name__)
     source = make_source()
     source.start(consume=False)
     publish_as_backend(rabbit, queue_name, [b"first", b"behind it"])
     source.start_consuming()
     first = receive(source)
-    monkeypatch.setattr(rabbitmq_task_source, "_copy_properties", unencodable)
+    monkeypatch.setattr(settling, "copy_properties", unencodable)
     began = time.monotonic()
     source.retry(first, reason="GPU_OOM", attempt=1, delay_seconds=1)
     second = receive(source)
@@ -795,7 +793,7 @@ def test_a_quorum_queue_is_consumed_retried_and_parked_with_a_per_consumer_hold(
             queue_name, durable=True, arguments={"x-queue-type": "quorum"}
         )
     publish_as_backend(quorum_rabbit, queue_name, [str(n).encode() for n in range(5)])
-    caplog.set_level(logging.INFO, logger=rabbitmq_task_source.__name__)
+    caplog.set_level(logging.INFO, logger=rabbitmq.__name__)
     source = make_source(vhost=quorum_rabbit.vhost)
     source.start(consume=False)
     source.hold_at_most(1)

@@ -25,7 +25,7 @@ import pika
 import pytest
 from PIL import Image
 
-from adapters.rabbitmq_task_source import retry_ladder
+from adapters.rabbitmq import retry_ladder
 from tests.integration.backend_receiver import BackendReceiver, GenerationState
 from tests.integration.services import RabbitService, S3Service, free_port
 

@@ -29,7 +29,7 @@ from typing import Any
 import pika.data
 import pika.spec
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # one logger for the whole adapter: adapters.rabbitmq
 
 UNDECODABLE_HEADERS = "x-undecodable-headers"
 """The only header of a message whose headers table could not be decoded: why it could not."""

@@ -1,0 +1,164 @@
+"""The worker's AMQP headers: what a delivery carries in, what a retried or parked copy carries.
+
+A copy counts its attempts (``x-retry-count``) and hand-backs (``x-handback-count``) and says
+why it was retried or parked; a parked one also carries the decided outcome as JSON. Whatever
+fails while reading a delivery's headers is the caller's to catch: the delivery is then taken
+as a first one (attempt 0, nothing carried), so its body decides.
+
+A copy whose original headers could not be decoded (``header_codec``), or cannot be encoded
+again, carries the worker's headers only, and why the original's were dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import pika
+
+from adapters.rabbitmq.header_codec import (
+    ORIGINAL_HEADERS_DROPPED,
+    UNDECODABLE_HEADERS,
+    encoding_problem,
+)
+from adapters.rabbitmq.inbox import Tag
+from domain.errors import ErrorCode, FailureReport
+from ports.task_source import Delivery
+
+log = logging.getLogger(__package__)  # one logger for the whole adapter: adapters.rabbitmq
+
+ATTEMPT_HEADER = "x-retry-count"
+HANDBACK_HEADER = "x-handback-count"
+PENDING_FAILURE_HEADER = "x-pending-failure"
+"""Legacy: an earlier version carried a decided failure here; read, never written."""
+REASON_HEADER = "x-reason"
+PARK_REASON_HEADER = "x-park-reason"
+DECIDED_OUTCOME_HEADER = "x-decided-outcome"
+OUTCOME_TRUNCATED_HEADER = "x-decided-outcome-truncated"
+"""Set, to the full size in bytes, when ``x-decided-outcome`` was cut to its limit."""
+MAX_REASON_CHARS = 1000
+MAX_OUTCOME_BYTES = 16 * 1024
+
+
+def read_delivery(body: bytes, properties: Any, received_at: float, tag: Tag) -> Delivery:
+    """A delivery with the counts and the failure its headers carry."""
+    headers = getattr(properties, "headers", None) or {}
+    attempt = _count(headers.get(ATTEMPT_HEADER))
+    handbacks = _count(headers.get(HANDBACK_HEADER))
+    return Delivery(
+        body=body,
+        attempt=attempt or 0,
+        # Copies retried by an earlier version carry the attempt only; each was a hand-back.
+        handbacks=handbacks if handbacks is not None else attempt or 0,
+        received_at=received_at,
+        tag=tag,
+        carried_failure=_carried_failure(headers.get(PENDING_FAILURE_HEADER)),
+    )
+
+
+def retry_headers(delivery: Delivery, *, reason: str, attempt: int) -> dict[str, Any]:
+    """The headers of a retried copy: its attempt, one more hand-back, and why."""
+    return {
+        ATTEMPT_HEADER: attempt,
+        HANDBACK_HEADER: delivery.handbacks + 1,
+        REASON_HEADER: str(reason)[:MAX_REASON_CHARS],
+    }
+
+
+def park_headers(
+    delivery: Delivery, reason: str, original_queue: str, outcome: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The headers of a parked copy: why, when, from where, its counts, the decided outcome."""
+    headers: dict[str, Any] = {
+        PARK_REASON_HEADER: str(reason)[:MAX_REASON_CHARS],
+        "x-parked-at": datetime.now(timezone.utc).isoformat(),
+        "x-original-queue": original_queue,
+        ATTEMPT_HEADER: delivery.attempt,
+        HANDBACK_HEADER: delivery.handbacks,
+    }
+    if outcome is not None:
+        headers.update(_outcome_headers(outcome))
+    return headers
+
+
+def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProperties:
+    """The original's properties for a re-published copy: persistent, headers merged.
+
+    The marker of undecodable headers is not copied as if it were a header of the message: the
+    copy says instead, in ``x-original-headers-dropped``, that the original's were lost and why
+    (the copy's own headers decode, so it is an ordinary delivery from then on). So do headers
+    that decoded but cannot be encoded again: publishing them would fail."""
+    merged = dict(getattr(original, "headers", None) or {})
+    merged.pop(PENDING_FAILURE_HEADER, None)
+    undecodable = merged.pop(UNDECODABLE_HEADERS, None)
+    if undecodable is not None:
+        merged[ORIGINAL_HEADERS_DROPPED] = undecodable
+    merged.update(headers)
+    problem = encoding_problem(merged)
+    if problem is not None:
+        log.warning("the original's headers are not copied: %s", problem)
+        merged = {ORIGINAL_HEADERS_DROPPED: problem, **headers}
+    return pika.BasicProperties(
+        content_type=getattr(original, "content_type", None) or "application/json",
+        content_encoding=getattr(original, "content_encoding", None),
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=getattr(original, "message_id", None),
+        correlation_id=getattr(original, "correlation_id", None),
+        timestamp=getattr(original, "timestamp", None),
+        type=getattr(original, "type", None),
+        app_id=getattr(original, "app_id", None),
+        headers=merged,
+    )
+
+
+def _outcome_headers(outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """``outcome`` as JSON text, cut to MAX_OUTCOME_BYTES (and then said so)."""
+    try:
+        text = json.dumps(dict(outcome), default=str, ensure_ascii=False)
+    except (TypeError, ValueError):  # keys JSON cannot take, a circular reference
+        text = json.dumps({"repr": repr(outcome)}, ensure_ascii=False)
+    raw = text.encode()
+    if len(raw) <= MAX_OUTCOME_BYTES:
+        return {DECIDED_OUTCOME_HEADER: text}
+    return {
+        DECIDED_OUTCOME_HEADER: raw[:MAX_OUTCOME_BYTES].decode(errors="ignore"),
+        OUTCOME_TRUNCATED_HEADER: len(raw),
+    }
+
+
+def _count(raw: object) -> int | None:
+    """A non-negative integer header, or None."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return raw
+    return None
+
+
+def _carried_failure(raw: object) -> FailureReport | None:
+    """The legacy ``x-pending-failure`` header, read strictly: anything else is ignored."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)  # type: ignore[arg-type]
+        report = FailureReport(
+            generation_id=data["generation_id"],
+            code=ErrorCode(data["code"]),
+            message=data["message"],
+            retry_count=data["retry_count"],
+            poison=data.get("poison", False),
+        )
+    # Anything: RecursionError from deeply nested JSON, an error of an odd header type...
+    except Exception:  # pylint: disable=broad-exception-caught
+        report = None
+    if (
+        report is None
+        or _count(report.generation_id) is None
+        or not isinstance(report.message, str)
+        or _count(report.retry_count) is None
+        or not isinstance(report.poison, bool)
+    ):
+        log.warning("unreadable %s header ignored: %.200r", PENDING_FAILURE_HEADER, raw)
+        return None
+    return report
