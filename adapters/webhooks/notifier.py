@@ -1,4 +1,5 @@
-"""The backend's webhooks over HTTP (docs/contract.md, "Webhooks"): retried outcomes, async progress.
+"""The backend's webhooks over HTTP (docs/contract.md, "Webhooks"): retried outcomes, async
+progress.
 
 Outcomes (``completed``/``failed``) are delivered synchronously with brief retries (exponential
 backoff, full jitter) and raise by what the answer means: ``WebhookUnauthorized`` (401/403, the
