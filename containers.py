@@ -1,4 +1,4 @@
-"""The composition root: settings -> resources -> adapters -> use case.
+"""The composition root: configured values -> resources -> adapters -> use case.
 
 Nothing here runs at import time. ``build_container(values)`` fills the configuration with the
 values the entry points read (``Settings.container_config()``: every setting by field name,

@@ -1,4 +1,4 @@
-"""Logging for the CLI and the worker: JSON lines or text, job ids, secrets redacted.
+"""Logging for the CLI and the worker: JSON lines or text, generation ids, secrets redacted.
 
 ``LOG_FORMAT=json`` writes one JSON object per line (what log shippers parse): ``time`` (ISO-8601
 UTC), ``level``, ``logger``, ``message``, ``generation_id``, ``task_id``, ``thread``, every field

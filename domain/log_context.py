@@ -1,4 +1,4 @@
-"""Which generation a log line belongs to: ``generation_id`` and ``task_id`` on its every line.
+"""Which generation a log line belongs to: ``generation_id`` and ``task_id`` on each of its lines.
 
 The ids live in a ``contextvars.ContextVar``, so they follow the code that runs a job on any
 thread (each thread, and each ``contextvars`` context, sees its own value) without being passed

@@ -1,4 +1,5 @@
-"""The generated tables of the docs: every setting and every error code, rendered from the code.
+"""The generated parts of the docs: every setting, every error code and the module tree,
+rendered from the code.
 
 ``python -m tools.docs_tables`` (``make docs``) rewrites each table between its markers in the
 Markdown file; ``--check`` only says which are stale. ``tests/unit/test_docs.py`` asserts that
@@ -8,6 +9,7 @@ the committed tables equal the rendering, so the docs cannot drift from the code
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -139,9 +141,32 @@ def error_codes_table() -> str:
     return "\n".join(lines)
 
 
+TREE_PACKAGES = ("domain", "ports", "adapters", "app")
+"""The packages of the module tree, in the order of the layers; ``containers.py`` follows."""
+
+
+def summary(path: Path) -> str:
+    """The first sentence of a module's docstring, on one line (empty when it has none)."""
+    docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    paragraph = " ".join(docstring.split("\n\n", 1)[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def module_tree(root: Path = ROOT) -> str:
+    """Every module of the application, one line each: its path and what it is."""
+    paths = [path for package in TREE_PACKAGES for path in sorted((root / package).rglob("*.py"))]
+    paths.append(root / "containers.py")
+    rows = [(path.relative_to(root).as_posix(), summary(path)) for path in paths]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {text}".rstrip() for name, text in rows]
+    return "\n".join(["```text", *lines, "```"])
+
+
 TABLES = (
     Table(path="docs/configuration.md", name="settings table", render=settings_table),
     Table(path="docs/error-codes.md", name="error codes table", render=error_codes_table),
+    Table(path="docs/architecture.md", name="module tree", render=module_tree),
 )
 
 
