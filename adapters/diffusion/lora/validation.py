@@ -1,11 +1,5 @@
-"""Safe LoRA files: safetensors only, checked from their header before any tensor is read.
-
-A LoRA comes from an artist's upload, so it is hostile until proven otherwise. Pickle formats
-(.bin, .ckpt, .pt, .pth) run code when loaded and are never opened. A safetensors file starts
-with an 8-byte little-endian length and a JSON header; that header is read here with strict
-bounds (length cap, no duplicate keys, offsets contiguous and inside the file, byte counts that
-match dtype x shape), then every tensor name must be a LoRA tensor of a known layout whose
-shape fits the base model's layer. Only then may the model load the file.
+"""LoRA validation against the base model: every tensor a LoRA tensor of a known layout whose
+shape fits the layer it names, checked from the safetensors header before any tensor is read.
 
 Layouts accepted (what diffusers and peft can load for SD 1.5):
 
@@ -17,73 +11,50 @@ Layouts accepted (what diffusers and peft can load for SD 1.5):
 - PEFT folder: ``adapter_config.json`` + ``adapter_model.safetensors`` with
   ``base_model.model.<module>.lora_A.weight`` keys (UNet only).
 
-torch is imported only inside the two functions that need it (the layer index and
-``read_safetensors``): the storage adapters share the name checks here, and the container must
-stay importable without torch.
+Only headers and the small JSON config are read: never a tensor, never a pickle, and no torch
+at import (the layer index imports it when built).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
+from adapters.diffusion.lora.files import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_RANK,
+    MAX_CONFIG_BYTES,
+    PEFT_CONFIG,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS,
+    PICKLE_SUFFIXES,
+    check_lora_file_name,
+)
+from adapters.diffusion.lora.layer_shapes import LayerShape, kohya_names, layer_shapes
+from adapters.diffusion.lora.peft_config import CheckedLoraConfig, check_lora_config, matches_any
+from adapters.diffusion.lora.safetensors_header import (
+    MAX_HEADER_BYTES,
+    Malformed,
+    SafetensorsHeader,
+    TensorEntry,
+    read_safetensors_header,
+    strict_json,
+)
 from domain.errors import LoraInvalid
 
 if TYPE_CHECKING:
     import torch
 
-PICKLE_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"})
-SAFETENSORS_SUFFIX = ".safetensors"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
-
-DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-"""Largest LoRA accepted (file, or PEFT folder's two files): SD 1.5 LoRAs are 2-300 MB."""
-DEFAULT_MAX_RANK = 256
-"""Largest LoRA rank accepted; bounds the memory one adapter can take."""
-MAX_HEADER_BYTES = 4 * 1024 * 1024
-"""Largest safetensors JSON header parsed; a full SD 1.5 LoRA with kohya metadata needs < 1 MB."""
-MAX_TENSORS = 16_384
-MAX_DIMS = 8
-MAX_DIM_SIZE = 1 << 31
-MAX_CONFIG_BYTES = 1024 * 1024
-"""Largest ``adapter_config.json`` read."""
-MAX_LORA_ALPHA = 65_536.0
-MAX_MODULE_NAME_CHARS = 300
-
-DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-}
-"""Bytes per element of every safetensors dtype this reader understands."""
 LORA_DTYPES = frozenset({"F16", "BF16", "F32"})
 """What LoRA trainers write. F64 is refused: no trainer emits it, and it would double the
-memory of an adapter for nothing; integer and float8 tensors are not LoRA weights."""
+memory of a LoRA for nothing; integer and float8 tensors are not LoRA weights."""
 
 LoraFormat = Literal["diffusers", "kohya", "peft"]
 Component = Literal["unet", "text_encoder"]
 
-_SIMPLE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 _DIFFUSERS_SUFFIXES = (
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
@@ -105,271 +76,6 @@ _KOHYA = re.compile(
 )
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"))
-_ADAPTER_MODULE_PARTS = frozenset(
-    {
-        "lora_A",
-        "lora_B",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "lora_dropout",
-        "lora_magnitude_vector",
-    }
-)
-"""Sub-modules peft adds inside a wrapped layer; they are not layers of the base model."""
-_WRAPPER_PARTS = frozenset({"base_layer", "_orig_mod"})
-"""Path parts added by peft (``base_layer``) and ``torch.compile`` (``_orig_mod``)."""
-
-
-# -- file names -------------------------------------------------------------------------------
-
-
-def check_lora_file_name(name: str) -> None:
-    """Refuse a LoRA file name that is not ``*.safetensors`` (pickle formats named as such)."""
-    suffix = Path(name).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise LoraInvalid(
-            f"{name}: pickle formats (.bin/.ckpt/.pt/.pth) are refused; use .safetensors"
-        )
-    if suffix != SAFETENSORS_SUFFIX:
-        raise LoraInvalid(f"{name}: only .safetensors LoRA files are accepted")
-
-
-# -- the safetensors header -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor as the header describes it; ``start``/``end`` are offsets in the data part."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A safetensors file's checked header: its tensors, its metadata and its sizes."""
-
-    tensors: Mapping[str, TensorEntry]
-    metadata: Mapping[str, str]
-    header_bytes: int
-    file_bytes: int
-
-
-class _Malformed(ValueError):
-    """A reason why a header is not valid safetensors; becomes LORA_INVALID with the file name."""
-
-
-def read_safetensors_header(
-    path: Path, *, max_header_bytes: int = MAX_HEADER_BYTES
-) -> SafetensorsHeader:
-    """Read and check the header of ``path`` without reading any tensor; LORA_INVALID if bad.
-
-    At most ``8 + max_header_bytes`` bytes are read, whatever the file claims.
-    """
-    try:
-        with path.open("rb") as stream:
-            size = os.fstat(stream.fileno()).st_size
-            prefix = stream.read(8)
-            if len(prefix) < 8:
-                raise _Malformed(f"{size} bytes is too short for a safetensors header")
-            length = int.from_bytes(prefix, "little")
-            if length > max_header_bytes:
-                raise _Malformed(
-                    f"header length {length} exceeds the limit of {max_header_bytes} bytes"
-                )
-            if length > size - 8:
-                raise _Malformed(
-                    f"header length {length} runs past the end of the file ({size} bytes)"
-                )
-            raw = stream.read(length)
-            if len(raw) != length:
-                raise _Malformed("the file ended inside its header")
-        return _parse_header(raw, size)
-    except _Malformed as exc:
-        raise LoraInvalid(f"{path.name} is not a valid safetensors file: {exc}") from None
-    except OSError as exc:
-        raise LoraInvalid(f"{path.name} cannot be read: {exc.strerror or exc}") from exc
-
-
-def _parse_header(raw: bytes, file_bytes: int) -> SafetensorsHeader:
-    if not raw.startswith(b"{"):
-        raise _Malformed("the header is not a JSON object")
-    document = _strict_json(raw, "the header")
-    if not isinstance(document, dict):
-        raise _Malformed("the header is not a JSON object")
-    metadata: dict[str, str] = {}
-    tensors: dict[str, TensorEntry] = {}
-    for name, entry in document.items():
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(
-                isinstance(value, str) for value in entry.values()
-            ):
-                raise _Malformed("__metadata__ must map strings to strings")
-            metadata = entry
-            continue
-        if len(tensors) >= MAX_TENSORS:
-            raise _Malformed(f"more than {MAX_TENSORS} tensors")
-        tensors[name] = _tensor_entry(name, entry)
-    data_bytes = file_bytes - 8 - len(raw)
-    cursor = 0
-    for name, entry in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
-        if entry.start < cursor:
-            raise _Malformed(
-                f"tensor {name!r} overlaps the previous tensor (starts at {entry.start},"
-                f" before {cursor})"
-            )
-        if entry.start > cursor:
-            raise _Malformed(f"bytes {cursor}..{entry.start} before tensor {name!r} are unused")
-        cursor = entry.end
-    if cursor > data_bytes:
-        raise _Malformed(
-            f"tensor data ends at byte {cursor} but the file holds {data_bytes} data bytes"
-            " (truncated?)"
-        )
-    if cursor < data_bytes:
-        raise _Malformed(f"{data_bytes - cursor} bytes after the last tensor are unused")
-    return SafetensorsHeader(
-        tensors=tensors, metadata=metadata, header_bytes=len(raw), file_bytes=file_bytes
-    )
-
-
-def _tensor_entry(name: str, entry: object) -> TensorEntry:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise _Malformed(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise _Malformed(f"tensor {name!r} has an unknown dtype {dtype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(_is_int(dim) and 0 <= dim < MAX_DIM_SIZE for dim in shape)
-    ):
-        raise _Malformed(f"tensor {name!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_int(offset) for offset in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise _Malformed(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    start, end = offsets
-    needed = math.prod(shape) * DTYPE_BYTES[dtype]
-    if end - start != needed:
-        raise _Malformed(
-            f"tensor {name!r} spans {end - start} bytes but {dtype} x {shape} needs {needed}"
-        )
-    return TensorEntry(dtype=dtype, shape=tuple(shape), start=start, end=end)
-
-
-def _strict_json(raw: bytes, what: str) -> Any:
-    """JSON without duplicate keys, NaN or Infinity; any failure is a ``_Malformed``."""
-    try:
-        return json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
-        )
-    except (ValueError, RecursionError) as exc:
-        raise _Malformed(f"{what} is not valid JSON: {exc}") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_safetensors(path: Path) -> SafetensorsHeader:
-    """Refuse anything but a well-formed safetensors file with tensors, never unpickling it."""
-    check_lora_file_name(path.name)
-    header = read_safetensors_header(path)
-    if not header.tensors:
-        raise LoraInvalid(f"{path.name} holds no tensors")
-    return header
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checked safetensors file.
-
-    Read with ``pread``: the default mmap backend of safetensors 0.8 keeps about 55 bytes of
-    Python objects per tensor for the life of the process, a slow creep over thousands of loads.
-    """
-    from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
-
-    check_safetensors(path)
-    return load_file(str(path), backend="pread")
-
-
-# -- the base model's layers ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """The shape a LoRA must fit: a Linear (``kernel`` None) or a Conv2d layer."""
-
-    in_features: int
-    out_features: int
-    kernel: tuple[int, int] | None = None
-
-    def down_shape(self, rank: int) -> tuple[int, ...]:
-        """Shape of lora_down / lora_A for this layer at ``rank``."""
-        if self.kernel is None:
-            return (rank, self.in_features)
-        return (rank, self.in_features, *self.kernel)
-
-    def up_shape(self, rank: int) -> tuple[int, ...]:
-        """Shape of lora_up / lora_B for this layer at ``rank``."""
-        if self.kernel is None:
-            return (self.out_features, rank)
-        return (self.out_features, rank, 1, 1)
-
-
-def layer_shapes(model: torch.nn.Module) -> dict[str, LayerShape]:
-    """The Linear and Conv2d layers of ``model`` by module path.
-
-    Paths are those of the plain model: layers wrapped by peft (``<path>.base_layer``) or by
-    ``torch.compile`` (``_orig_mod.<path>``) keep their original path, and the LoRA layers peft
-    added are left out, so the index is the same before and after adapters are loaded.
-    """
-    from torch import nn  # pylint: disable=import-outside-toplevel
-
-    shapes: dict[str, LayerShape] = {}
-    for name, module in model.named_modules():
-        parts = name.split(".") if name else []
-        if any(part in _ADAPTER_MODULE_PARTS for part in parts):
-            continue
-        path = ".".join(part for part in parts if part not in _WRAPPER_PARTS)
-        if isinstance(module, nn.Linear):
-            shapes[path] = LayerShape(module.in_features, module.out_features)
-        elif isinstance(module, nn.Conv2d):
-            kernel = module.kernel_size
-            shapes[path] = LayerShape(
-                module.in_channels, module.out_channels, (int(kernel[0]), int(kernel[1]))
-            )
-    return shapes
-
-
-def _kohya_names(shapes: Mapping[str, LayerShape]) -> dict[str, str | None]:
-    """``path.replace('.', '_')`` -> path; None where two paths collide (ambiguous)."""
-    names: dict[str, str | None] = {}
-    for path in shapes:
-        flat = path.replace(".", "_")
-        names[flat] = None if flat in names else path
-    return names
-
-
-# -- the validator ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -404,33 +110,6 @@ class _Tensor:
     part: str  # "down", "up" or "alpha"
 
 
-@dataclass(frozen=True)
-class _LoraConfig:
-    """The checked LoRA fields of a PEFT config (or of diffusers' adapter metadata)."""
-
-    rank: int
-    targets: tuple[str, ...] | None
-    excluded: tuple[str, ...]
-    rank_pattern: Mapping[str, int]
-
-    def targets_layer(self, path: str) -> bool:
-        """Whether peft would put a LoRA on the layer at ``path`` (list semantics)."""
-        if self.targets is None or _matches_any(path, self.excluded):
-            return False
-        return _matches_any(path, self.targets)
-
-    def rank_of(self, path: str) -> int:
-        """The rank peft gives the layer at ``path``: the first matching pattern, else ``r``."""
-        for key, rank in self.rank_pattern.items():
-            if path == key or path.endswith("." + key):
-                return rank
-        return self.rank
-
-
-def _matches_any(path: str, names: Iterable[str]) -> bool:
-    return any(path == name or path.endswith("." + name) for name in names)
-
-
 class LoraValidator:
     """Checks a LoRA file or PEFT folder against the base model before anything loads it.
 
@@ -456,9 +135,7 @@ class LoraValidator:
         self._flat_text_encoder = text_encoder is not None and not hasattr(
             text_encoder, "text_model"
         )
-        self._kohya = {
-            component: _kohya_names(shapes) for component, shapes in self._layers.items()
-        }
+        self._kohya = {component: kohya_names(shapes) for component, shapes in self._layers.items()}
         self.max_bytes = max_bytes
         self.max_rank = max_rank
         self._max_header_bytes = max_header_bytes
@@ -610,8 +287,8 @@ class LoraValidator:
         if raw is None:
             return
         try:
-            document = _strict_json(raw.encode("utf-8"), "lora_adapter_metadata")
-        except _Malformed as exc:
+            document = strict_json(raw.encode("utf-8"), "lora_adapter_metadata")
+        except Malformed as exc:
             raise LoraInvalid(f"{file}: {exc}") from None
         if not isinstance(document, dict):
             raise LoraInvalid(f"{file}: lora_adapter_metadata is not a JSON object")
@@ -622,7 +299,7 @@ class LoraValidator:
                 module: rank for (comp, module), rank in ranks.items() if comp == component
             }
             if fields and layer_ranks:
-                config = _lora_config(fields, f"{file} lora_adapter_metadata", self.max_rank)
+                config = check_lora_config(fields, f"{file} lora_adapter_metadata", self.max_rank)
                 self._check_config_agrees(file, config, layer_ranks, component)
 
     # -- PEFT folders -------------------------------------------------------------------------
@@ -667,10 +344,10 @@ class LoraValidator:
             )
         return _layout("peft", ranks, len(tensors), config_bytes + header.file_bytes)
 
-    def _peft_config(self, path: Path) -> _LoraConfig:
+    def _peft_config(self, path: Path) -> CheckedLoraConfig:
         try:
-            document = _strict_json(path.read_bytes(), PEFT_CONFIG)
-        except _Malformed as exc:
+            document = strict_json(path.read_bytes(), PEFT_CONFIG)
+        except Malformed as exc:
             raise LoraInvalid(f"{path.parent.name}: {exc}") from None
         except OSError as exc:
             raise LoraInvalid(f"{PEFT_CONFIG} cannot be read: {exc.strerror or exc}") from exc
@@ -680,7 +357,7 @@ class LoraValidator:
             raise LoraInvalid(
                 f"{PEFT_CONFIG} has peft_type {document.get('peft_type')!r}; only LORA is accepted"
             )
-        config = _lora_config(document, PEFT_CONFIG, self.max_rank)
+        config = check_lora_config(document, PEFT_CONFIG, self.max_rank)
         if config.targets is None:
             raise LoraInvalid(f"{PEFT_CONFIG} must list its target_modules")
         return config
@@ -695,7 +372,7 @@ class LoraValidator:
         raise _unknown(file, name)
 
     def _check_config_agrees(
-        self, file: str, config: _LoraConfig, ranks: Mapping[str, int], component: Component
+        self, file: str, config: CheckedLoraConfig, ranks: Mapping[str, int], component: Component
     ) -> None:
         """Every tensor's layer is targeted at the rank the config gives it; every target exists."""
         for module, rank in ranks.items():
@@ -710,7 +387,7 @@ class LoraValidator:
                     f"{file}: {component}.{module} has rank {rank}; the config says {expected}"
                 )
         for target in config.targets or ():
-            if not any(_matches_any(path, [target]) for path in self._layers[component]):
+            if not any(matches_any(path, [target]) for path in self._layers[component]):
                 raise LoraInvalid(
                     f"{file}: target module {target!r} matches no layer of the base model's"
                     f" {component} (a LoRA for another model?)"
@@ -727,85 +404,6 @@ def _diffusers_module(component: str, rest: str) -> tuple[str, str] | None:
         if rest.endswith(suffix) and len(rest) > len(suffix):
             return rest[: -len(suffix)], part
     return None
-
-
-def _lora_config(fields: Mapping[str, Any], where: str, max_rank: int) -> _LoraConfig:
-    """The LoRA fields of a peft config, each checked; LORA_INVALID names a bad one."""
-    if "peft_type" in fields and fields["peft_type"] != "LORA":
-        raise LoraInvalid(f"{where}: peft_type {fields['peft_type']!r} is not LORA")
-    rank = fields.get("r")
-    if not _is_int(rank) or not 1 <= rank <= max_rank:
-        raise LoraInvalid(f"{where}: r={rank!r} must be an integer from 1 to {max_rank}")
-    alpha = fields.get("lora_alpha", rank)
-    _check_alpha(alpha, f"{where}: lora_alpha")
-    for flag in ("use_dora", "use_rslora"):
-        if fields.get(flag) not in (None, True, False):
-            raise LoraInvalid(f"{where}: {flag} must be true or false")
-    if fields.get("use_dora"):
-        raise LoraInvalid(f"{where}: DoRA adapters (use_dora) are not supported")
-    for unsupported in ("modules_to_save", "layers_to_transform", "layers_pattern"):
-        if fields.get(unsupported) not in (None, [], ""):
-            raise LoraInvalid(f"{where}: {unsupported} is not supported")
-    targets = fields.get("target_modules")
-    if targets is not None:
-        targets = _module_names(targets, f"{where}: target_modules")
-        if not targets:
-            raise LoraInvalid(f"{where}: target_modules is empty")
-    excluded = fields.get("exclude_modules")
-    rank_pattern = _mapping(fields.get("rank_pattern"), f"{where}: rank_pattern")
-    for key, value in rank_pattern.items():
-        if not _is_int(value) or not 1 <= value <= max_rank:
-            raise LoraInvalid(
-                f"{where}: rank_pattern[{key!r}]={value!r} is not from 1 to {max_rank}"
-            )
-    for key, value in _mapping(fields.get("alpha_pattern"), f"{where}: alpha_pattern").items():
-        _check_alpha(value, f"{where}: alpha_pattern[{key!r}]")
-    return _LoraConfig(
-        rank=rank,
-        targets=targets,
-        excluded=_module_names(excluded, f"{where}: exclude_modules") if excluded else (),
-        rank_pattern=rank_pattern,
-    )
-
-
-def _check_alpha(value: object, what: str) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or not 0 < value <= MAX_LORA_ALPHA
-    ):
-        raise LoraInvalid(
-            f"{what}={value!r} must be a number above 0 and at most {MAX_LORA_ALPHA:g}"
-        )
-
-
-def _module_names(value: object, what: str) -> tuple[str, ...]:
-    """A list of plain module names; a regular expression (a string) is refused."""
-    if isinstance(value, str):
-        raise LoraInvalid(
-            f"{what} must be a list of module names; a regular expression ({value[:60]!r}) is"
-            " not accepted"
-        )
-    if not isinstance(value, list) or not all(_is_module_name(item) for item in value):
-        raise LoraInvalid(f"{what} must be a list of module names like 'to_q' or 'to_out.0'")
-    return tuple(value)
-
-
-def _mapping(value: object, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(_is_module_name(key) for key in value):
-        raise LoraInvalid(f"{what} must map module names to numbers")
-    return value
-
-
-def _is_module_name(value: object) -> bool:
-    return (
-        isinstance(value, str)
-        and len(value) <= MAX_MODULE_NAME_CHARS
-        and _SIMPLE_NAME.fullmatch(value) is not None
-    )
 
 
 def _layout(
