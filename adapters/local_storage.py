@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from adapters.atomic_files import create_exclusive, replace_atomically
-from adapters.lora_disk_cache import sha256_of
-from adapters.lora_files import PEFT_CONFIG, PEFT_WEIGHTS
+from adapters.diffusion.lora.files import PEFT_CONFIG, PEFT_WEIGHTS, sha256_of
 from adapters.object_references import ObjectLocation, ObjectReferences
 from adapters.output_sidecars import (
     content_sha256,

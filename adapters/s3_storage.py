@@ -20,8 +20,18 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache, LoraDiskCacheStats
-from adapters.lora_files import DEFAULT_MAX_BYTES, PEFT_CONFIG, PEFT_WEIGHTS, check_lora_file_name
+from adapters.diffusion.lora.disk_cache import (
+    CachedLora,
+    LoraCacheKey,
+    LoraDiskCache,
+    LoraDiskCacheStats,
+)
+from adapters.diffusion.lora.files import (
+    DEFAULT_MAX_BYTES,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    check_lora_file_name,
+)
 from adapters.object_references import ObjectLocation, ObjectReferences, is_gcs_endpoint
 from adapters.s3_errors import (
     error_code,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from adapters.lora_disk_cache import LoraDiskCache
+from adapters.diffusion.lora.disk_cache import LoraDiskCache
 from adapters.s3_records import S3RecordStore
 from adapters.s3_storage import GCS_CREATE_ONLY_HEADER, S3Storage, make_s3_client
 from domain.errors import (

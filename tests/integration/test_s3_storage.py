@@ -20,7 +20,7 @@ from botocore.stub import Stubber
 from urllib3.exceptions import ProtocolError
 
 from adapters.local_storage import LocalStorage, sha256_of
-from adapters.lora_disk_cache import LoraDiskCache
+from adapters.diffusion.lora.disk_cache import LoraDiskCache
 from adapters.s3_storage import S3Storage, make_s3_client
 from domain.errors import (
     ErrorCode,
