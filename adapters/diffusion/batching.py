@@ -1,6 +1,4 @@
-"""Batch planning: which samples of a model call share one pipeline call, and each sample's
-progress as the model runs it.
-"""
+"""Batch planning: which samples share one pipeline call, and each sample's progress callback."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""CUDA memory helpers of the model: which errors are out-of-memory errors, and giving the memory
-of a failed call back (its frames dropped, the allocator's cache emptied).
+"""CUDA memory helpers: which errors are out of memory, and giving a failed call's memory back.
+
+A failed call's memory is given back by dropping the frames its traceback holds and emptying the
+allocator's cache.
 """
 
 from __future__ import annotations

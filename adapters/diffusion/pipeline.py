@@ -1,5 +1,6 @@
-"""The diffusers pipeline, loaded: device and dtype, scheduler and attention, and the libraries'
-log records routed through the worker's logging first.
+"""Pipeline loading: device, dtype, scheduler and attention, the libraries' logs routed first.
+
+diffusers', transformers' and huggingface_hub's log records go through the worker's logging.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The image model as the container's resource: CUDA's environment exported, the model loaded,
-tuned and warmed up, and closed on shutdown.
+"""The image model as the container's resource: loaded, tuned, warmed up, closed on shutdown.
+
+CUDA's environment is exported before torch initialises it.
 
 torch is imported only inside ``init_image_model``: building the container imports no torch.
 """

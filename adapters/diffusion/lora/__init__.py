@@ -1,5 +1,4 @@
-"""LoRAs for the diffusion model: file rules, validation, parsing, routing, pipeline LoRAs and
-the disk cache.
+"""LoRAs of the diffusion model: file rules, validation, parsing, routing, pipeline LoRAs, cache.
 
 Imports nothing: ``files`` and ``disk_cache`` must stay importable without torch.
 """

@@ -1,5 +1,7 @@
-"""A disk LRU of downloaded LoRAs, keyed by the remote object's identity and ETag, capped in bytes,
-shared safely by the worker processes of one host (one per GPU) that use the same folder.
+"""The LoRA disk cache: an LRU of downloaded LoRAs, capped in bytes, shared by a host's workers.
+
+Entries are keyed by the remote object's identity and ETag; the worker processes of one host
+(one per GPU) may use the same folder safely.
 
 Each entry is a folder ``<root>/<digest>/`` holding the payload (a ``.safetensors`` file or a
 PEFT folder, under a readable name) and ``entry.json`` (the key, the payload's SHA-256 and size).

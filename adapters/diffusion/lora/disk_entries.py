@@ -1,5 +1,4 @@
-"""The LoRA disk cache's entries on disk: the folder format, reading and writing an entry, and
-the file operations that publish or remove one atomically.
+"""The LoRA disk cache's entries on disk: their folder format and atomic file operations.
 
 Each entry is a folder ``<root>/<digest>/`` holding the payload (a ``.safetensors`` file or a
 PEFT folder, under a readable name) and ``entry.json`` (the key, the payload's SHA-256 and size);

@@ -1,5 +1,6 @@
-"""The LoRA disk cache's sweep at start: what dead processes and earlier versions left in the
-cache folder (downloads cut short, set-aside folders, broken entries, unused lock files).
+"""The LoRA disk cache's sweep at start: what dead processes and earlier versions left behind.
+
+Downloads cut short, set-aside folders, broken entries and unused lock files are removed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""An exclusive ``flock`` on a lock file that its holder may delete: how the processes sharing the
-LoRA disk cache's folder take turns (Linux, on a local file system).
+"""An exclusive ``flock`` on a lock file that its holder may delete (the LoRA disk cache's lock).
+
+How the processes sharing the LoRA disk cache's folder take turns (Linux, on a local file system).
 """
 
 from __future__ import annotations

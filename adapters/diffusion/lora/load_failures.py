@@ -1,5 +1,7 @@
-"""What a failed LoRA load becomes: LORA_INVALID, STORAGE_ERROR (its file left the disk cache)
-or GPU_OOM, with what the load left in the pipeline undone first.
+"""What a failed LoRA load becomes: LORA_INVALID, STORAGE_ERROR or GPU_OOM.
+
+STORAGE_ERROR when its file left the disk cache; what the load left in the pipeline is undone
+first.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""LoRAs parsed into host memory in the form diffusers' loaders take: a single file (diffusers
-or kohya layout) through diffusers, a PEFT folder through peft's config and safetensors.
+"""LoRA parsing: a LoRA read into host memory in the form diffusers' loaders take.
+
+A single file (diffusers or kohya layout) goes through diffusers, a PEFT folder through peft's
+config and safetensors.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The LoRA fields of a peft config (a PEFT folder's ``adapter_config.json``, or the adapter
-metadata of a diffusers-layout file), each checked, and which layers such a config targets.
+"""The LoRA fields of a peft config, each checked, and which layers such a config targets.
+
+The config is a PEFT folder's ``adapter_config.json``, or the LoRA metadata of a diffusers-layout
+file.
 """
 
 from __future__ import annotations

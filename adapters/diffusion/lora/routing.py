@@ -1,5 +1,6 @@
-"""Per-sample routing: each sample of a batch through its own LoRA, with hooks on the LoRA
-layers that add each LoRA's delta to its samples only (a batch may mix LoRAs).
+"""Per-sample routing: each sample of a batch through its own LoRA (a batch may mix LoRAs).
+
+Hooks on the LoRA layers add each LoRA's delta to its samples only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""LoRA validation against the base model: every tensor a LoRA tensor of a known layout whose
-shape fits the layer it names, checked from the safetensors header before any tensor is read.
+"""LoRA validation against the base model, from the safetensors header, before any tensor loads.
 
+Every tensor must be a LoRA tensor of a known layout whose shape fits the layer it names.
 Layouts accepted (what diffusers and peft can load for SD 1.5):
 
 - diffusers single file: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (also the older
