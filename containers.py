@@ -8,78 +8,32 @@ This module imports no entry point and no settings class: configuration flows in
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from dependency_injector import containers, providers
 
 from adapters.console_notifier import ConsoleNotifier
+from adapters.diffusion.lora.disk_cache import LoraDiskCache
+from adapters.diffusion.resource import init_image_model
 from adapters.fonts import SignatureFonts
 from adapters.local import LocalRecordStore, LocalStorage
 from adapters.local.records import records_root
-from adapters.lora_disk_cache import LoraDiskCache
 from adapters.memory_task_source import InMemoryTaskSource
 from adapters.nvml import GpuMonitor
 from adapters.prometheus import PrometheusTelemetry
 from adapters.rabbitmq import RabbitMQTaskSource
 from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
 from adapters.webhooks import HttpNotifier
+from domain.backend_access import BackendAccess
 from domain.job import GenerationJob
 from domain.ledger import OutcomeLedger
 from domain.progress import StepTimeEstimator
-from domain.request import ASPECT_RATIOS, RequestNormalizer, RequestPolicy
+from domain.request import RequestNormalizer, RequestPolicy
 from domain.runner import StagedRunner
-from domain.backend_access import BackendAccess
 from domain.settlement import Settlement
 from domain.settlement_policy import SettlementPolicy, telling_lease_for
 from domain.watermark import Watermarker
-
-
-def export_cuda_environment(cuda_visible_devices: str | None) -> None:
-    """Export what CUDA reads once, when torch first initialises it (a value from .env must be
-    in the environment before that moment to have any effect).
-
-    Devices are numbered in PCI bus order, as nvidia-smi and NVML number them, unless the
-    environment already says otherwise (CUDA's own default is fastest first): an index in
-    CUDA_VISIBLE_DEVICES then names the same card for the model and for the GPU metrics.
-    """
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    if cuda_visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
-
-
-def warm_up_shapes() -> list[tuple[int, int]]:
-    """(width, height) of every aspect ratio of the contract, 1:1 (most jobs' size) first."""
-    shapes = [ASPECT_RATIOS["1:1"]]
-    return shapes + [size for size in ASPECT_RATIOS.values() if size not in shapes]
-
-
-def init_image_model(
-    *,
-    cuda_visible_devices: str | None,
-    tuning: dict[str, object],
-    warmup: bool,
-    **options: object,
-) -> Iterator[object]:
-    """Load the diffusers model, tuned and warmed up (a Resource: released on shutdown).
-
-    ``options`` are ``DiffusersImageModel.load``'s keyword arguments; ``tuning`` the fields of
-    ``GpuTuning``. The warm-up (compilation, cuDNN autotuning) runs on CUDA only.
-    """
-    export_cuda_environment(cuda_visible_devices)
-    # Imported here so that building the container (and the unit tests) never imports torch.
-    # pylint: disable=import-outside-toplevel
-    from adapters.diffusers_model import DiffusersImageModel
-    from adapters.gpu_tuning import GpuTuning, warm_up
-
-    model = DiffusersImageModel.load(tuning=GpuTuning(**tuning), **options)  # type: ignore[arg-type]
-    try:
-        if warmup and model.pipeline.device.type == "cuda":
-            warm_up(model, shapes=warm_up_shapes(), steps=2)
-        yield model
-    finally:
-        model.close()
 
 
 def init_gpu_monitor(*, visible_devices: str | None) -> Iterator[GpuMonitor]:
@@ -111,7 +65,7 @@ class Container(containers.DeclarativeContainer):
         ),
         warmup=config.model_warmup,
         max_batch_size=config.max_batch_size,
-        adapter_cache_size=config.lora_pipeline_cache_size,
+        lora_pipeline_cache_size=config.lora_pipeline_cache_size,
         mixed_lora_batches=config.mixed_lora_batches,
         hotswap_max_rank=config.lora_hotswap_max_rank,
         lora_max_bytes=config.lora_max_bytes,

@@ -84,7 +84,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         lora_ref = None
         if model_id != settings.model_id:
             # Only the tiny model has a matching LoRA here: the trainer's PEFT folder layout.
-            from adapters.tiny_model import (  # pylint: disable=import-outside-toplevel
+            from adapters.diffusion.tiny_model import (  # pylint: disable=import-outside-toplevel
                 build_tiny_lora,
             )
 

@@ -60,7 +60,9 @@ def load_model_or_tiny(
 def use_tiny_model(container: Container, report: Callable[[str], None] = print) -> str:
     """Build (once) and load the tiny built-in model instead of MODEL_ID; its path."""
     # Imported here: only this path needs the builder (and torch).
-    from adapters.tiny_model import build_tiny_model  # pylint: disable=import-outside-toplevel
+    from adapters.diffusion.tiny_model import (  # pylint: disable=import-outside-toplevel
+        build_tiny_model,
+    )
 
     tiny = build_tiny_model(TINY_MODEL_DIR.resolve())
     report(

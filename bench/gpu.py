@@ -6,13 +6,13 @@ DPM-Solver++ steps, guidance 7.5, a rank-8 LoRA on to_q/to_k/to_v/to_out.0 activ
 - plain: ``StableDiffusionPipeline`` in fp16 with diffusers' default attention and
   ``load_lora_weights``, called with a batch of prompts;
 - tuned: ``DiffusersImageModel`` with ``GpuTuning`` (channels_last, fused VAE QKV, cuDNN
-  autotuning) and its adapter cache, called with ``generate_batch``;
+  autotuning) and its pipeline LoRAs, called with ``generate_batch``;
 - tuned+compile: the same with ``torch.compile`` of the UNet and the LoRA in the hot-swap slot
   (``MODEL_COMPILE=true``);
 
 at each batch size: steps/s (denoising iterations of the whole batch per second, the figure
 published for SD 1.5), images/s and peak allocated memory. Then a mixed-LoRA batch (4 jobs, 4
-different LoRAs, per-sample adapter routing) against the same 4 jobs one by one, on the tuned
+different LoRAs, per-sample LoRA routing) against the same 4 jobs one by one, on the tuned
 model without compilation (a compiled UNet has one hot-swap slot and runs such jobs one LoRA per
 call). Prints the plan with a time estimate first, then the figures and ratios; writes
 bench/results/gpu.json (after every section, so a run cut short still leaves its figures).
@@ -51,8 +51,8 @@ from typing import Any
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.gpu_tuning import COMPILE_MODES, GpuTuning, warm_up
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tuning import COMPILE_MODES, GpuTuning, warm_up
 from bench.sd15 import SD15_UNET_CONFIG, SMOKE_UNET_CONFIG, sd15_pipeline, write_diffusers_lora
 from domain.errors import GenerationError
 from domain.request import GenerationRequest
@@ -376,7 +376,7 @@ def run_items(model: DiffusersImageModel, items: list[BatchItem]) -> list[Any]:
 def tuned_section(
     setup: Setup, model_dir: Path, loras: list[LoraArtifact], clock: Clock, out: SectionOutput
 ) -> None:
-    """The tuned model without compilation, the same LoRA through its adapter cache."""
+    """The tuned model without compilation, the same LoRA through its pipeline LoRAs."""
     _run_tuned("tuned", setup, model_dir, loras[0], clock, out, compile_unet=False)
 
 
@@ -511,7 +511,7 @@ def run_section(
 
 
 def _stats(model: DiffusersImageModel) -> dict[str, Any]:
-    stats = model.adapter_cache.stats
+    stats = model.pipeline_loras.stats
     return {"hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions}
 
 

@@ -6,8 +6,8 @@ noisy, so only ratios measured together mean anything):
 1. Switch cost, on a UNet with SD 1.5's real architecture (random weights, fp32) and LoRAs as the
    backend's trainer writes them (PEFT folders, rank 8, to_q/to_k/to_v/to_out.0). Baseline: the
    naive path per job, inject the LoRA (peft, as ``load_lora_weights`` would for a diffusers file;
-   that file path is timed too) and ``unload_lora_weights`` after the job. Cold: the adapter
-   cache on a miss (validation, load, activation, LRU eviction). Warm: the adapter is cached and
+   that file path is timed too) and ``unload_lora_weights`` after the job. Cold: the pipeline
+   LoRAs on a miss (validation, load, activation, LRU eviction). Warm: the LoRA is resident and
    only activated. Interleaved in rounds; median and p90 per operation.
 2. Resident memory over many swaps among many LoRAs with a small cache (after a warm-up), for
    the cache and, over the same swaps, for the baseline.
@@ -45,10 +45,10 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.local.storage import sha256_of
-from adapters.lora_adapters import LoraAdapterCache
-from adapters.tiny_model import build_tiny_lora, build_tiny_model
+from adapters.diffusion.lora.files import sha256_of
+from adapters.diffusion.lora.pipeline_loras import PipelineLoras
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tiny_model import build_tiny_lora, build_tiny_model
 from bench.sd15 import (
     SD15_UNET_CONFIG,
     SMOKE_UNET_CONFIG,
@@ -137,13 +137,13 @@ class NaiveLoader:
         self._count = 0
 
     def job(self, path: Path) -> None:
-        """Load ``path`` as the only adapter, activate it, then unload everything."""
+        """Load ``path`` as the only LoRA, activate it, then unload everything."""
         self._count += 1
         self.load(path, f"naive_{self._count}")
         self._pipe.unload_lora_weights()
 
     def load(self, path: Path, name: str) -> None:
-        """Load ``path`` as adapter ``name`` and make it the active one."""
+        """Load ``path`` as LoRA ``name`` and make it the active one."""
         if path.is_dir():
             self._inject_peft(path, name)
         else:
@@ -170,10 +170,10 @@ def artifact(path: Path) -> LoraArtifact:
     return LoraArtifact(ref=str(path), path=str(path), checksum=sha256_of(path))
 
 
-def build_adapter_cache(pipe: StableDiffusionPipeline, capacity: int) -> LoraAdapterCache:
-    """The project's adapter cache on ``pipe``, built by the model adapter as the worker does."""
-    model = DiffusersImageModel(pipe, model_id="sd15-random", adapter_cache_size=capacity)
-    return model.adapter_cache
+def build_pipeline_loras(pipe: StableDiffusionPipeline, capacity: int) -> PipelineLoras:
+    """The project's pipeline LoRAs on ``pipe``, built by the model adapter as the worker does."""
+    model = DiffusersImageModel(pipe, model_id="sd15-random", lora_pipeline_cache_size=capacity)
+    return model.pipeline_loras
 
 
 class SwitchBench:
@@ -181,7 +181,7 @@ class SwitchBench:
 
     Each side of a round starts from the plain UNet. The baseline side runs naive jobs; the
     cache side fills the cache to capacity (untimed), then alternates a miss that evicts
-    (cold) with a switch back to a cached adapter other than the active one (warm). Rounds
+    (cold) with a switch back to a resident LoRA other than the active one (warm). Rounds
     alternate which side goes first, so drift of a shared machine hits both alike.
     """
 
@@ -189,7 +189,7 @@ class SwitchBench:
         self,
         *,
         pipe: StableDiffusionPipeline,
-        cache: LoraAdapterCache,
+        cache: PipelineLoras,
         loras: list[LoraArtifact],
         diffusers_files: list[Path],
     ) -> None:
@@ -389,7 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--swaps", type=int, help="swaps measured for memory (default 500)")
     parser.add_argument("--loras", type=int, help="distinct LoRAs swapped among (default 20)")
-    parser.add_argument("--cache", type=int, help="adapter cache capacity (default 4)")
+    parser.add_argument("--cache", type=int, help="pipeline LoRA capacity (default 4)")
     parser.add_argument("--warmup", type=int, help="untimed swaps first (default 40)")
     parser.add_argument("--reps", type=int, help="timed operations per contender (default 20)")
     parser.add_argument("--batch-reps", type=int, help="timed batch comparisons (default 5)")
@@ -429,7 +429,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.cache < 2:
-        parser.error("--cache must be at least 2: a warm switch goes to another cached adapter")
+        parser.error("--cache must be at least 2: a warm switch goes to another resident LoRA")
     if args.loras < args.cache + min(args.reps, ROUND_SIZE):
         parser.error("--loras must be at least --cache + 5 (or + --reps), so that cold runs miss")
     return args
@@ -482,7 +482,7 @@ def memory_figures(
     args: argparse.Namespace,
     *,
     pipe: StableDiffusionPipeline,
-    cache: LoraAdapterCache,
+    cache: PipelineLoras,
     loras: list[LoraArtifact],
 ) -> dict[str, Any]:
     """Resident memory over the same seeded swaps: through the cache, then the naive path."""
@@ -529,7 +529,7 @@ def lora_section(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for i in range(args.loras)
     ]
     loras = [artifact(folder) for folder in folders]
-    cache = build_adapter_cache(pipe, args.cache)
+    cache = build_pipeline_loras(pipe, args.cache)
     timings = SwitchBench(pipe=pipe, cache=cache, loras=loras, diffusers_files=files).run(args.reps)
     return {
         "unet": "toy (smoke)" if args.smoke else "SD 1.5",

@@ -28,7 +28,11 @@ from diffusers import (
 from peft import LoraConfig, get_peft_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from adapters.tiny_model import assemble_pipeline, random_lora_factors, write_model_folder
+from adapters.diffusion.tiny_model import (
+    assemble_pipeline,
+    random_lora_factors,
+    write_model_folder,
+)
 
 TRAINER_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 """The layers the backend's trainer puts a LoRA on (every attn1 and attn2 of the UNet)."""

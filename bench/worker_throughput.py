@@ -35,9 +35,9 @@ import torch
 from dependency_injector import providers
 from PIL import Image
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.local.storage import sha256_of
-from adapters.tiny_model import build_tiny_lora, build_tiny_model
+from adapters.diffusion.lora.files import sha256_of
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tiny_model import build_tiny_lora, build_tiny_model
 from app.settings import load_settings
 from app.worker import favour_the_model_thread, start
 from containers import build_container

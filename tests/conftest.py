@@ -13,7 +13,8 @@ from tests.integration.services import RabbitService, S3Service, rabbit_service,
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete diffusers SD folder with seeded random weights (no hub)."""
-    from adapters.tiny_model import build_tiny_model  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from adapters.diffusion.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
@@ -21,7 +22,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same LoRA in the three accepted layouts."""
-    from adapters.tiny_model import build_tiny_lora  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from adapters.diffusion.tiny_model import build_tiny_lora
 
     root = tmp_path_factory.mktemp("loras")
     return {

@@ -17,9 +17,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from adapters.diffusion.lora.files import PEFT_CONFIG, PEFT_WEIGHTS, sha256_of
 from adapters.local.atomic_files import create_exclusive, replace_atomically
-from adapters.lora_disk_cache import sha256_of
-from adapters.lora_files import PEFT_CONFIG, PEFT_WEIGHTS
 from adapters.object_store.references import ObjectLocation, ObjectReferences
 from adapters.object_store.sidecars import (
     content_sha256,

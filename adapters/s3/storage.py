@@ -18,8 +18,18 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.lora_disk_cache import CachedLora, LoraCacheKey, LoraDiskCache, LoraDiskCacheStats
-from adapters.lora_files import DEFAULT_MAX_BYTES, PEFT_CONFIG, PEFT_WEIGHTS, check_lora_file_name
+from adapters.diffusion.lora.disk_cache import (
+    CachedLora,
+    LoraCacheKey,
+    LoraDiskCache,
+    LoraDiskCacheStats,
+)
+from adapters.diffusion.lora.files import (
+    DEFAULT_MAX_BYTES,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    check_lora_file_name,
+)
 from adapters.object_store.references import ObjectLocation, ObjectReferences
 from adapters.s3.errors import error_code, http_status, is_not_found, reading_error, storage_error
 from adapters.s3.outputs import S3OutputStore

@@ -13,8 +13,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.lora_files import LoraValidator
+from adapters.diffusion.lora.validation import LoraValidator
+from adapters.diffusion.model import DiffusersImageModel
 from bench import lora_cpu
 from bench.sd15 import (
     SD15_LORA_LAYERS,

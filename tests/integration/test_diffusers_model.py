@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.local.storage import sha256_of
-from adapters.lora_disk_cache import LoraCacheKey, LoraDiskCache
-from adapters.tiny_model import build_tiny_lora
+from adapters.diffusion.lora.disk_cache import LoraCacheKey, LoraDiskCache
+from adapters.diffusion.lora.files import sha256_of
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tiny_model import build_tiny_lora
 from domain.errors import ErrorCode, GpuOutOfMemory, LoraInvalid, ModelError, StorageError
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
@@ -90,12 +90,12 @@ def test_each_lora_layout_changes_the_image(
     base = pixels(model.generate(request(), None, ignore_steps))
     styled = pixels(model.generate(request(), artifact(tiny_loras[layout]), ignore_steps))
     assert np.abs(styled - base).mean() > 2.0, f"{layout} LoRA left the image unchanged"
-    # The adapter stays loaded for the next job, yet a base-model job is the base model exactly.
+    # The LoRA stays loaded for the next job, yet a base-model job is the base model exactly.
     after = pixels(model.generate(request(), None, ignore_steps))
     assert np.array_equal(after, base)
-    hits = model.adapter_cache.stats.hits
+    hits = model.pipeline_loras.stats.hits
     again = pixels(model.generate(request(), artifact(tiny_loras[layout]), ignore_steps))
-    assert model.adapter_cache.stats.hits == hits + 1
+    assert model.pipeline_loras.stats.hits == hits + 1
     assert np.array_equal(again, styled)
 
 
@@ -337,7 +337,7 @@ def test_a_lora_evicted_before_the_model_loads_it_is_a_retryable_storage_error(
     assert caught.value.code is ErrorCode.STORAGE_ERROR and caught.value.retryable
     assert "left the local cache before the model loaded it" in caught.value.message
     assert "fetched again on retry" in caught.value.message
-    # Nothing of it stays (making room for it may have evicted another adapter).
+    # Nothing of it stays (making room for it may have evicted another LoRA).
     assert set(model.pipeline.get_list_adapters().get("unet", [])) <= set(before)
     # The model serves the next jobs, and the LoRA itself once it is on disk again.
     model.generate(request(steps=2), artifact(tiny_loras["peft"]), ignore_steps)

@@ -26,10 +26,10 @@ from torch._dynamo import reset as dynamo_reset
 from torch._dynamo.exc import RecompileError
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.gpu_tuning import GpuTuning, apply_tuning, is_compiled, warm_up
-from adapters.lora_adapters import HOTSWAP_SLOT
-from adapters.tiny_model import build_tiny_lora
+from adapters.diffusion.lora.hotswap import HOTSWAP_SLOT
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tiny_model import build_tiny_lora
+from adapters.diffusion.tuning import GpuTuning, apply_tuning, is_compiled, warm_up
 from domain.errors import GpuOutOfMemory, ModelError
 from domain.request import GenerationRequest
 from ports.image_model import BatchItem
@@ -305,7 +305,7 @@ def test_a_warm_up_failure_at_a_further_size_is_skipped_not_fatal(
         return generate(request, lora, on_step)  # type: ignore[arg-type]
 
     monkeypatch.setattr(model, "generate", small_card)
-    with caplog.at_level(logging.WARNING, logger="adapters.gpu_tuning"):
+    with caplog.at_level(logging.WARNING, logger="adapters.diffusion.tuning"):
         warm_up(model, shapes=[(64, 64), (96, 64), (64, 96)], steps=2)
     assert sizes == [(64, 64), (96, 64), (64, 96)]  # went on after the failure
     assert "warm-up at 96x64 failed, skipped" in caplog.text

@@ -20,7 +20,7 @@ import pytest
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from adapters.diffusers_model import LIBRARY_LOGGERS, route_library_logs
+from adapters.diffusion.pipeline import LIBRARY_LOGGERS, route_library_logs
 
 pytestmark = pytest.mark.model
 
@@ -49,7 +49,7 @@ WORKER = textwrap.dedent("""
     diffusers_logging.get_logger("diffusers.probe").info("configured")
     transformers_logging.get_logger("transformers.probe").info("configured")
 
-    from adapters.diffusers_model import DiffusersImageModel
+    from adapters.diffusion.model import DiffusersImageModel
     from domain.request import GenerationRequest
 
     model = DiffusersImageModel.load(model_id=sys.argv[1], device="cpu")

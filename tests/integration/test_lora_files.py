@@ -19,19 +19,21 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from adapters.lora_files import (
+from adapters.diffusion.lora.files import (
     MAX_CONFIG_BYTES,
-    MAX_HEADER_BYTES,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     PICKLE_SUFFIXES,
-    LoraValidator,
+)
+from adapters.diffusion.lora.layer_shapes import layer_shapes
+from adapters.diffusion.lora.safetensors_header import (
+    MAX_HEADER_BYTES,
     check_safetensors,
-    layer_shapes,
     read_safetensors,
     read_safetensors_header,
 )
-from adapters.tiny_model import TINY_TARGET_MODULES, build_tiny_lora
+from adapters.diffusion.lora.validation import LoraValidator
+from adapters.diffusion.tiny_model import TINY_TARGET_MODULES, build_tiny_lora
 from domain.errors import ErrorCode, LoraInvalid
 
 TARGETED_LAYERS = 32

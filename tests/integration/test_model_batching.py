@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapters.diffusers_model import DiffusersImageModel, plan_batches
-from adapters.local.storage import sha256_of
-from adapters.tiny_model import build_tiny_lora
+from adapters.diffusion.batching import plan_batches
+from adapters.diffusion.lora.files import sha256_of
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tiny_model import build_tiny_lora
 from domain.errors import ErrorCode, GenerationError, GpuOutOfMemory, LoraInvalid, ModelError
 from domain.request import GenerationRequest
 from ports.image_model import BatchItem

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from botocore.awsrequest import AWSResponse
 
-from adapters.lora_disk_cache import LoraDiskCache
+from adapters.diffusion.lora.disk_cache import LoraDiskCache
 from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
 from adapters.s3.client import GCS_CREATE_ONLY_HEADER
 from domain.errors import (

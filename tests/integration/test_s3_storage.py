@@ -19,9 +19,9 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from urllib3.exceptions import ProtocolError
 
+from adapters.diffusion.lora.disk_cache import LoraDiskCache
+from adapters.diffusion.lora.files import sha256_of
 from adapters.local import LocalStorage
-from adapters.local.storage import sha256_of
-from adapters.lora_disk_cache import LoraDiskCache
 from adapters.s3 import S3Storage, make_s3_client
 from domain.errors import (
     ErrorCode,

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from adapters.lora_disk_cache import (
-    ENTRY_FILE,
-    LOCKS_FOLDER,
+from adapters.diffusion.lora.disk_cache import (
     CachedLora,
     LoraCacheKey,
     LoraDiskCache,
     LoraDiskCacheStats,
-    sha256_of,
 )
+from adapters.diffusion.lora.disk_entries import ENTRY_FILE, LOCKS_FOLDER
+from adapters.diffusion.lora.files import sha256_of
 
 
 class Clock:

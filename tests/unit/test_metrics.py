@@ -268,7 +268,7 @@ def test_every_metric_served_is_documented_in_the_table() -> None:
 
 def test_the_real_snapshots_of_the_disk_cache_and_the_gpu_monitor_fit() -> None:
     # pylint: disable=import-outside-toplevel
-    from adapters.lora_disk_cache import LoraDiskCacheStats
+    from adapters.diffusion.lora.disk_cache import LoraDiskCacheStats
     from adapters.nvml import GpuSample as MonitorSample
 
     stats = LoraDiskCacheStats(hits=3, misses=1, evictions=0, entries=1, bytes=10, max_bytes=100)

@@ -13,10 +13,10 @@ import pytest
 from dependency_injector import providers
 
 from adapters.console_notifier import ConsoleNotifier
+from adapters.diffusion.resource import export_cuda_environment, warm_up_shapes
 from adapters.local import LocalStorage
 from adapters.memory_task_source import InMemoryTaskSource
 from app.settings import SettingsError, load_settings
-import containers
 from containers import build_container
 from domain.job import GenerationJob
 from domain.request import ASPECT_RATIOS, GenerationRequest
@@ -155,17 +155,17 @@ def test_cuda_numbers_devices_as_nvml_and_nvidia_smi_do() -> None:
     with mock.patch.dict(os.environ):
         os.environ.pop("CUDA_DEVICE_ORDER", None)
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        containers.export_cuda_environment("1")
+        export_cuda_environment("1")
         assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
         os.environ["CUDA_DEVICE_ORDER"] = "FASTEST_FIRST"  # the operator's choice stands
-        containers.export_cuda_environment(None)
+        export_cuda_environment(None)
         assert os.environ["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_the_warm_up_covers_every_aspect_ratio_most_jobs_size_first() -> None:
-    shapes = containers.warm_up_shapes()
+    shapes = warm_up_shapes()
     assert shapes[0] == ASPECT_RATIOS["1:1"]
     assert sorted(shapes) == sorted(set(ASPECT_RATIOS.values()))
 

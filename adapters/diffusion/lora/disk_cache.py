@@ -1,5 +1,7 @@
-"""A disk LRU of downloaded LoRAs, keyed by the remote object's identity and ETag, capped in bytes,
-shared safely by the worker processes of one host (one per GPU) that use the same folder.
+"""The LoRA disk cache: an LRU of downloaded LoRAs, capped in bytes, shared by a host's workers.
+
+Entries are keyed by the remote object's identity and ETag; the worker processes of one host
+(one per GPU) may use the same folder safely.
 
 Each entry is a folder ``<root>/<digest>/`` holding the payload (a ``.safetensors`` file or a
 PEFT folder, under a readable name) and ``entry.json`` (the key, the payload's SHA-256 and size).
@@ -23,57 +25,50 @@ system: ``flock`` is not dependable over NFS). The kernel drops a dead process's
 
 A process waits for a key lock with nothing else held, and for the folder lock with at most one
 key lock held; holding the folder lock it only ever tries key locks without waiting: no deadlock.
+
+The entry format is in ``disk_entries``, the sweep at start in ``disk_sweep``, the lock in
+``file_lock``; no torch here (the storage adapters and the container use this cache).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
+
+from adapters.diffusion.lora.disk_entries import (
+    ENTRY_FILE,
+    LOCKS_FOLDER,
+    PART_SUFFIX,
+    Entry,
+    fsync_path,
+    fsync_tree,
+    key_lock,
+    payload_name,
+    read_entry,
+    remove,
+    scan,
+    set_aside,
+    tree_bytes,
+    write_entry_file,
+)
+from adapters.diffusion.lora.disk_sweep import sweep
+from adapters.diffusion.lora.file_lock import FileLock
+from adapters.diffusion.lora.files import sha256_of
 
 log = logging.getLogger(__name__)
 
-ENTRY_FILE = "entry.json"
-PART_SUFFIX = ".part"
-EVICTED_SUFFIX = ".evicted"
-LOCKS_FOLDER = ".locks"
-"""The lock files' folder inside the cache folder."""
 DEFAULT_PROTECT_SECONDS = 600.0
 """An entry handed out this recently, by any process, is never evicted: the model may not have
 loaded it yet."""
 _FOLDER_LOCK = "folder.lock"
-_DIGEST = re.compile(r"[0-9a-f]{32}")
-_PART = re.compile(r"\.([0-9a-f]{32})\..+" + re.escape(PART_SUFFIX))
-"""A download's folder, ``.<digest>.<random>.part``."""
-_LEGACY_DOWNLOAD = re.compile(r"[0-9a-f]{32}-.+")
-"""Files of the earlier download folder (``<digest>-<name>``), removed when found."""
-_ENTRY_VERSION = 1
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (names and contents, in name order)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -122,73 +117,6 @@ class LoraDiskCacheStats:
     max_bytes: int
 
 
-@dataclass(frozen=True)
-class _Entry:
-    digest: str
-    payload: Path
-    checksum: str
-    size_bytes: int
-
-
-class _FileLock:
-    """An exclusive ``flock`` on the file at ``path``, which its holder may delete (``unlink``).
-
-    A process that was waiting on a deleted file finds, once it holds that file's lock, that the
-    path names another file or none, and locks the file at the path instead. Locks conflict
-    between processes and between two ``_FileLock`` objects of one process alike.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._descriptor: int | None = None
-
-    def acquire(self, *, blocking: bool = True) -> bool:
-        """Take the lock, waiting for it unless not ``blocking``; whether it was taken."""
-        operation = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
-        while True:
-            try:
-                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            except FileNotFoundError:  # the locks' folder was removed behind the cache
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                continue
-            try:
-                fcntl.flock(descriptor, operation)
-            except BlockingIOError:
-                os.close(descriptor)
-                return False
-            except BaseException:
-                os.close(descriptor)
-                raise
-            if _names_file(self.path, descriptor):
-                self._descriptor = descriptor
-                return True
-            os.close(descriptor)  # deleted by its holder meanwhile: lock the one there now
-
-    def release(self) -> None:
-        """Let go of the lock (nothing if not held)."""
-        if self._descriptor is not None:
-            os.close(self._descriptor)
-            self._descriptor = None
-
-    def unlink(self) -> None:
-        """Delete the lock file; only while holding the lock."""
-        if self._descriptor is None:
-            raise RuntimeError(f"{self.path} is not locked by this object")
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> _FileLock:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        _kind: type[BaseException] | None,
-        _value: BaseException | None,
-        _traceback: TracebackType | None,
-    ) -> None:
-        self.release()
-
-
 class LoraDiskCache:
     """Thread- and process-safe LRU of LoRA downloads on disk, capped at ``max_bytes`` in total.
 
@@ -219,7 +147,7 @@ class LoraDiskCache:
         self._clock = clock
         self._locks = self.root / LOCKS_FOLDER
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._in_flight: dict[str, Future[CachedLora]] = {}
         self._hits = 0
         self._misses = 0
@@ -285,7 +213,7 @@ class LoraDiskCache:
         self, key: LoraCacheKey, fill: Callable[[Path], None], *, name: str, folder: bool
     ) -> CachedLora:
         """Under the key's lock: the entry if on disk, else a download; then evict if needed."""
-        with self._key_lock(key.digest):
+        with key_lock(self.root, key.digest):
             served = self._hand_out(key.digest)
             if served is not None:
                 with self._lock:
@@ -296,7 +224,7 @@ class LoraDiskCache:
             served = self._download(key, fill, name=name, folder=folder)
             doomed = self._evict()  # the key's lock is held: this call never evicts its entry
         for path in doomed:
-            _remove(path)
+            remove(path)
         return served
 
     def _hand_out(self, digest: str) -> CachedLora | None:
@@ -304,7 +232,7 @@ class LoraDiskCache:
         with self._lock:
             entry = self._entries.get(digest)
         if entry is None or not entry.payload.exists():
-            found = _read_entry(self.root / digest)
+            found = read_entry(self.root / digest)
             with self._lock:
                 if found is None:
                     if self._entries.pop(digest, None) is not None:
@@ -318,7 +246,7 @@ class LoraDiskCache:
         self._mark_used(entry)
         return CachedLora(entry.payload, entry.checksum, entry.size_bytes, hit=True)
 
-    def _mark_used(self, entry: _Entry) -> None:
+    def _mark_used(self, entry: Entry) -> None:
         """Stamp the entry's last use on disk (its entry file's mtime), for every process."""
         with self._lock:
             stamp = max(int(self._clock() * 1e9), self._last_touch_ns + 1)
@@ -333,30 +261,39 @@ class LoraDiskCache:
     ) -> CachedLora:
         """Fill a ``.part`` folder, checksum and fsync it, rename it into place (key lock held)."""
         digest = key.digest
-        payload_name = _payload_name(name, folder=folder)
+        stored_name = payload_name(name, folder=folder)
         self.root.mkdir(parents=True, exist_ok=True)
         part = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{digest}.", suffix=PART_SUFFIX))
         try:
-            payload = part / payload_name
+            payload = part / stored_name
             if folder:
                 payload.mkdir()
             fill(payload)
             if not (payload.is_dir() if folder else payload.is_file()):
-                raise OSError(f"the download of {key.source} produced no {payload_name}")
-            size = _tree_bytes(payload)
+                raise OSError(f"the download of {key.source} produced no {stored_name}")
+            size = tree_bytes(payload)
             checksum = self._hasher(payload)
-            _write_entry_file(part / ENTRY_FILE, key, payload_name, folder, checksum, size)
-            _fsync_tree(part)
+            write_entry_file(
+                part / ENTRY_FILE,
+                digest=digest,
+                source=key.source,
+                versions=key.versions,
+                payload=stored_name,
+                folder=folder,
+                checksum=checksum,
+                size=size,
+            )
+            fsync_tree(part)
             final = self.root / digest
             if final.exists():
                 # A broken entry of this key (its payload vanished): replace it.
-                _remove(_set_aside(final))
+                remove(set_aside(final))
             os.replace(part, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
         except BaseException:
-            _remove(part)
+            remove(part)
             raise
-        entry = _Entry(digest, final / payload_name, checksum, size)
+        entry = Entry(digest, final / stored_name, checksum, size)
         with self._lock:
             self._entries[digest] = entry
         self._mark_used(entry)
@@ -365,93 +302,31 @@ class LoraDiskCache:
 
     # -- the folder ---------------------------------------------------------------------------
 
-    def _key_lock(self, digest: str) -> _FileLock:
-        return _FileLock(self._locks / f"{digest}.lock")
-
-    def _folder_lock(self) -> _FileLock:
-        return _FileLock(self._locks / _FOLDER_LOCK)
+    def _folder_lock(self) -> FileLock:
+        return FileLock(self._locks / _FOLDER_LOCK)
 
     def _open(self) -> None:
         """Sweep what dead processes left, index the entries on disk, evict down to the cap."""
         self._locks.mkdir(parents=True, exist_ok=True)
         with self._folder_lock():
-            doomed = self._sweep()
-            found = _scan(self.root)
+            doomed = sweep(self.root)
+            found = scan(self.root)
             with self._lock:
                 self._entries = {entry.digest: entry for _, entry in found}
                 self._last_touch_ns = max((used_ns for used_ns, _ in found), default=0)
             doomed += self._evict_scanned(found)
         for path in doomed:
-            _remove(path)
+            remove(path)
         if found:
             stats = self.stats
             log.info(
                 "LoRA cache at %s: %d entries, %d bytes", self.root, stats.entries, stats.bytes
             )
 
-    def _sweep(self) -> list[Path]:
-        """Leftovers of dead processes and of earlier versions, set aside (folder lock held)."""
-        doomed: list[Path] = []
-        for child in self.root.iterdir():
-            name = child.name
-            if name == LOCKS_FOLDER:
-                continue
-            if name.startswith(".") and name.endswith(PART_SUFFIX):
-                doomed += self._sweep_part(child)
-            elif name.startswith(".") and name.endswith(EVICTED_SUFFIX):
-                log.info("removing the leftover %s from the LoRA cache", name)
-                doomed.append(child)
-            elif _DIGEST.fullmatch(name) and child.is_dir():
-                doomed += self._sweep_broken_entry(child)
-            elif _LEGACY_DOWNLOAD.fullmatch(name):
-                log.info("removing %s, a download of an earlier version", name)
-                doomed.append(child)
-            else:
-                log.warning("%s in the LoRA cache folder is not a cache entry; left alone", child)
-        for lock_file in self._locks.glob("*.lock"):
-            digest = lock_file.name.removesuffix(".lock")
-            if _DIGEST.fullmatch(digest) and not (self.root / digest).exists():
-                lock = _FileLock(lock_file)
-                if lock.acquire(blocking=False):
-                    lock.unlink()  # no entry and no download: a waiter will make a new one
-                    lock.release()
-        return doomed
-
-    def _sweep_part(self, part: Path) -> list[Path]:
-        """A download's folder, if no live process is downloading that key."""
-        match = _PART.fullmatch(part.name)
-        lock = self._key_lock(match.group(1)) if match else None
-        if lock is not None and not lock.acquire(blocking=False):
-            log.info("%s is a download in progress in another process; left alone", part.name)
-            return []
-        try:
-            log.info("removing the leftover %s from the LoRA cache", part.name)
-            return [_set_aside(part)]
-        except FileNotFoundError:
-            return []
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def _sweep_broken_entry(self, folder: Path) -> list[Path]:
-        """An entry folder whose files do not add up, unless another process is at it."""
-        if _read_entry(folder) is not None:
-            return []
-        lock = self._key_lock(folder.name)
-        if not lock.acquire(blocking=False):
-            return []
-        try:
-            if not folder.exists() or _read_entry(folder) is not None:
-                return []
-            log.warning("removing the broken LoRA cache entry %s", folder.name)
-            return [_set_aside(folder)]
-        finally:
-            lock.release()
-
     def _evict(self) -> list[Path]:
         """Look at the folder again and evict down to the cap; the set-aside folders to delete."""
         with self._folder_lock():
-            found = _scan(self.root)
+            found = scan(self.root)
             scanned = {entry.digest: entry for _, entry in found}
             with self._lock:
                 # Keep what a thread of this process indexed while the scan ran.
@@ -463,7 +338,7 @@ class LoraDiskCache:
                 self._entries = {**scanned, **racing}
             return self._evict_scanned(found)
 
-    def _evict_scanned(self, found: list[tuple[int, _Entry]]) -> list[Path]:
+    def _evict_scanned(self, found: list[tuple[int, Entry]]) -> list[Path]:
         """Evict unprotected entries, least recently used first, until under the cap."""
         total = sum(entry.size_bytes for _, entry in found)
         doomed: list[Path] = []
@@ -484,17 +359,17 @@ class LoraDiskCache:
             )
         return doomed
 
-    def _evict_entry(self, entry: _Entry) -> Path | None:
+    def _evict_entry(self, entry: Entry) -> Path | None:
         """Set ``entry`` aside unless in use: its key locked elsewhere, or its last use (read
         again from disk, under its key lock) within the protect window."""
-        lock = self._key_lock(entry.digest)
+        lock = key_lock(self.root, entry.digest)
         if not lock.acquire(blocking=False):
             return None
         try:
             used_ns = (self.root / entry.digest / ENTRY_FILE).stat().st_mtime_ns
             if self._protected(used_ns):
                 return None
-            victim = _set_aside(self.root / entry.digest)
+            victim = set_aside(self.root / entry.digest)
             lock.unlink()
         except FileNotFoundError:
             return None
@@ -511,119 +386,3 @@ class LoraDiskCache:
         if self.protect_seconds <= 0:
             return False
         return self._clock() * 1e9 - used_ns < self.protect_seconds * 1e9
-
-
-def _names_file(path: Path, descriptor: int) -> bool:
-    """Whether ``path`` still names the file open as ``descriptor``."""
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(descriptor)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _scan(root: Path) -> list[tuple[int, _Entry]]:
-    """``(last use in ns, entry)`` of every sound entry in ``root``."""
-    found = []
-    for child in root.iterdir():
-        if _DIGEST.fullmatch(child.name) and child.is_dir():
-            loaded = _read_entry(child)
-            if loaded is not None:
-                found.append(loaded)
-    return found
-
-
-def _payload_name(name: str, *, folder: bool) -> str:
-    """A safe single path component from ``name`` (never the entry file, never hidden)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name.rstrip("/").rsplit("/", 1)[-1])[-100:]
-    cleaned = cleaned.lstrip(".")
-    if not cleaned or cleaned == ENTRY_FILE:
-        cleaned = "lora" if folder else "lora.safetensors"
-    return cleaned
-
-
-def _write_entry_file(
-    path: Path, key: LoraCacheKey, payload: str, folder: bool, checksum: str, size: int
-) -> None:
-    document = {
-        "version": _ENTRY_VERSION,
-        "digest": key.digest,
-        "source": key.source,
-        "versions": [list(version) for version in key.versions],
-        "payload": payload,
-        "folder": folder,
-        "sha256": checksum,
-        "bytes": size,
-    }
-    path.write_text(json.dumps(document, indent=1), encoding="utf-8")
-
-
-def _read_entry(folder: Path) -> tuple[int, _Entry] | None:
-    """``(last use in ns, entry)`` of an entry folder, or None if anything does not add up.
-
-    The payload's size is compared with the recorded one (cheap), its checksum is not
-    recomputed: the entry was checksummed when it was downloaded.
-    """
-    entry_file = folder / ENTRY_FILE
-    try:
-        document = json.loads(entry_file.read_text(encoding="utf-8"))
-        name, is_folder = document["payload"], document["folder"]
-        checksum, size = document["sha256"], document["bytes"]
-        sound = (
-            document.get("version") == _ENTRY_VERSION
-            and document.get("digest") == folder.name
-            and isinstance(is_folder, bool)
-            and isinstance(name, str)
-            and _payload_name(name, folder=is_folder) == name
-            and re.fullmatch(r"[0-9a-f]{64}", checksum) is not None
-        )
-        payload = folder / name
-        if not sound or not (payload.is_dir() if is_folder else payload.is_file()):
-            return None
-        if _tree_bytes(payload) != size:
-            return None
-        used_ns = entry_file.stat().st_mtime_ns
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return used_ns, _Entry(folder.name, payload, checksum, size)
-
-
-def _tree_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and folder under ``path`` (and ``path``), so a rename publishes data."""
-    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync_path(child)
-    _fsync_path(path)
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # some file systems cannot fsync a folder; the data files were synced
-    finally:
-        os.close(descriptor)
-
-
-def _set_aside(path: Path) -> Path:
-    """Rename ``path`` to a hidden ``.evicted`` name (atomic), to be deleted at leisure."""
-    target = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{EVICTED_SUFFIX}")
-    os.replace(path, target)
-    return target
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

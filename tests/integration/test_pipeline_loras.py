@@ -1,4 +1,4 @@
-"""The LoRA adapter cache on the tiny model: LRU, no leaks over many swaps, hot-swap mode."""
+"""Pipeline LoRAs on the tiny model: resident LRU, no leaks over many swaps, the hot-swap slot."""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch._subclasses.fake_tensor import FakeTensor
 
-from adapters.diffusers_model import DiffusersImageModel
-from adapters.local.storage import sha256_of
-from adapters.lora_adapters import HOTSWAP_SLOT, LoraAdapterCache, is_cuda_oom, lora_layers
-from adapters.lora_files import LoraLayout, LoraValidator
-from adapters.tiny_model import build_tiny_lora
+from adapters.diffusion.cuda_memory import is_cuda_oom
+from adapters.diffusion.lora.files import sha256_of
+from adapters.diffusion.lora.hotswap import HOTSWAP_SLOT
+from adapters.diffusion.lora.peft_layers import lora_layers
+from adapters.diffusion.lora.resident import ResidentLoras
+from adapters.diffusion.lora.validation import LoraLayout, LoraValidator
+from adapters.diffusion.model import DiffusersImageModel
+from adapters.diffusion.tiny_model import build_tiny_lora
 from domain.errors import GpuOutOfMemory, LoraInvalid, StorageError
 from domain.request import GenerationRequest
 from ports.storage import LoraArtifact
@@ -111,14 +114,14 @@ def live_tensors() -> int:
 def test_a_loaded_lora_is_switched_not_reloaded(
     tiny_model_dir: Path, loras: list[LoraArtifact]
 ) -> None:
-    model = fresh(tiny_model_dir, adapter_cache_size=2)
-    cache = model.adapter_cache
+    model = fresh(tiny_model_dir, lora_pipeline_cache_size=2)
+    cache = model.pipeline_loras
     first, second, third = loras[:3]
     names = [cache.activate(lora, 1.0) for lora in (first, second, first)]
     assert names[0] == names[2] != names[1]
     assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 2, 0)
     newest = cache.activate(third, 1.0)  # evicts `second`, the least recently used
-    assert cache.stats.evictions == 1 and cache.stats.loaded == 2
+    assert cache.stats.evictions == 1 and cache.stats.entries == 2
     assert set(model.pipeline.get_list_adapters()["unet"]) == {names[0], newest}
     cache.activate(second, 1.0)  # a miss again: it was evicted
     assert cache.stats.misses == 4 and cache.stats.evictions == 2
@@ -134,12 +137,12 @@ def test_a_hit_reads_no_file(
     first = render(model, lora)
     moved.unlink()
     assert_close(render(model, lora), first)
-    assert model.adapter_cache.stats.hits == 1
+    assert model.pipeline_loras.stats.hits == 1
     assert_close(first, render(reference, loras[0]))
 
 
 def assert_holds_only(unet: torch.nn.Module, resident: set[str]) -> None:
-    """Every per-adapter entry of every LoRA layer, and the config, name a resident adapter."""
+    """Every per-adapter entry of every LoRA layer, and the config, name a resident LoRA."""
     assert set(unet.peft_config) == resident
     for layer in lora_layers(unet):
         for attribute, keys in adapter_keys(layer).items():
@@ -152,17 +155,17 @@ def assert_holds_only(unet: torch.nn.Module, resident: set[str]) -> None:
         assert not layer.merged_adapters and set(layer.active_adapters) <= resident
 
 
-def test_many_swaps_leave_exactly_capacity_adapters_and_no_growth(
+def test_many_swaps_leave_exactly_capacity_loras_and_no_growth(
     tiny_model_dir: Path, loras: list[LoraArtifact], reference: DiffusersImageModel
 ) -> None:
     capacity = 3
-    model = fresh(tiny_model_dir, adapter_cache_size=capacity)
-    cache = model.adapter_cache
+    model = fresh(tiny_model_dir, lora_pipeline_cache_size=capacity)
+    cache = model.pipeline_loras
     order = random.Random(5).choices(loras, k=150)
     baseline = 0
     for turn, lora in enumerate(order):
         cache.activate(lora, 1.0)
-        resident = set(cache.adapter_names)
+        resident = set(cache.names)
         assert len(resident) == min(capacity, len({seen.checksum for seen in order[: turn + 1]}))
         assert_holds_only(model.pipeline.unet, resident)
         if turn == 20:
@@ -173,22 +176,22 @@ def test_many_swaps_leave_exactly_capacity_adapters_and_no_growth(
     assert not getattr(model.pipeline, "_merged_adapters", set())
     stats = cache.stats
     assert stats.hits + stats.misses == len(order) and stats.evictions == stats.misses - capacity
-    # A cached adapter gives the image a freshly loaded one gives.
+    # A resident LoRA gives the image a freshly loaded one gives.
     for lora in loras:
         assert_close(render(model, lora), render(reference, lora))
     cache.deactivate()
     assert np.array_equal(render(model, None), render(reference, None))
 
 
-def test_a_batch_never_evicts_its_own_adapters(
+def test_a_batch_never_evicts_its_own_loras(
     tiny_model_dir: Path, loras: list[LoraArtifact]
 ) -> None:
-    model = fresh(tiny_model_dir, adapter_cache_size=2)
-    cache = model.adapter_cache
+    model = fresh(tiny_model_dir, lora_pipeline_cache_size=2)
+    cache = model.pipeline_loras
     cache.activate(loras[0], 1.0)
     outcome = cache.activate_mixed([(loras[1], 1.0), (loras[2], 0.5)])
     assert set(outcome) == {loras[1].checksum, loras[2].checksum}
-    assert set(outcome.values()) == set(cache.adapter_names)
+    assert set(outcome.values()) == set(cache.names)
     with pytest.raises(ValueError, match="at most 2"):
         cache.activate_mixed([(lora, 1.0) for lora in loras[:3]])
     with pytest.raises(ValueError, match="two scales"):
@@ -208,20 +211,20 @@ def test_the_validator_runs_before_every_load_and_a_refusal_loads_nothing(
             raise LoraInvalid("refused by the test's validator")
         return real.validate(path)
 
-    cache = LoraAdapterCache(pipeline, capacity=4, validator=validate)
+    cache = ResidentLoras(pipeline, capacity=4, validator=validate)
     cache.activate(loras[0], 1.0)
     cache.activate(loras[0], 1.0)
     with pytest.raises(LoraInvalid, match="refused"):
         cache.activate(loras[2], 1.0)
     assert checked == [Path(loras[0].path).name, Path(loras[2].path).name]
-    assert pipeline.get_list_adapters()["unet"] == cache.adapter_names
-    assert len(cache.adapter_names) == 1
+    assert pipeline.get_list_adapters()["unet"] == cache.names
+    assert len(cache.names) == 1
 
 
 def test_a_failing_delete_does_not_cost_the_image(
     tiny_model_dir: Path, loras: list[LoraArtifact], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = fresh(tiny_model_dir, adapter_cache_size=1)
+    model = fresh(tiny_model_dir, lora_pipeline_cache_size=1)
     render(model, loras[0])
 
     def broken_delete(_name: object) -> None:
@@ -229,7 +232,7 @@ def test_a_failing_delete_does_not_cost_the_image(
 
     monkeypatch.setattr(model.pipeline, "delete_adapters", broken_delete)
     assert render(model, loras[1]).shape == (128, 128, 3)
-    assert model.adapter_cache.stats.evictions == 1
+    assert model.pipeline_loras.stats.evictions == 1
 
 
 def test_training_dropout_in_the_metadata_is_off_while_generating(
@@ -266,7 +269,7 @@ def slot_scalings(model: DiffusersImageModel) -> list[torch.Tensor]:
 def test_hotswap_images_equal_the_normal_path_and_the_slot_is_never_rebuilt(
     tiny_model_dir: Path, loras: list[LoraArtifact], reference: DiffusersImageModel
 ) -> None:
-    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8, adapter_cache_size=3)
+    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8, lora_pipeline_cache_size=3)
     slot = slot_parameters(model)
     scalings = slot_scalings(model)
     assert slot and all(isinstance(scaling, torch.Tensor) for scaling in scalings)
@@ -275,17 +278,17 @@ def test_hotswap_images_equal_the_normal_path_and_the_slot_is_never_rebuilt(
     for lora, scale in ((first, 1.0), (second, 1.0), (first, 1.0), (first, 0.5), (None, 1.0)):
         got = render(model, lora, lora_scale=scale)
         assert_close(got, render(reference, lora, lora_scale=scale))
-    # Weights were copied into the same tensors; no adapter was added or removed.
+    # Weights were copied into the same tensors; no LoRA was added or removed.
     assert slot_parameters(model) == slot
     assert [id(s) for s in slot_scalings(model)] == [id(s) for s in scalings]
     assert list(model.pipeline.unet.peft_config) == [HOTSWAP_SLOT]
-    assert model.adapter_cache.stats.hits == 2 and model.adapter_cache.stats.misses == 2
+    assert model.pipeline_loras.stats.hits == 2 and model.pipeline_loras.stats.misses == 2
 
 
 def test_hotswap_keeps_parsed_loras_in_host_memory_up_to_capacity(
     tiny_model_dir: Path, loras: list[LoraArtifact], reference: DiffusersImageModel, tmp_path: Path
 ) -> None:
-    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8, adapter_cache_size=2)
+    model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8, lora_pipeline_cache_size=2)
     moved = tmp_path / "moved.safetensors"
     shutil.copy(loras[1].path, moved)
     kohya = LoraArtifact(ref="moved", path=str(moved), checksum=loras[1].checksum)
@@ -294,8 +297,8 @@ def test_hotswap_keeps_parsed_loras_in_host_memory_up_to_capacity(
     moved.unlink()
     assert_close(render(model, kohya), render(reference, loras[1]))  # served from host memory
     render(model, loras[3])  # evicts loras[0], the least recently used
-    stats = model.adapter_cache.stats
-    assert (stats.loaded, stats.evictions, stats.hits, stats.misses) == (2, 1, 1, 3)
+    stats = model.pipeline_loras.stats
+    assert (stats.entries, stats.evictions, stats.hits, stats.misses) == (2, 1, 1, 3)
 
 
 def test_hotswap_grows_the_slot_for_a_higher_rank(
@@ -462,7 +465,7 @@ def test_hotswap_a_config_the_slot_cannot_match_still_renders_right(
     config_path.write_text(json.dumps(config))
     rslora = artifact(folder)
     model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8)
-    with caplog.at_level(logging.WARNING, logger="adapters.lora_adapters"):
+    with caplog.at_level(logging.WARNING, logger="adapters.diffusion.lora.hotswap"):
         for lora in (rslora, loras[0], rslora, None):
             assert_close(render(model, lora), render(reference, lora))
     assert "becomes the hot-swap slot itself" in caplog.text
@@ -516,11 +519,11 @@ def test_an_oom_while_hot_swapping_and_again_while_undoing_is_gpu_oom_then_recov
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = fresh(tiny_model_dir, lora_hotswap=True, hotswap_max_rank=8)
-    cache = model.adapter_cache
+    cache = model.pipeline_loras
     render(model, loras[0])
 
     def swap_runs_out(_parsed: object) -> None:
-        # diffusers removes the adapter when a hot-swap fails: the slot is gone.
+        # diffusers removes the LoRA when a hot-swap fails: the slot is gone.
         cache._remove(HOTSWAP_SLOT)  # pylint: disable=protected-access
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 

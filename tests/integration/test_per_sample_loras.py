@@ -1,6 +1,6 @@
-"""Per-sample adapter routing (``per_sample_adapters``) against peft's own mixed-batch forward.
+"""Per-sample LoRA routing (``per_sample_loras``) against peft's own mixed-batch forward.
 
-A small peft model with LoRA Linear, Conv2d and Embedding layers and two adapters (one of
+A small peft model with LoRA Linear, Conv2d and Embedding layers and two LoRAs (one of
 which leaves a layer alone): the hooks must give exactly what peft's ``adapter_names`` path
 gives, while peft itself only ever sees base-only batches on the Linear and Conv2d layers (its
 list indexing waits for the GPU at every layer on CUDA; the hooks index with device tensors).
@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from adapters.lora_adapters import BASE_ADAPTER, per_sample_adapters
+from adapters.diffusion.lora.routing import NO_LORA, per_sample_loras
 
 
 class Toy(torch.nn.Module):
@@ -77,16 +77,16 @@ def _peft_routed(model: torch.nn.Module, tokens: torch.Tensor, names: list[str])
             handle.remove()
 
 
-NAMES = ["a", BASE_ADAPTER, "b", "a", "b"]
+NAMES = ["a", NO_LORA, "b", "a", "b"]
 
 
 def test_routing_equals_peft_mixed_batches_exactly(toy: torch.nn.Module) -> None:
     tokens = torch.randint(0, 10, (len(NAMES), 4), generator=torch.Generator().manual_seed(2))
     expected = _peft_routed(toy, tokens, NAMES)
-    with per_sample_adapters([(toy, NAMES)]), torch.inference_mode():
+    with per_sample_loras([(toy, NAMES)]), torch.inference_mode():
         routed = toy(tokens)
     assert torch.equal(routed, expected)
-    # And each sample is what its adapter gives alone (peft routing a single-sample batch).
+    # And each sample is what its LoRA gives alone (peft routing a single-sample batch).
     for i, name in enumerate(NAMES):
         alone = _peft_routed(toy, tokens[i : i + 1], [name])
         assert torch.allclose(routed[i : i + 1], alone, atol=1e-6)
@@ -113,17 +113,17 @@ def test_peft_sees_only_base_batches_on_linear_and_conv_layers(
     for kind in originals:
         monkeypatch.setattr(kind, "_mixed_batch_forward", spy)
     tokens = torch.randint(0, 10, (len(NAMES), 4))
-    with per_sample_adapters([(toy, NAMES)]), torch.inference_mode():
+    with per_sample_loras([(toy, NAMES)]), torch.inference_mode():
         toy(tokens)
-    assert seen["Linear"] == [BASE_ADAPTER] * len(NAMES)
-    assert seen["Conv2d"] == [BASE_ADAPTER] * len(NAMES)
+    assert seen["Linear"] == [NO_LORA] * len(NAMES)
+    assert seen["Conv2d"] == [NO_LORA] * len(NAMES)
     assert seen["Embedding"] == NAMES  # another kind of layer keeps peft's own routing
 
 
 def test_hooks_are_gone_after_the_block_even_on_error(toy: torch.nn.Module) -> None:
     tokens = torch.randint(0, 10, (3, 4))
     with pytest.raises(RuntimeError, match="saw a batch of 3 for 5 names"):
-        with per_sample_adapters([(toy, NAMES)]), torch.inference_mode():
+        with per_sample_loras([(toy, NAMES)]), torch.inference_mode():
             toy(tokens)
     for module in toy.modules():
         assert not module._forward_pre_hooks  # pylint: disable=protected-access
@@ -137,7 +137,7 @@ def test_disabled_adapters_stay_off_as_in_peft(toy: torch.nn.Module) -> None:
             module.enable_adapters(False)
     with torch.inference_mode():
         base = toy(tokens)
-    with per_sample_adapters([(toy, NAMES)]), torch.inference_mode():
+    with per_sample_loras([(toy, NAMES)]), torch.inference_mode():
         routed = toy(tokens)
     assert torch.equal(routed, base)
     assert torch.equal(routed, _peft_routed(toy, tokens, NAMES))

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from adapters.diffusers_model import route_library_logs
+from adapters.diffusion.pipeline import route_library_logs
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

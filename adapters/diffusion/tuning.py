@@ -6,7 +6,7 @@ What ``apply_tuning`` does, and what it deliberately does not:
 - ``channels_last`` for the UNet and the VAE: their convolutions then run NHWC on cuDNN.
 - Fused QKV projections on the VAE only. diffusers' ``fuse_qkv_projections`` adds a fused
   ``to_qkv`` (self-attention) or ``to_kv`` (cross-attention) Linear beside the original
-  projections and installs ``FusedAttnProcessor2_0``, which reads only the fused layers. Per-job
+  projections and installs ``FusedAttnProcessor2_0``, which reads only the fused layers. Pipeline
   LoRAs are injected by peft into ``to_q``/``to_k``/``to_v``/``to_out.0``, which still exist, so
   ``load_lora_weights`` on a fused UNet succeeds without a word while every self-attention q/k/v
   and every cross-attention k/v delta is bypassed: only ``to_out.0`` and the cross-attention
@@ -16,14 +16,15 @@ What ``apply_tuning`` does, and what it deliberately does not:
   the LoRA loaders still see a ``UNet2DConditionModel``). Compilation is lazy: it happens at the
   first forward (``warm_up``), so anything added to the UNet between ``apply_tuning`` and that
   call is part of the first graph. A compiled UNet must never change structure afterwards:
-  per-job LoRAs are copied into one fixed adapter slot in place (diffusers' LoRA hot-swap), and
+  each sample's LoRA is copied into one fixed slot in place (diffusers' LoRA hot-swap), and
   their scale is written into the slot's scaling tensors, never through ``set_adapters`` (which
   swaps a tensor for a float and recompiles; a test proves it).
 
 Order (``DiffusersImageModel.load``): build the pipeline -> ``pipe.to(device, dtype)`` ->
 ``apply_tuning`` -> with ``compile_unet``, create the LoRA hot-swap slot
-(``LoraAdapterCache(hotswap=True)``: ``enable_lora_hotswap(target_rank=...)`` and a zero LoRA
-at that rank, before any other adapter and before the first forward) -> ``warm_up``.
+(``HotswapSlot``: ``enable_lora_hotswap(target_rank=...)`` and a zero LoRA at that rank, before
+any other LoRA and before the first forward) -> ``warm_up``. Nothing here imports the model:
+``warm_up`` takes any ``ImageModel``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from domain.errors import GenerationError, ModelError
 from domain.request import GenerationRequest
-from ports.image_model import BatchItem
+from ports.image_model import BatchItem, ImageModel
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
-    from adapters.diffusers_model import DiffusersImageModel
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def apply_tuning(pipe: StableDiffusionPipeline, tuning: GpuTuning) -> list[str]:
         vae.to(memory_format=torch.channels_last)
         applied.append("channels_last (unet, vae)")
     if tuning.fuse_qkv:
-        # Never the UNet: its fused layers would bypass the per-job LoRA (module docstring).
+        # Never the UNet: its fused layers would bypass the pipeline LoRAs (module docstring).
         pipe.fuse_qkv_projections(unet=False, vae=True)
         applied.append("fused qkv (vae; unet left unfused for its LoRAs)")
     if tuning.compile_unet:
@@ -123,7 +123,7 @@ def _compile_unet(unet: torch.nn.Module, tuning: GpuTuning, applied: list[str]) 
     if getattr(unet, "peft_config", None):
         raise ModelError(
             "compile the UNet before any LoRA is loaded (then hot-swap LoRAs into one slot);"
-            f" adapters present: {sorted(unet.peft_config)}"
+            f" LoRAs present: {sorted(unet.peft_config)}"
         )
     options: dict[str, object] = {"fullgraph": tuning.compile_fullgraph}
     if tuning.compile_backend == "inductor":
@@ -140,7 +140,7 @@ def is_compiled(module: torch.nn.Module) -> bool:
     return hasattr(module, "_orig_mod") or bool(getattr(module, "_compiled_call_impl", None))
 
 
-def warm_up(model: DiffusersImageModel, *, shapes: Sequence[tuple[int, int]], steps: int) -> float:
+def warm_up(model: ImageModel, *, shapes: Sequence[tuple[int, int]], steps: int) -> float:
     """Base-model generations that compile the UNet and autotune cuDNN before the first job.
 
     At the first (width, height) of ``shapes``: one single image, then (when the model
