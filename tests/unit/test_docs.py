@@ -196,3 +196,41 @@ def test_env_example_loads_as_the_defaults(monkeypatch: pytest.MonkeyPatch, tmp_
     from_example = load_settings()
     monkeypatch.chdir("/")
     assert from_example.model_dump() == load_settings().model_dump()
+
+
+# --- citations in the code ----------------------------------------------------------------
+
+_CITATION = re.compile(r"(docs/[\w-]+\.md|README\.md|BENCHMARKS\.md)(?:,\s*\"([^\"]+)\")?")
+CODE_FOLDERS = ("app", "domain", "ports", "adapters", "tests", "tools", "bench")
+
+
+def code_citations() -> list[tuple[str, str, str]]:
+    """Every document (and quoted section) a comment or docstring of the code cites, as
+    (source file, document, section or "")."""
+    found = []
+    sources = [ROOT / "containers.py"]
+    sources += [path for folder in CODE_FOLDERS for path in sorted((ROOT / folder).rglob("*.py"))]
+    for source in sources:
+        text = re.sub(r"\n\s*(?:#\s*)?", " ", source.read_text(encoding="utf-8"))
+        for document, section in _CITATION.findall(text):
+            found.append((str(source.relative_to(ROOT)), document, section))
+    return found
+
+
+def test_the_code_cites_documents() -> None:
+    assert len([cite for cite in code_citations() if cite[1].startswith("docs/")]) >= 10
+
+
+@pytest.mark.parametrize(("source", "document", "section"), code_citations())
+def test_every_document_the_code_cites_is_in_the_repository(
+    source: str, document: str, section: str
+) -> None:
+    path = ROOT / document
+    assert path.exists(), f"{source} cites {document}, which is not in the repository"
+    if section:
+        headings = [
+            line.lstrip("#").strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#")
+        ]
+        assert section in headings, f'{source} cites {document}, "{section}": no such heading'
