@@ -30,8 +30,6 @@ from adapters.object_store.sidecars import (
 from domain.errors import InvalidRequest, LoraInvalid, LoraNotFound, SignatureInvalid, StorageError
 from ports.storage import LoraArtifact, ReferenceKind, StoredOutput
 
-__all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "LocalStorage", "sha256_of"]
-
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_CHECKSUMS = 256

@@ -12,7 +12,7 @@ import pytest
 
 from adapters.local import LocalStorage
 from adapters.local import storage as local_storage
-from adapters.local.storage import sha256_of
+from adapters.diffusion.lora.files import sha256_of
 from domain.errors import (
     ErrorCode,
     InvalidRequest,
