@@ -1,0 +1,1 @@
+"""Provenance marks: PNG metadata, content credentials and the invisible mark."""
