@@ -118,8 +118,11 @@ LIMITS: dict[str, Attack] = {
     "crop 50% (centre)": crop_centre(0.50),
     "jpeg 30": jpeg(30),
     "resize 90%": resize(0.9),
+    "resize 60%": resize(0.6),
     "resize 50% + jpeg 80": chain(resize(0.5), jpeg(80)),
     "rotate 1°": rotate(1.0),
+    "rotate 5°": rotate(5.0),
+    "mirror": lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
 }
 """Further copies, to show where the method stops."""
 
@@ -169,13 +172,16 @@ class OurMethod:
         self._mark = InvisibleMark()
 
     def embed(self, image: Image.Image, value: int) -> Image.Image:
+        """The image marked with value."""
         return self._mark.embed(image, value)
 
     def decode(self, image: Image.Image, original_size: tuple[int, int]) -> int | None:
-        del original_size  # our decoder searches the scale itself
+        """The id read, or None; the decoder searches the scale itself."""
+        del original_size
         return self._mark.decode(image).generation_id
 
     def expected(self, value: int) -> int:
+        """What a correct read returns for this value."""
         return value
 
 
@@ -192,6 +198,7 @@ class Imwatermark:
         self._decoder = WatermarkDecoder("bits", 32)
 
     def embed(self, image: Image.Image, value: int) -> Image.Image:
+        """The image marked with the value's low 32 bits."""
         encoder = self._encoder_type()
         encoder.set_watermark("bits", [int(b) for b in f"{self.expected(value):032b}"])
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
@@ -199,6 +206,7 @@ class Imwatermark:
         return Image.fromarray(np.ascontiguousarray(marked[:, :, ::-1]))
 
     def decode(self, image: Image.Image, original_size: tuple[int, int]) -> int | None:
+        """The 32 bits read, after resizing a resized copy back to the original size."""
         if image.size != original_size and abs(image.width / original_size[0] - 1) > 0.2:
             image = image.resize(original_size, Image.Resampling.BICUBIC)
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
@@ -206,6 +214,7 @@ class Imwatermark:
         return int("".join("1" if b else "0" for b in bits), 2)
 
     def expected(self, value: int) -> int:
+        """What a correct read returns for this value: its low 32 bits."""
         return value & 0xFFFFFFFF
 
 
@@ -236,33 +245,30 @@ def robustness(
     for label, image in images.items():
         value = int(rng.integers(0, 2**40))
         for method in contenders:
-            entry = report[method.name]
-            started = time.perf_counter()
-            marked = method.embed(image, value)
-            entry["embed_ms"].setdefault(str(image.width), []).append(
-                1000 * (time.perf_counter() - started)
-            )
-            entry["psnr"].append(psnr(image, marked))
-            for attack_name, attack in {**ATTACKS, **LIMITS}.items():
-                copy = attack(marked)
-                started = time.perf_counter()
-                read = method.decode(copy, image.size)
-                if attack_name == "none":
-                    entry["decode_ms"].setdefault(str(image.width), []).append(
-                        1000 * (time.perf_counter() - started)
-                    )
-                counts = entry["attacks"].setdefault(
-                    attack_name, {"exact": 0, "wrong": 0, "none": 0, "failed_on": []}
-                )
-                if read is None:
-                    counts["none"] += 1
-                elif read == method.expected(value):
-                    counts["exact"] += 1
-                else:
-                    counts["wrong"] += 1
-                if read != method.expected(value):
-                    counts["failed_on"].append(label)
+            attack_copies(method, label, image, value, report[method.name])
     return report
+
+
+def attack_copies(method: Any, label: str, image: Image.Image, value: int, entry: dict) -> None:
+    """Mark the image, decode every attacked copy, and count the outcomes into entry."""
+    started = time.perf_counter()
+    marked = method.embed(image, value)
+    size = str(image.width)
+    entry["embed_ms"].setdefault(size, []).append(1000 * (time.perf_counter() - started))
+    entry["psnr"].append(psnr(image, marked))
+    for attack_name, attack in {**ATTACKS, **LIMITS}.items():
+        copy = attack(marked)
+        started = time.perf_counter()
+        read = method.decode(copy, image.size)
+        if attack_name == "none":
+            entry["decode_ms"].setdefault(size, []).append(1000 * (time.perf_counter() - started))
+        counts = entry["attacks"].setdefault(
+            attack_name, {"exact": 0, "wrong": 0, "none": 0, "failed_on": []}
+        )
+        outcome = "none" if read is None else "exact" if read == method.expected(value) else "wrong"
+        counts[outcome] += 1
+        if outcome != "exact":
+            counts["failed_on"].append(label)
 
 
 def unmarked_images(count: int, seed: int) -> list[Image.Image]:
@@ -303,8 +309,20 @@ def false_positives(count: int, seed: int) -> dict[str, Any]:
         "ids_read": len(found),
         "reads": found,
         "max_sync_z": max(best_z),
-        "decode_ms_median": 1000 * (time.perf_counter() - started) / count,
+        "decode_ms_mean": 1000 * (time.perf_counter() - started) / count,
     }
+
+
+def full_search_ms() -> dict[str, float]:
+    """The worst-case decode time: an unmarked image, where every scale and offset is searched."""
+    mark = InvisibleMark()
+    times = {}
+    for size in (512, 1024):
+        image = smooth_scene(size, seed=99)
+        started = time.perf_counter()
+        mark.decode(image)
+        times[str(size)] = 1000 * (time.perf_counter() - started)
+    return times
 
 
 def table(report: dict[str, dict[str, Any]], images: int) -> str:
@@ -355,14 +373,7 @@ def main() -> None:
     contenders = methods()
     report = robustness(images, contenders, seed=7)
     fp = false_positives(unmarked, seed=11)
-    # The worst-case decode time: an unmarked image, where every scale and offset is searched.
-    mark = InvisibleMark()
-    search_ms = {}
-    for size in (512, 1024):
-        image = smooth_scene(size, seed=99)
-        started_decode = time.perf_counter()
-        mark.decode(image)
-        search_ms[str(size)] = 1000 * (time.perf_counter() - started_decode)
+    search_ms = full_search_ms()
     text = table(report, images=len(images))
     print(f"\n{len(images)} images ({', '.join(images)})\n")
     print(text)
