@@ -22,6 +22,8 @@ from adapters.local.records import records_root
 from adapters.memory_task_source import InMemoryTaskSource
 from adapters.nvml import GpuMonitor
 from adapters.prometheus import PrometheusTelemetry
+from adapters.provenance.configured import configured_credentials, configured_invisible_mark
+from adapters.provenance.marks import ProvenanceMarks
 from adapters.rabbitmq import RabbitMQTaskSource
 from adapters.s3 import S3RecordStore, S3Storage, make_s3_client
 from adapters.webhooks import HttpNotifier
@@ -186,6 +188,25 @@ class Container(containers.DeclarativeContainer):
         max_signature_pixels=config.signature_max_pixels,
     )
 
+    provenance = providers.Singleton(
+        ProvenanceMarks,
+        include_prompt=config.provenance_include_prompt,
+        invisible_mark=providers.Singleton(
+            configured_invisible_mark,
+            enabled=config.provenance_invisible_mark,
+            min_image_size=config.min_image_size,
+        ),
+        credentials=providers.Singleton(
+            configured_credentials,
+            key_file=config.c2pa_signing_key_file,
+            certificate_file=config.c2pa_certificate_file,
+            algorithm=config.c2pa_signing_algorithm,
+            timestamp_url=config.c2pa_timestamp_url,
+            without_certificate=config.c2pa_without_certificate,
+            thumbnail=config.c2pa_thumbnail,
+        ),
+    )
+
     step_times = providers.Singleton(StepTimeEstimator)
 
     request_policy = providers.Singleton(
@@ -209,6 +230,7 @@ class Container(containers.DeclarativeContainer):
         storage=storage,
         notifier=notifier,
         watermarker=watermarker,
+        provenance=provenance,
         step_times=step_times,
         milestones=config.progress_milestones,
         output_prefix=config.s3_output_prefix,

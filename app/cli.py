@@ -1,4 +1,4 @@
-"""``python -m app``: ``demo``, ``generate``, ``worker``, ``submit`` and ``health``.
+"""``python -m app``: ``demo``, ``generate``, ``worker``, ``submit``, ``health`` and ``inspect``.
 
 ``health`` runs as the container's HEALTHCHECK every few seconds, so this module imports only
 what every command needs; the model-side modules (the container, torch through the adapters)
@@ -21,6 +21,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import ProxyHandler, build_opener, url2pathname
 
+from app.inspect_command import add_inspect
 from app.logging_setup import LogFormat, configure_logging
 from app.settings import Settings, SettingsError, load_settings, secret_values
 from domain.request import ASPECT_RATIOS, SIGNATURE_POSITIONS, SIGNATURE_SIZES
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_submit(commands)
     _add_health(commands)
+    add_inspect(commands)
     return parser
 
 

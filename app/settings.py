@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.settings_provenance import ProvenanceSettings
 from app.settings_services import ServiceSettings
 from app.settings_worker import WorkerSettings
 
@@ -27,9 +28,10 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names the environment variable."""
 
 
-class Settings(BaseSettings, WorkerSettings, ServiceSettings):
+class Settings(BaseSettings, ProvenanceSettings, WorkerSettings, ServiceSettings):
     """Every tunable of the worker. The field name, upper-cased, is the environment variable;
-    the fields live in ``ServiceSettings`` and ``WorkerSettings``, in the order of the docs."""
+    the fields live in ``ServiceSettings``, ``WorkerSettings`` and ``ProvenanceSettings``, in
+    the order of the docs."""
 
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -94,4 +96,9 @@ def load_settings(**overrides: object) -> Settings:
                 f"{low.upper()} ({getattr(settings, low)}) is above"
                 f" {high.upper()} ({getattr(settings, high)})"
             )
+    if (settings.c2pa_signing_key_file is None) != (settings.c2pa_certificate_file is None):
+        raise SettingsError(
+            "C2PA_SIGNING_KEY_FILE and C2PA_CERTIFICATE_FILE are set together (a key signs"
+            " only with its certificate chain); one of them is unset"
+        )
     return settings

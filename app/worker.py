@@ -1,8 +1,9 @@
 """``python -m app worker``: consume the queue until stopped.
 
-Start-up checks fail fast, naming what is wrong: the broker, the buckets, the model. The first
-SIGTERM/SIGINT stops taking work, lets the job in flight finish and be settled, then closes; a
-second one exits at once (unsettled deliveries go back to the queue with the connection).
+Start-up checks fail fast, naming what is wrong: the broker, the buckets, the C2PA signing key,
+the model. The first SIGTERM/SIGINT stops taking work, lets the job in flight finish and be
+settled, then closes; a second one exits at once (unsettled deliveries go back to the queue with
+the connection).
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def start(container: Container) -> str | None:
         container.storage().check()
     except GenerationError as exc:
         return f"storage: {exc.message}"
+    try:
+        marks = container.provenance().marks
+    except ValueError as exc:  # a configured key or certificate the worker cannot sign with
+        return f"provenance: {exc}"
+    log.info("every image carries: %s", ", ".join(marks))
     try:
         container.image_model.init()
     except GenerationError as exc:

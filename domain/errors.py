@@ -23,6 +23,7 @@ class ErrorCode(str, Enum):
     MODEL_ERROR = "MODEL_ERROR"
     STORAGE_ERROR = "STORAGE_ERROR"
     NOTIFY_ERROR = "NOTIFY_ERROR"
+    PROVENANCE_ERROR = "PROVENANCE_ERROR"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
     @property
@@ -37,7 +38,13 @@ class ErrorCode(str, Enum):
 
 
 _RETRYABLE = frozenset(
-    {ErrorCode.GPU_OOM, ErrorCode.STORAGE_ERROR, ErrorCode.NOTIFY_ERROR, ErrorCode.INTERNAL_ERROR}
+    {
+        ErrorCode.GPU_OOM,
+        ErrorCode.STORAGE_ERROR,
+        ErrorCode.NOTIFY_ERROR,
+        ErrorCode.PROVENANCE_ERROR,
+        ErrorCode.INTERNAL_ERROR,
+    }
 )
 
 _DESCRIPTIONS = {
@@ -54,6 +61,9 @@ _DESCRIPTIONS = {
     ErrorCode.STORAGE_ERROR: "Object storage could not be read or written (or a LoRA left the"
     " worker's disk cache before the model loaded it).",
     ErrorCode.NOTIFY_ERROR: "The backend's webhook endpoint could not be reached.",
+    ErrorCode.PROVENANCE_ERROR: "The image could not be marked (content credentials not signed,"
+    " e.g. the timestamp authority did not answer, or the invisible mark not written); no"
+    " unmarked image is stored.",
     ErrorCode.INTERNAL_ERROR: "An unexpected error in the worker.",
 }
 
@@ -130,6 +140,12 @@ class NotifyError(GenerationError):
     """The backend could not be told (transient)."""
 
     code = ErrorCode.NOTIFY_ERROR
+
+
+class ProvenanceFailed(GenerationError):
+    """A provenance mark could not be written (transient: signing, a timestamp authority)."""
+
+    code = ErrorCode.PROVENANCE_ERROR
 
 
 class WebhookRejected(NotifyError):

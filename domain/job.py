@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from domain.request import GenerationRequest, SignatureSpec, output_key
 from domain.watermark import Watermarker
 from ports.image_model import BatchItem, ImageModel, StepCallback
 from ports.notifier import Notifier
+from ports.provenance import ProvenanceFacts, ProvenanceMarker
 from ports.storage import LoraArtifact, Storage, StoredOutput
 from ports.telemetry import Telemetry
 
@@ -87,6 +87,7 @@ class GenerationJob:
         storage: Storage,
         notifier: Notifier,
         watermarker: Watermarker,
+        provenance: ProvenanceMarker,
         step_times: StepTimeEstimator,
         output_prefix: str,
         telemetry: Telemetry,
@@ -97,6 +98,7 @@ class GenerationJob:
         self._storage = storage
         self._notifier = notifier
         self._watermarker = watermarker
+        self._provenance = provenance
         self._step_times = step_times
         self._milestones = tuple(milestones)
         self._output_prefix = output_prefix
@@ -200,20 +202,24 @@ class GenerationJob:
         return results
 
     def finish(self, rendered: Rendered) -> Completion:
-        """I/O after the model: sign, encode, store (the first stored image of the generation
-        wins); the completion to tell."""
+        """I/O after the model: sign, mark, encode, store (the first stored image of the
+        generation wins); the completion to tell."""
         prepared = rendered.prepared
         request = prepared.request
         image = rendered.image
         if request.signature is not None:
             image = self._watermarker.stamp(image, request.signature, prepared.inputs.signature)
-        png = encode_png(image)
-        encoded = self._clock()
+        stamped = self._clock()
         metadata = self._metadata(request, prepared.inputs.lora)
+        marked = self._provenance.mark(image, provenance_facts(metadata, request))
+        png = marked.png
+        encoded = self._clock()
+        metadata["provenance"] = dict(marked.provenance)
         metadata["durations"] = {
             "fetch_seconds": round(prepared.fetched - prepared.started, 3),
             "queued_seconds": round(rendered.began - prepared.fetched, 3),
             "generation_seconds": round(rendered.generated - rendered.began, 3),
+            "provenance_seconds": round(encoded - stamped, 3),
             "encode_seconds": round(encoded - rendered.generated, 3),
         }
         before = self._clock()
@@ -303,11 +309,26 @@ def _completion_of(stored: StoredOutput, *, reused: bool) -> Completion:
     return Completion(result_url=stored.url, metadata={}, reused=reused)
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of an image (lossless, moderately compressed)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
+def provenance_facts(metadata: Mapping[str, Any], request: GenerationRequest) -> ProvenanceFacts:
+    """What the marks state, read from the completion metadata: the file and the backend are
+    told the same seed, model and checksum."""
+    return ProvenanceFacts(
+        generation_id=request.generation_id,
+        task_id=request.task_id or "",
+        style_id=request.style_id,
+        artist=request.artist_name,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or "",
+        steps=metadata["steps"],
+        guidance_scale=metadata["guidance_scale"],
+        seed=metadata["seed"],
+        width=metadata["width"],
+        height=metadata["height"],
+        scheduler=metadata["scheduler"],
+        model=metadata["model"],
+        lora_checksum=metadata["lora_checksum"],
+        lora_scale=metadata["lora_scale"],
+    )
 
 
 def _signature_metadata(spec: SignatureSpec | None) -> dict[str, Any] | None:

@@ -104,6 +104,8 @@ class GenerationRequest:
     signature: SignatureSpec | None = None
     task_id: str | None = None
     style_id: int | None = None
+    artist_name: str | None = None
+    """The artist as the message names them (whitespace folded); None when it names none."""
 
 
 BatchKey = tuple[int, int, int, float, str]
@@ -213,6 +215,7 @@ class RequestNormalizer:
             lora_ref=(data.lora_path or "").strip() or None,
             lora_scale=policy.lora_scale,
             signature=self._signature(message),
+            artist_name=" ".join((data.artist_name or "").split()) or None,
         )
 
     def _prompt(self, message: GenerationMessage) -> str:

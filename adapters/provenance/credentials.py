@@ -42,7 +42,7 @@ from adapters.provenance.signing_key import (
     load_signing_key,
     read_pem_file,
 )
-from domain.errors import InternalError
+from domain.errors import ProvenanceFailed
 
 __all__ = [
     "DEVELOPMENT_CERTIFICATE_WARNING",
@@ -171,6 +171,7 @@ class ContentCredentials:
         certificate_file: Path,
         algorithm: str = "es256",
         timestamp_url: str | None = None,
+        thumbnail: bool = False,
     ) -> ContentCredentials:
         """Credentials from PEM files, such as mounted secrets."""
         files = {
@@ -183,6 +184,7 @@ class ContentCredentials:
                 certificate_chain_pem=read_pem_file(certificate_file, "certificate_file"),
                 algorithm=algorithm,
                 timestamp_url=timestamp_url,
+                thumbnail=thumbnail,
             )
         except CredentialsConfigError as error:
             if error.setting not in files:
@@ -190,12 +192,13 @@ class ContentCredentials:
             raise error.moved_to(*files[error.setting]) from None
 
     @classmethod
-    def development(cls) -> ContentCredentials:
+    def development(cls, *, thumbnail: bool = False) -> ContentCredentials:
         """Credentials with a freshly generated development chain that no validator trusts."""
         chain = generate_development_chain()
         return cls(
             private_key_pem=chain.private_key_pem,
             certificate_chain_pem=chain.certificate_chain_pem,
+            thumbnail=thumbnail,
         )
 
     @property
@@ -211,13 +214,14 @@ class ContentCredentials:
     def sign_png(self, png: bytes, facts: CredentialFacts) -> SignedImage:
         """The PNG with a signed manifest of `facts` embedded; its other chunks are kept.
 
-        Raises `InternalError` (retryable) when the SDK fails, e.g. the timestamp authority is down.
+        Raises `ProvenanceFailed` (retryable) when the SDK fails, e.g. the timestamp authority
+        is down.
         """
         label = f"urn:c2pa:{uuid.uuid4()}"
         try:
             signed = self._sign(png, _manifest(label, facts), self._timestamp_url)
         except c2pa.C2paError as error:
-            raise InternalError(f"content credentials could not be signed: {error}") from error
+            raise ProvenanceFailed(f"content credentials could not be signed: {error}") from error
         return SignedImage(data=signed, manifest_label=label, bytes_added=len(signed) - len(png))
 
     def _sign(self, png: bytes, manifest: dict[str, Any], timestamp_url: str | None) -> bytes:

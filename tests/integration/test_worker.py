@@ -23,6 +23,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.provenance.inspection import inspect_image
+from adapters.provenance.invisible_mark import InvisibleMark
+from adapters.provenance.png_metadata import TRAINED_ALGORITHMIC_MEDIA
 from app.settings import load_settings
 from app.worker import start
 from containers import Container, build_container
@@ -33,6 +36,7 @@ from tests.integration.worker_stack import (
     ROOT,
     TOKEN,
     Stack,
+    near,
     rabbit_connections,
     solid_signature,
 )
@@ -130,8 +134,21 @@ def test_a_backend_job_ends_as_a_signed_png_and_one_completion(
     assert len(body["metadata"]["lora_checksum"]) == 64
     with stack.output(456) as image:
         assert image.size == (512, 1024)
-        # large = 35 % of 512 = 179 px wide from the 3 % margin (15 px): red, opaque.
-        assert image.convert("RGB").getpixel((60, 40)) == (255, 0, 0)
+        # large = 35 % of 512 = 179 px wide from the 3 % margin (15 px): red, opaque (the
+        # invisible mark moves a channel by a few levels at most).
+        assert near(image.convert("RGB").getpixel((60, 40)), (255, 0, 0))
+    # The stored PNG carries every mark, and inspect proves them (the development certificate
+    # is the only thing it reports).
+    png = stack.client.get_object(Bucket=stack.media_bucket, Key="generations/456.png")
+    inspection = inspect_image(png["Body"].read(), invisible_mark=InvisibleMark())
+    assert inspection.verified() and inspection.credentials.state == "untrusted"
+    assert inspection.credentials.manifest_label == (
+        body["metadata"]["provenance"]["content_credentials"]["manifest_label"]
+    )
+    assert inspection.text.digital_source_type == TRAINED_ALGORITHMIC_MEDIA
+    assert inspection.text.generation_id == 456 and "Seed: 42" in str(inspection.text.parameters)
+    assert inspection.mark is not None and inspection.mark.generation_id == 456
+    assert body["metadata"]["provenance"]["invisible_mark"]["payload"] == {"generation_id": 456}
     assert stack.queue_state() == (0, 1)
 
 

@@ -42,6 +42,12 @@ def solid_signature() -> bytes:
     return buffer.getvalue()
 
 
+def near(pixel: Any, expected: tuple[int, int, int], tolerance: int = 8) -> bool:
+    """Whether an RGB pixel is within ``tolerance`` levels of ``expected`` in every channel:
+    the invisible mark moves pixels by a few levels, never more."""
+    return all(abs(int(got) - want) <= tolerance for got, want in zip(pixel, expected, strict=True))
+
+
 @dataclass
 class Stack:
     """Buckets, queue and receiver of one test, and how to reach them."""

@@ -17,6 +17,7 @@ from tests.unit.fakes import (
     FakeClock,
     FakeImageModel,
     FakeNotifier,
+    FakeProvenance,
     FakeRecordStore,
     FakeStorage,
     FakeTelemetry,
@@ -35,6 +36,7 @@ class Wired:
     records: FakeRecordStore
     telemetry: FakeTelemetry
     clock: FakeClock
+    provenance: FakeProvenance
 
 
 def png_bytes(size: tuple[int, int], color: tuple[int, int, int, int]) -> bytes:
@@ -64,6 +66,7 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[Wired]:
         records=FakeRecordStore(),
         telemetry=FakeTelemetry(),
         clock=clock,
+        provenance=FakeProvenance(),
     )
     container.image_model.override(providers.Object(fakes.model))
     container.storage.override(providers.Object(fakes.storage))
@@ -71,6 +74,7 @@ def wired(monkeypatch: pytest.MonkeyPatch) -> Iterator[Wired]:
     container.task_source.override(providers.Object(fakes.source))
     container.records.override(providers.Object(fakes.records))
     container.telemetry.override(providers.Object(fakes.telemetry))
+    container.provenance.override(providers.Object(fakes.provenance))
     container.generation_job.add_kwargs(clock=clock)
     container.job_runner.add_kwargs(clock=clock)
     container.ledger.add_kwargs(wall_clock=clock)

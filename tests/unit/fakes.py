@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import threading
@@ -22,6 +23,7 @@ from domain.errors import (
 from domain.progress import ProgressUpdate
 from domain.request import GenerationRequest
 from ports.image_model import BatchItem, StepCallback
+from ports.provenance import MarkedImage, ProvenanceFacts
 from ports.records import Record
 from ports.storage import LoraArtifact, ReferenceKind, StoredOutput
 from ports.task_source import Delivery
@@ -253,6 +255,29 @@ class FakeNotifier:
 
     def of_kind(self, kind: str) -> list[Any]:
         return [payload for k, _, payload in self.sent if k == kind]
+
+
+@dataclass
+class FakeProvenance:
+    """Records the facts each image was marked with; encodes a plain PNG; fails when told."""
+
+    marked: list[ProvenanceFacts] = field(default_factory=list)
+    error: Exception | None = None
+    marks: tuple[str, ...] = ("fake",)
+    clock: FakeClock | None = None
+    seconds: float = 0.0
+
+    def mark(self, image: Image.Image, facts: ProvenanceFacts) -> MarkedImage:
+        if self.error is not None:
+            raise self.error
+        if self.clock is not None:
+            self.clock.advance(self.seconds)
+        self.marked.append(facts)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=6)
+        return MarkedImage(
+            png=buffer.getvalue(), provenance={"fake": {"generation_id": facts.generation_id}}
+        )
 
 
 @dataclass

@@ -33,7 +33,7 @@ from adapters.provenance.dev_certificate import (
     DevelopmentChain,
     generate_development_chain,
 )
-from domain.errors import InternalError
+from domain.errors import ProvenanceFailed
 
 FACTS = CredentialFacts(
     generation_id=456,
@@ -457,7 +457,7 @@ def test_the_timestamp_authority_is_asked_when_signing(chain: DevelopmentChain) 
         certificate_chain_pem=chain.certificate_chain_pem,
         timestamp_url="http://127.0.0.1:9/timestamp",  # the discard port: nothing answers
     )
-    with pytest.raises(InternalError, match="127.0.0.1:9") as raised:
+    with pytest.raises(ProvenanceFailed, match="127.0.0.1:9") as raised:
         credentials.sign_png(png_bytes(), FACTS)
     assert raised.value.retryable
 

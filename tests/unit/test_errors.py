@@ -14,6 +14,7 @@ from domain.errors import (
     LoraNotFound,
     ModelError,
     NotifyError,
+    ProvenanceFailed,
     SignatureInvalid,
     StorageError,
     UnsupportedTask,
@@ -32,6 +33,7 @@ WIRE_CODES = [
     "MODEL_ERROR",
     "STORAGE_ERROR",
     "NOTIFY_ERROR",
+    "PROVENANCE_ERROR",
     "INTERNAL_ERROR",
 ]
 
@@ -45,6 +47,7 @@ SUBCLASS_CODES = [
     (ModelError, "MODEL_ERROR", False),
     (StorageError, "STORAGE_ERROR", True),
     (NotifyError, "NOTIFY_ERROR", True),
+    (ProvenanceFailed, "PROVENANCE_ERROR", True),
     (InternalError, "INTERNAL_ERROR", True),
 ]
 
@@ -75,7 +78,13 @@ def test_descriptions_are_distinct() -> None:
 
 def test_retryable_set_is_exactly_the_transient_codes() -> None:
     retryable = {code.value for code in ErrorCode if code.retryable}
-    assert retryable == {"GPU_OOM", "STORAGE_ERROR", "NOTIFY_ERROR", "INTERNAL_ERROR"}
+    assert retryable == {
+        "GPU_OOM",
+        "STORAGE_ERROR",
+        "NOTIFY_ERROR",
+        "PROVENANCE_ERROR",
+        "INTERNAL_ERROR",
+    }
 
 
 @pytest.mark.parametrize("error_class, wire, retryable", SUBCLASS_CODES)

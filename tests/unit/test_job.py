@@ -6,8 +6,8 @@ import hashlib
 import io
 import json
 import logging
-import struct
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -21,13 +21,15 @@ from domain.errors import (
     LoraInvalid,
     LoraNotFound,
     ModelError,
+    ProvenanceFailed,
     SignatureInvalid,
     StorageError,
 )
-from domain.job import METADATA_KEY, Completion, GenerationJob, Rendered, encode_png
+from domain.job import METADATA_KEY, Completion, GenerationJob, Rendered
 from domain.request import GenerationRequest, SignatureConfig, SignatureSpec
 from domain.watermark import Watermarker
 from ports.image_model import BatchItem
+from ports.provenance import ProvenanceFacts
 from ports.storage import LoraArtifact, StoredOutput
 from tests.unit.conftest import Wired, png_bytes
 from tests.unit.fakes import FakeClock, FakeImageModel, FakeStorage
@@ -101,10 +103,12 @@ def test_the_completion_carries_every_key_and_every_duration(wired: Wired) -> No
             "lora_checksum": "sha-7",
             "lora_scale": 0.8,
             "signature": None,
+            "provenance": {"fake": {"generation_id": 500}},
             "durations": {
                 "fetch_seconds": 0.5,
                 "queued_seconds": 1.0,
                 "generation_seconds": 5.0,
+                "provenance_seconds": 0.0,
                 "encode_seconds": 0.0,
                 "upload_seconds": 0.25,
                 "total_seconds": 6.75,
@@ -119,6 +123,7 @@ def test_the_completion_carries_every_key_and_every_duration(wired: Wired) -> No
             "fetch_seconds": 0.5,
             "queued_seconds": 1.0,
             "generation_seconds": 5.0,
+            "provenance_seconds": 0.0,
             "encode_seconds": 0.0,
         },
     }
@@ -387,11 +392,12 @@ class SlowStamp:
 
 # Every duration has a fourth decimal, so rounding to 3 decimals (not 4, not to an integer) shows.
 STORED_METADATA = (
-    '{"durations": {"encode_seconds": 0.043, "fetch_seconds": 0.123,'
-    ' "generation_seconds": 0.123, "queued_seconds": 1.068},'
+    '{"durations": {"encode_seconds": 0.056, "fetch_seconds": 0.123,'
+    ' "generation_seconds": 0.123, "provenance_seconds": 0.012, "queued_seconds": 1.068},'
     ' "guidance_scale": 7.5, "height": 512, "lora_checksum": "sha-7", "lora_path": "styles/1/",'
     ' "lora_scale": 0.8, "model": "fake/sd15", "negative_prompt": "blurry",'
-    ' "prompt": "watercolor, portrait", "scheduler": "dpmsolver++", "seed": 42,'
+    ' "prompt": "watercolor, portrait", "provenance": {"fake": {"generation_id": 500}},'
+    ' "scheduler": "dpmsolver++", "seed": 42,'
     ' "seed_was_chosen": true, "signature": {"kind": "image", "opacity": 0.5,'
     ' "position": "top-left", "size": "small"}, "steps": 10, "style_id": 1, "task_id": "t-9",'
     ' "width": 512}'
@@ -407,6 +413,7 @@ def test_the_metadata_is_stored_byte_stable_with_durations_to_the_millisecond(
     wired.container.storage.override(storage)  # type: ignore[arg-type]
     stamp = SlowStamp(wired.container.watermarker(), wired.clock)
     wired.container.watermarker.override(stamp)  # type: ignore[arg-type]
+    wired.provenance.clock, wired.provenance.seconds = wired.clock, 0.01234
     wired.model.seconds_per_step = 0.0123456
     job = wired.container.generation_job()
     spec = SignatureSpec(
@@ -448,13 +455,15 @@ def test_the_metadata_is_stored_byte_stable_with_durations_to_the_millisecond(
             "lora_checksum": "sha-7",
             "lora_scale": 0.8,
             "signature": {"kind": "image", "position": "top-left", "size": "small", "opacity": 0.5},
+            "provenance": {"fake": {"generation_id": 500}},
             "durations": {
                 "fetch_seconds": 0.123,
                 "queued_seconds": 1.068,
                 "generation_seconds": 0.123,
-                "encode_seconds": 0.043,
+                "provenance_seconds": 0.012,
+                "encode_seconds": 0.056,
                 "upload_seconds": 0.235,
-                "total_seconds": 1.593,
+                "total_seconds": 1.605,
             },
         },
         reused=False,
@@ -467,19 +476,70 @@ def test_the_metadata_is_stored_byte_stable_with_durations_to_the_millisecond(
     }
 
 
-def test_the_png_is_lossless_at_the_default_zlib_level() -> None:
-    image = Image.linear_gradient("L").convert("RGB")
-    png = encode_png(image)
-    chunks = {}
-    at = 8  # after the signature
-    while at < len(png):
-        (length,) = struct.unpack(">I", png[at : at + 4])
-        chunks.setdefault(png[at + 4 : at + 8], png[at + 8 : at + 8 + length])
-        at += 12 + length
-    # zlib header 78 9C: FLEVEL 2, "default" compression (level 6); 78 DA would be levels 7-9.
-    assert chunks[b"IDAT"][:2] == b"\x78\x9c"
-    with Image.open(io.BytesIO(png)) as decoded:
-        assert decoded.format == "PNG" and decoded.tobytes() == image.tobytes()
+def test_the_image_is_marked_after_the_signature_with_the_facts_the_backend_is_told(
+    wired: Wired,
+) -> None:
+    wired.storage.loras["styles/1/"] = b"weights"
+    request = make_request(
+        steps=10,
+        negative_prompt="blurry",
+        lora_ref="styles/1/",
+        lora_scale=0.8,
+        style_id=7,
+        task_id="t-9",
+        artist_name="Ada Lovelace",
+        signature=SignatureSpec(config=SignatureConfig(), text="Ada"),
+    )
+    completion = run_job(wired.container.generation_job(), request)
+
+    (facts,) = wired.provenance.marked
+    assert facts == ProvenanceFacts(
+        generation_id=500,
+        task_id="t-9",
+        style_id=7,
+        artist="Ada Lovelace",
+        prompt="watercolor, portrait",
+        negative_prompt="blurry",
+        steps=10,
+        guidance_scale=7.5,
+        seed=42,
+        width=512,
+        height=512,
+        scheduler="dpmsolver++",
+        model="fake/sd15",
+        lora_checksum="sha-7",
+        lora_scale=0.8,
+    )
+    assert completion.metadata["provenance"] == {"fake": {"generation_id": 500}}
+    # What is stored is the marker's PNG, with the stamped signature in it.
+    data, _ = wired.storage.outputs["generations/500.png"]
+    with Image.open(io.BytesIO(data)) as stored:
+        assert stored.convert("RGB").getextrema() != ((0, 0), (0, 0), (0, 0))  # not all black
+
+
+def test_an_image_that_cannot_be_marked_is_not_stored(wired: Wired) -> None:
+    wired.provenance.error = ProvenanceFailed("timestamp authority did not answer")
+    with pytest.raises(ProvenanceFailed) as raised:
+        run_job(wired.container.generation_job(), make_request())
+    assert raised.value.code is ErrorCode.PROVENANCE_ERROR and raised.value.retryable
+    assert not wired.storage.outputs
+
+
+def test_a_redelivery_reports_the_stored_provenance_unchanged(wired: Wired) -> None:
+    job = wired.container.generation_job()
+    first = run_job(job, make_request())
+    wired.provenance.error = ProvenanceFailed("must not be called again")
+    assert job.stored(500) == Completion(
+        result_url=first.result_url,
+        metadata={**first.metadata, "durations": _stored_durations(first.metadata)},
+        reused=True,
+    )
+
+
+def _stored_durations(metadata: Any) -> dict[str, float]:
+    durations = dict(metadata["durations"])
+    del durations["upload_seconds"], durations["total_seconds"]
+    return durations
 
 
 def test_progress_is_sent_for_the_job_s_generation(wired: Wired) -> None:

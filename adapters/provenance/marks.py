@@ -1,0 +1,126 @@
+"""ProvenanceMarks: the invisible mark, the PNG's metadata and C2PA content credentials, in
+that order (each later mark covers what the earlier ones wrote: the credentials' hash binds
+the pixels carrying the invisible mark and the metadata chunks)."""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata as package_metadata
+from typing import Any
+
+from PIL import Image
+
+from adapters.provenance.credentials import ContentCredentials, CredentialFacts
+from adapters.provenance.invisible_mark import InvisibleMark
+from adapters.provenance.png_metadata import (
+    PARAMETERS_KEY,
+    TRAINED_ALGORITHMIC_MEDIA,
+    XMP_KEY,
+    encode_png,
+    parameters_text,
+    xmp_packet,
+)
+from ports.provenance import MarkedImage, ProvenanceFacts
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_NAME = "stylelicense-worker"
+
+
+def worker_version() -> str:
+    """This worker's version, as installed (the C2PA software agent and the XMP creator tool)."""
+    try:
+        return package_metadata.version(SOFTWARE_NAME)
+    except package_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class ProvenanceMarks:
+    """The ``ProvenanceMarker`` of the worker.
+
+    ``invisible_mark`` None: no invisible mark; ``credentials`` None: no content credentials
+    (the start-up log says so). The metadata chunks are always written: they cost nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        include_prompt: bool,
+        invisible_mark: InvisibleMark | None,
+        credentials: ContentCredentials | None,
+        version: str | None = None,
+    ) -> None:
+        self._include_prompt = include_prompt
+        self._invisible_mark = invisible_mark
+        self._credentials = credentials
+        self._version = version or worker_version()
+
+    @property
+    def software(self) -> str:
+        """The worker as the marks name it: ``stylelicense-worker <version>``."""
+        return f"{SOFTWARE_NAME} {self._version}"
+
+    @property
+    def marks(self) -> tuple[str, ...]:
+        """The marks every image gets."""
+        marks = ["metadata"]
+        if self._invisible_mark is not None:
+            marks.append("invisible-mark")
+        if self._credentials is not None:
+            marks.append("c2pa-development" if self._credentials.is_development else "c2pa")
+        return tuple(marks)
+
+    def mark(self, image: Image.Image, facts: ProvenanceFacts) -> MarkedImage:
+        """The image with every configured mark, as PNG bytes; ``ProvenanceFailed`` when the
+        credentials cannot be signed."""
+        provenance: dict[str, Any] = {}
+        if self._invisible_mark is not None:
+            provenance["invisible_mark"] = {
+                "method": self._invisible_mark.method,
+                "payload": {"generation_id": facts.generation_id},
+            }
+            try:
+                image = self._invisible_mark.embed(image, facts.generation_id)
+            except ValueError as exc:
+                # An image smaller than the mark's tile (MIN_IMAGE_SIZE below it) or an id
+                # beyond its payload: no retry can change that, so the image goes without it,
+                # and the metadata says why.
+                log.warning("generation %s: no invisible mark: %s", facts.generation_id, exc)
+                provenance["invisible_mark"] = {"skipped": str(exc)}
+        png = encode_png(
+            image,
+            {
+                PARAMETERS_KEY: parameters_text(
+                    facts, software=self.software, include_prompt=self._include_prompt
+                ),
+                XMP_KEY: xmp_packet(facts, software=self.software),
+            },
+        )
+        provenance["metadata"] = {
+            "chunks": [PARAMETERS_KEY, XMP_KEY],
+            "prompt_included": self._include_prompt,
+            "digital_source_type": TRAINED_ALGORITHMIC_MEDIA,
+        }
+        provenance["content_credentials"] = None
+        if self._credentials is not None:
+            # ProvenanceFailed (retryable) when the SDK cannot sign: nothing unsigned is stored.
+            signed = self._credentials.sign_png(png, self._credential_facts(facts))
+            png = signed.data
+            provenance["content_credentials"] = {
+                "standard": "C2PA",
+                "manifest_label": signed.manifest_label,
+                "signer": self._credentials.signer_name,
+                "development_certificate": self._credentials.is_development,
+                "bytes": signed.bytes_added,
+            }
+        return MarkedImage(png=png, provenance=provenance)
+
+    def _credential_facts(self, facts: ProvenanceFacts) -> CredentialFacts:
+        return CredentialFacts(
+            generation_id=facts.generation_id,
+            style_id=facts.style_id,
+            base_model=facts.model,
+            lora_checksum=facts.lora_checksum,
+            artist=facts.artist,
+            worker_version=self._version,
+        )

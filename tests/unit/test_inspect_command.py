@@ -1,0 +1,145 @@
+"""``python -m app inspect``: what it prints and its exit status, for files and URLs."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from adapters.provenance.credentials import ContentCredentials
+from adapters.provenance.invisible_mark import InvisibleMark
+from adapters.provenance.marks import ProvenanceMarks
+from app.cli import main
+from ports.provenance import ProvenanceFacts
+
+FACTS = ProvenanceFacts(
+    generation_id=77,
+    task_id="t",
+    style_id=5,
+    artist=None,
+    prompt="ink",
+    negative_prompt="",
+    steps=20,
+    guidance_scale=7.0,
+    seed=3,
+    width=256,
+    height=256,
+    scheduler="dpmsolver++",
+    model="tiny",
+    lora_checksum=None,
+    lora_scale=None,
+)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A signed and marked PNG, its JPEG copy, an unsigned PNG and a file that is no image."""
+    root = tmp_path_factory.mktemp("inspect")
+    gradient = Image.linear_gradient("L").resize((256, 256))
+    image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient))
+    signed = ProvenanceMarks(
+        include_prompt=True,
+        invisible_mark=InvisibleMark(),
+        credentials=ContentCredentials.development(),
+    ).mark(image, FACTS)
+    paths = {name: root / name for name in ("signed.png", "copy.jpg", "plain.png", "notes.txt")}
+    paths["signed.png"].write_bytes(signed.png)
+    with Image.open(io.BytesIO(signed.png)) as decoded:
+        decoded.convert("RGB").save(paths["copy.jpg"], quality=80)
+    image.save(paths["plain.png"])
+    paths["notes.txt"].write_text("not an image")
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/")  # no stray .env is read
+
+
+def test_a_signed_png_validates_and_every_mark_is_printed(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(files["signed.png"])]) == 0
+    out = capsys.readouterr().out
+    assert "content credentials: untrusted" in out
+    assert "digital source type (XMP): http://cv.iptc.org/newscodes/digitalsourcetype/" in out
+    assert "  ink\n" in out and "Generation id: 77" in out
+    assert "invisible mark: generation id 77" in out and out.endswith("verified: yes\n")
+
+
+def test_require_trusted_refuses_the_development_certificate(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", "--require-trusted", str(files["signed.png"])]) == 1
+    assert capsys.readouterr().out.endswith("verified: no\n")
+
+
+def test_json_for_machines(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--json", str(files["signed.png"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified"] is True and report["format"] == "PNG"
+    assert report["content_credentials"]["state"] == "untrusted"
+    assert report["content_credentials"]["manifest_label"].startswith("urn:c2pa:")
+    assert report["metadata"]["generation_id"] == 77
+    assert report["invisible_mark"]["generation_id"] == 77
+
+
+def test_a_jpeg_copy_has_lost_its_credentials_but_not_its_mark(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", "--json", str(files["copy.jpg"])]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "JPEG" and report["content_credentials"]["state"] == "none"
+    assert report["invisible_mark"]["generation_id"] == 77 and report["verified"] is False
+
+
+def test_a_plain_png_carries_nothing(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", "--json", str(files["plain.png"])]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["content_credentials"]["present"] is False
+    assert report["invisible_mark"]["generation_id"] is None
+    assert report["metadata"]["parameters"] is None
+
+
+def test_what_cannot_be_read_exits_2_naming_it(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(files["notes.txt"])]) == 2
+    assert "not a readable PNG or JPEG image" in capsys.readouterr().err
+    missing = files["notes.txt"].parent / "missing.png"
+    assert main(["inspect", str(missing)]) == 2
+    assert f"{missing}: No such file or directory" in capsys.readouterr().err
+
+
+@pytest.fixture
+def http_root(files: dict[str, Path]) -> Iterator[str]:
+    directory = str(files["signed.png"].parent)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=directory, **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_url_is_read_over_http(http_root: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", f"{http_root}/signed.png"]) == 0
+    assert "invisible mark: generation id 77" in capsys.readouterr().out
+    assert main(["inspect", f"{http_root}/absent.png"]) == 2
+    assert "404" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""ProvenanceMarks with the real SDK and the real mark: every image carries what the settings
+say, and ``inspect``'s code reads each mark back."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import socket
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from adapters.provenance.credentials import ContentCredentials
+from adapters.provenance.dev_certificate import DevelopmentChain, generate_development_chain
+from adapters.provenance.inspection import inspect_image
+from adapters.provenance.invisible_mark import MIN_SIDE, InvisibleMark
+from adapters.provenance.marks import ProvenanceMarks
+from adapters.provenance.png_metadata import TRAINED_ALGORITHMIC_MEDIA
+from domain.errors import ErrorCode, ProvenanceFailed
+from ports.provenance import ProvenanceFacts, ProvenanceMarker
+
+FACTS = ProvenanceFacts(
+    generation_id=456,
+    task_id="t-1",
+    style_id=123,
+    artist="Ada Lovelace",
+    prompt="watercolor, portrait",
+    negative_prompt="blurry",
+    steps=30,
+    guidance_scale=7.5,
+    seed=42,
+    width=256,
+    height=256,
+    scheduler="dpmsolver++",
+    model="tiny/sd15",
+    lora_checksum="cd" * 32,
+    lora_scale=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def chain() -> DevelopmentChain:
+    return generate_development_chain()
+
+
+@pytest.fixture(scope="module")
+def credentials(chain: DevelopmentChain) -> ContentCredentials:
+    return ContentCredentials(
+        private_key_pem=chain.private_key_pem, certificate_chain_pem=chain.certificate_chain_pem
+    )
+
+
+def scene(size: int = 256) -> Image.Image:
+    """A smooth picture (gradients), like a generated one rather than noise."""
+    gradient = Image.linear_gradient("L").resize((size, size))
+    return Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
+
+
+def test_every_image_carries_the_three_marks_and_inspect_proves_them(
+    credentials: ContentCredentials,
+) -> None:
+    marks = ProvenanceMarks(
+        include_prompt=False, invisible_mark=InvisibleMark(), credentials=credentials, version="9.9"
+    )
+    assert isinstance(marks, ProvenanceMarker)
+    assert marks.marks == ("metadata", "invisible-mark", "c2pa-development")
+
+    marked = marks.mark(scene(), FACTS)
+
+    inspection = inspect_image(marked.png, invisible_mark=InvisibleMark())
+    assert inspection.credentials.state == "untrusted" and inspection.verified()
+    assert not inspection.verified(require_trusted=True)
+    assert inspection.credentials.author == "Ada Lovelace"
+    assert inspection.credentials.digital_source_type == TRAINED_ALGORITHMIC_MEDIA
+    assert inspection.text.digital_source_type == TRAINED_ALGORITHMIC_MEDIA
+    assert inspection.text.generation_id == 456 and inspection.text.style_id == 123
+    assert inspection.text.creator_tool == "stylelicense-worker 9.9"
+    assert inspection.text.parameters is not None
+    assert (
+        "Seed: 42" in inspection.text.parameters and "watercolor" not in inspection.text.parameters
+    )
+    assert inspection.mark is not None and inspection.mark.generation_id == 456
+    assert marked.provenance == {
+        "invisible_mark": {"method": InvisibleMark().method, "payload": {"generation_id": 456}},
+        "metadata": {
+            "chunks": ["parameters", "XML:com.adobe.xmp"],
+            "prompt_included": False,
+            "digital_source_type": TRAINED_ALGORITHMIC_MEDIA,
+        },
+        "content_credentials": {
+            "standard": "C2PA",
+            "manifest_label": inspection.credentials.manifest_label,
+            "signer": credentials.signer_name,
+            "development_certificate": True,
+            "bytes": marked.provenance["content_credentials"]["bytes"],
+        },
+    }
+    assert 0 < marked.provenance["content_credentials"]["bytes"] < 20_000
+
+
+def test_one_changed_pixel_is_reported_as_tampered(credentials: ContentCredentials) -> None:
+    marks = ProvenanceMarks(include_prompt=True, invisible_mark=None, credentials=credentials)
+    png = marks.mark(scene(), FACTS).png
+    chunks = _chunks(png)
+    with Image.open(io.BytesIO(png)) as image:
+        pixels = image.convert("RGB")
+    pixels.putpixel((10, 10), (0, 0, 0) if pixels.getpixel((10, 10)) != (0, 0, 0) else (1, 1, 1))
+    tampered = _with_idat(chunks, pixels)
+
+    inspection = inspect_image(tampered, invisible_mark=None)
+    assert inspection.credentials.state == "tampered" and not inspection.verified()
+    assert inspection.text.parameters is not None and "watercolor, portrait" in (
+        inspection.text.parameters
+    )
+
+
+def test_unsigned_and_unmarked_images_carry_only_the_metadata() -> None:
+    marks = ProvenanceMarks(include_prompt=False, invisible_mark=None, credentials=None)
+    assert marks.marks == ("metadata",)
+    marked = marks.mark(scene(), FACTS)
+    assert "invisible_mark" not in marked.provenance
+    assert marked.provenance["content_credentials"] is None
+    inspection = inspect_image(marked.png, invisible_mark=InvisibleMark())
+    assert inspection.credentials.state == "none" and not inspection.verified()
+    assert inspection.mark is not None and inspection.mark.generation_id is None
+    assert inspection.text.generation_id == 456
+
+
+def test_an_image_too_small_for_the_mark_is_stored_without_it_and_says_why() -> None:
+    marks = ProvenanceMarks(include_prompt=False, invisible_mark=InvisibleMark(), credentials=None)
+    small = scene(MIN_SIDE - 8)
+    marked = marks.mark(small, dataclasses.replace(FACTS, width=small.width))
+    assert set(marked.provenance["invisible_mark"]) == {"skipped"}
+    with Image.open(io.BytesIO(marked.png)) as stored:
+        assert stored.convert("RGB").tobytes() == small.tobytes()
+
+
+def test_a_signature_that_cannot_be_made_fails_the_marking(chain: DevelopmentChain) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    unreachable = ContentCredentials(
+        private_key_pem=chain.private_key_pem,
+        certificate_chain_pem=chain.certificate_chain_pem,
+        timestamp_url=f"http://127.0.0.1:{port}/tsa",
+    )
+    marks = ProvenanceMarks(include_prompt=False, invisible_mark=None, credentials=unreachable)
+    with pytest.raises(ProvenanceFailed) as raised:
+        marks.mark(scene(), FACTS)
+    assert raised.value.code is ErrorCode.PROVENANCE_ERROR and raised.value.retryable
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    found, at = [], 8
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        found.append((png[at + 4 : at + 8], png[at + 8 : at + 8 + length]))
+        at += 12 + length
+    return found
+
+
+def _with_idat(chunks: list[tuple[bytes, bytes]], pixels: Image.Image) -> bytes:
+    """The signed file with its image data replaced by ``pixels``' (every other chunk, the
+    manifest included, kept as it was)."""
+    fresh = io.BytesIO()
+    pixels.save(fresh, format="PNG", compress_level=6)
+    idat = b"".join(data for kind, data in _chunks(fresh.getvalue()) if kind == b"IDAT")
+    out, wrote = [b"\x89PNG\r\n\x1a\n"], False
+    for kind, data in chunks:
+        if kind == b"IDAT":
+            if wrote:
+                continue
+            data, wrote = idat, True
+        out.append(struct.pack(">I", len(data)) + kind + data)
+        out.append(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return b"".join(out)
