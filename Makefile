@@ -39,8 +39,12 @@ test-integration: setup
 
 # Benchmarks print ratios measured side by side in one run (this machine is shared and noisy).
 bench: setup
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r bench/requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r bench/requirements-nodeps.txt
 	$(PY) -m bench.worker_throughput
 	$(PY) -m bench.lora_cpu
+	$(PY) -m bench.provenance_cost
+	$(PY) -m bench.provenance_robustness
 
 # On a machine with a CUDA GPU: plain diffusers fp16 against the tuned adapter (bench/results/gpu.json).
 bench-gpu: setup

@@ -5,7 +5,9 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,8 +30,8 @@ FACTS = ProvenanceFacts(
     steps=20,
     guidance_scale=7.0,
     seed=3,
-    width=256,
-    height=256,
+    width=512,
+    height=512,
     scheduler="dpmsolver++",
     model="tiny",
     lora_checksum=None,
@@ -41,17 +43,22 @@ FACTS = ProvenanceFacts(
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A signed and marked PNG, its JPEG copy, an unsigned PNG and a file that is no image."""
     root = tmp_path_factory.mktemp("inspect")
-    gradient = Image.linear_gradient("L").resize((256, 256))
+    gradient = Image.linear_gradient("L").resize((512, 512))
     image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient))
     signed = ProvenanceMarks(
         include_prompt=True,
         invisible_mark=InvisibleMark(),
         credentials=ContentCredentials.development(),
     ).mark(image, FACTS)
-    paths = {name: root / name for name in ("signed.png", "copy.jpg", "plain.png", "notes.txt")}
+    names = ("signed.png", "copy.jpg", "half.png", "tampered.png", "plain.png", "notes.txt")
+    paths = {name: root / name for name in names}
     paths["signed.png"].write_bytes(signed.png)
     with Image.open(io.BytesIO(signed.png)) as decoded:
-        decoded.convert("RGB").save(paths["copy.jpg"], quality=80)
+        pixels = decoded.convert("RGB")
+    pixels.save(paths["copy.jpg"], quality=80)
+    pixels.resize((256, 256), Image.Resampling.BICUBIC).save(paths["half.png"])
+    # One pixel changed, every other chunk (the manifest too) kept: a file that still decodes.
+    paths["tampered.png"].write_bytes(_one_pixel_changed(signed.png))
     image.save(paths["plain.png"])
     paths["notes.txt"].write_text("not an image")
     return paths
@@ -99,6 +106,23 @@ def test_a_jpeg_copy_has_lost_its_credentials_but_not_its_mark(
     assert report["invisible_mark"]["generation_id"] == 77 and report["verified"] is False
 
 
+def test_a_half_size_copy_still_names_its_generation(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(files["half.png"])]) == 1
+    out = capsys.readouterr().out
+    assert "content credentials: none" in out and "invisible mark: generation id 77" in out
+
+
+def test_a_tampered_file_is_reported_and_fails(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", "--json", str(files["tampered.png"])]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["content_credentials"]["state"] == "tampered"
+    assert "assertion.dataHash.mismatch" in report["content_credentials"]["validation_codes"]
+
+
 def test_a_plain_png_carries_nothing(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -143,3 +167,35 @@ def test_a_url_is_read_over_http(http_root: str, capsys: pytest.CaptureFixture[s
     assert "invisible mark: generation id 77" in capsys.readouterr().out
     assert main(["inspect", f"{http_root}/absent.png"]) == 2
     assert "404" in capsys.readouterr().err
+
+
+def _one_pixel_changed(png: bytes) -> bytes:
+    """``png`` with its pixels decoded, one changed, and re-encoded into the same chunks (the
+    manifest and text chunks kept byte for byte)."""
+    chunks, at = [], 8
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        chunks.append((png[at + 4 : at + 8], png[at + 8 : at + 8 + length]))
+        at += 12 + length
+    with Image.open(io.BytesIO(png)) as decoded:
+        pixels = decoded.convert("RGB")
+    red, green, blue = pixels.getpixel((5, 5))  # type: ignore[misc]
+    pixels.putpixel((5, 5), (255 - red, green, blue))
+    fresh = io.BytesIO()
+    pixels.save(fresh, format="PNG")
+    fresh_png = fresh.getvalue()
+    idat, at = b"", 8
+    while at < len(fresh_png):
+        (length,) = struct.unpack(">I", fresh_png[at : at + 4])
+        if fresh_png[at + 4 : at + 8] == b"IDAT":
+            idat += fresh_png[at + 8 : at + 8 + length]
+        at += 12 + length
+    out, wrote = [png[:8]], False
+    for kind, data in chunks:
+        if kind == b"IDAT":
+            if wrote:
+                continue
+            data, wrote = idat, True
+        out.append(struct.pack(">I", len(data)) + kind + data)
+        out.append(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return b"".join(out)

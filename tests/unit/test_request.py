@@ -477,6 +477,14 @@ def test_text_signature_from_artist_name() -> None:
     )
 
 
+def test_the_artist_is_kept_for_the_provenance_marks_whitespace_folded() -> None:
+    assert _normalize(artist_name="  Ada   Lovelace ").artist_name == "Ada Lovelace"
+    # The default signature text is the platform's, never an artist's name.
+    policy = RequestPolicy(signature_default_text="StyleLicense")
+    assert _normalize(policy=policy).artist_name is None
+    assert _normalize(policy=policy, artist_name="   ").artist_name is None
+
+
 def test_text_signature_from_policy_default() -> None:
     policy = RequestPolicy(signature_default_text="StyleLicense")
     request = _normalize(policy=policy, signature_config={"position": "top-right"})
