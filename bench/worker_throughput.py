@@ -6,8 +6,11 @@ one job take about 0.5 s of model time. torch gets one thread (``--threads``), s
 behaves like a GPU: busy on its own device while the worker's I/O uses the other core.
 
 Runs, in one process and one go: the bare model called in a loop (the ceiling) and the worker
-(its staged runner: intake and finish on I/O threads around the model). Prints jobs/s and the
-ratio to the bare model; writes bench/results/worker.json.
+(its staged runner: intake and finish on I/O threads around the model), with every provenance
+mark on (the default: invisible mark, metadata, C2PA signed with the development certificate);
+``--without-provenance`` adds, in each round, a worker with the invisible mark and the signing
+off, so the marks' cost is a ratio of the same run. Prints jobs/s and the ratios to the bare
+model; writes bench/results/worker.json.
 
     make bench            # or: .venv/bin/python -m bench.worker_throughput --jobs 24
 """
@@ -69,6 +72,7 @@ class CountingNotifier:
         self._lock = threading.Condition()
         self.completed_ids: set[int] = set()
         self.model_seconds: list[float] = []
+        self.provenance_seconds: list[float] = []
 
     def progress(self, generation_id: int, update: Any) -> None:
         """Pass through."""
@@ -84,6 +88,7 @@ class CountingNotifier:
         with self._lock:
             self.completed_ids.add(generation_id)
             self.model_seconds.append(metadata["durations"]["generation_seconds"])
+            self.provenance_seconds.append(metadata["durations"]["provenance_seconds"])
             self._lock.notify_all()
 
     def wait_for(self, ids: set[int], timeout: float) -> None:
@@ -196,9 +201,11 @@ def worker_run(  # pylint: disable=too-many-locals
     counter.wait_for(ids, timeout=jobs * 30)
     elapsed = time.perf_counter() - began
     busy = sum(counter.model_seconds)
+    marking = statistics.median(counter.provenance_seconds)
     print(
         f"  worker: model busy {busy:.2f} s of {elapsed:.2f} s"
-        f" ({busy / elapsed:.1%}), {busy / jobs:.3f} s per job inside the worker"
+        f" ({busy / elapsed:.1%}), {busy / jobs:.3f} s per job inside the worker,"
+        f" provenance {marking * 1000:.0f} ms per job (median, on an I/O thread)"
     )
     stop.set()
     thread.join(60)
@@ -230,6 +237,11 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
         type=int,
         default=1,
         help="MAX_BATCH_SIZE of the worker; 1 compares pipelining alone with the one-job loop",
+    )
+    parser.add_argument(
+        "--without-provenance",
+        action="store_true",
+        help="also run, each round, a worker without the invisible mark and C2PA signing",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -294,7 +306,7 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
             "max_batch_size": args.batch,
         }
         # Interleaved, so drift of a shared machine hits every contender alike.
-        bares, pipelineds, busies = [], [], []
+        bares, pipelineds, busies, unmarked = [], [], [], []
         for round_index in range(args.rounds):
             bares.append(bare_loop(model, local_loras, args.jobs, steps))
             rate, busy = worker_run(
@@ -307,6 +319,20 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
             )
             pipelineds.append(rate)
             busies.append(busy)
+            if args.without_provenance:
+                rate, _ = worker_run(
+                    model=model,
+                    env={
+                        **env,
+                        "provenance_invisible_mark": False,
+                        "c2pa_without_certificate": "unsigned",
+                    },
+                    jobs=args.jobs,
+                    steps=steps,
+                    lora_keys=lora_keys,
+                    first_id=1000 * (round_index + 1) + 500,
+                )
+                unmarked.append(rate)
         bares.append(bare_loop(model, local_loras, args.jobs, steps))
     backend.terminate()
 
@@ -329,6 +355,11 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
         ],
         "pipelined_ratio": round(pipelined / ceiling, 3),
         "pipelined_model_busy": round(pipelined_busy, 3),
+        "provenance": "invisible mark, metadata, C2PA (development certificate)",
+        "without_provenance_jobs_per_second": [round(rate, 3) for rate in unmarked],
+        "without_provenance_ratio": (
+            round(statistics.mean(unmarked) / ceiling, 3) if unmarked else None
+        ),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }
@@ -340,9 +371,15 @@ def main() -> None:  # pylint: disable=too-many-locals,too-many-statements
         f" (runs: {', '.join(f'{rate:.3f}' for rate in bares)})"
     )
     print(
-        f"worker, pipelined       {pipelined:.3f} jobs/s  ratio {pipelined / ceiling:.3f}"
+        f"worker, every mark      {pipelined:.3f} jobs/s  ratio {pipelined / ceiling:.3f}"
         f"  (model busy {pipelined_busy:.1%} of the time)"
     )
+    if unmarked:
+        plain = statistics.mean(unmarked)
+        print(
+            f"worker, no provenance   {plain:.3f} jobs/s  ratio {plain / ceiling:.3f}"
+            f"  (with the marks: {pipelined / plain:.3f} of it)"
+        )
     print(f"written to {args.out}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -124,6 +125,12 @@ def output_key(generation_id: int, prefix: str = "generations/") -> str:
     return f"{prefix}{generation_id}.png"
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters and whitespace folded to single spaces: a name as
+    files and documents can carry it (an XMP packet cannot hold U+0001 at all)."""
+    return " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in text).split())
+
+
 def compose_prompt(prompt: str, tags: Sequence[str]) -> str:
     """Join the prompt with the tags that it does not already contain (whole words, any case).
 
@@ -215,7 +222,7 @@ class RequestNormalizer:
             lora_ref=(data.lora_path or "").strip() or None,
             lora_scale=policy.lora_scale,
             signature=self._signature(message),
-            artist_name=" ".join((data.artist_name or "").split()) or None,
+            artist_name=printable(data.artist_name or "") or None,
         )
 
     def _prompt(self, message: GenerationMessage) -> str:

@@ -3,6 +3,7 @@ at start-up, so a bad key or certificate stops the worker before it takes a job.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
@@ -24,6 +25,10 @@ SETTING_NAMES = {
     "timestamp_url": "C2PA_TIMESTAMP_URL",
 }
 """The credentials' parameter names as the environment variables that set them."""
+
+
+EXPIRY_WARNING = datetime.timedelta(days=30)
+"""How long before the signing certificate expires the worker warns at start-up."""
 
 
 class ProvenanceConfigError(ValueError):
@@ -55,6 +60,7 @@ def configured_credentials(
             name = SETTING_NAMES.get(exc.setting, exc.setting)
             raise ProvenanceConfigError(f"{name}: {exc.problem}") from None
         log.info("content credentials are signed by %s", credentials.signer_name)
+        warn_of_expiry(credentials, now=datetime.datetime.now(datetime.timezone.utc))
         return credentials
     if without_certificate == "unsigned":
         log.warning(
@@ -69,6 +75,21 @@ def configured_credentials(
         DEVELOPMENT_CERTIFICATE_WARNING,
     )
     return ContentCredentials.development(thumbnail=thumbnail)
+
+
+def warn_of_expiry(credentials: ContentCredentials, *, now: datetime.datetime) -> bool:
+    """Log a warning when the signing certificate expires within ``EXPIRY_WARNING``: once it
+    has, every job fails with PROVENANCE_ERROR until it is replaced. True when warned."""
+    left = credentials.expires_at - now
+    if left > EXPIRY_WARNING:
+        return False
+    log.warning(
+        "the C2PA signing certificate (C2PA_CERTIFICATE_FILE) expires at %s, in %s days: every"
+        " job fails with PROVENANCE_ERROR from then on; replace it before",
+        credentials.expires_at.isoformat(),
+        left.days,
+    )
+    return True
 
 
 def configured_invisible_mark(*, enabled: bool, min_image_size: int) -> InvisibleMark | None:

@@ -19,6 +19,7 @@ specification's "standard status codes"; only the failure list counts, informati
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import uuid
@@ -210,6 +211,11 @@ class ContentCredentials:
     def signer_name(self) -> str:
         """The name validators show as the signer: the certificate's common name."""
         return self._key.signer_name
+
+    @property
+    def expires_at(self) -> datetime.datetime:
+        """When the signing certificate expires (UTC): after it, every signature fails."""
+        return self._key.end_entity.not_valid_after_utc
 
     def sign_png(self, png: bytes, facts: CredentialFacts) -> SignedImage:
         """The PNG with a signed manifest of `facts` embedded; its other chunks are kept.

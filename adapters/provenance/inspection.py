@@ -13,8 +13,12 @@ from adapters.provenance.credentials import CredentialsReport, read_credentials
 from adapters.provenance.invisible_mark import InvisibleMark, MarkReading
 from adapters.provenance.png_metadata import PngText, read_png_text
 
-MAX_INSPECTED_PIXELS = 64 * 1024 * 1024
-"""Larger images are refused before decoding (a decompression bomb is not inspected)."""
+MAX_INSPECTED_PIXELS = 4096 * 4096
+"""Larger images are refused before decoding (a decompression bomb is not inspected); the
+worker writes at most MAX_IMAGE_SIZE (4096) on a side."""
+MARK_WINDOW_PX = 2048
+"""The invisible mark is looked for in a centre crop of at most this side (the mark survives
+crops): the search holds a few float planes of the window at twice its size in memory."""
 VERIFIED_STATES = ("valid", "untrusted")
 """Credential states whose signature and hashes check out; ``untrusted`` names a signer that
 is on no trust list (the development certificate)."""
@@ -68,9 +72,12 @@ def _reading(mark: MarkReading) -> dict[str, Any]:
     }
 
 
-def inspect_image(data: bytes, *, invisible_mark: InvisibleMark | None) -> Inspection:
-    """What ``data`` proves: credentials, metadata chunks, and the invisible mark read with
-    ``invisible_mark`` (None: not looked for). ``NotAnImage`` for anything but PNG or JPEG."""
+def inspect_image(
+    data: bytes, *, invisible_mark: InvisibleMark | None, trust_anchors_pem: bytes | None = None
+) -> Inspection:
+    """What ``data`` proves: credentials (trusted when their chain ends in one of
+    ``trust_anchors_pem``), metadata chunks, and the invisible mark read with ``invisible_mark``
+    (None: not looked for). ``NotAnImage`` for anything but PNG or JPEG."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
             if opened.format not in _MIME_TYPES:
@@ -83,10 +90,13 @@ def inspect_image(data: bytes, *, invisible_mark: InvisibleMark | None) -> Inspe
             text = read_png_text(opened)
             image = opened.convert("RGB")
             image_format = str(opened.format)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        # ValueError: Pillow's own limits, e.g. a text chunk over PngImagePlugin.MAX_TEXT_CHUNK.
         raise NotAnImage(f"not a readable PNG or JPEG image: {exc}") from exc
-    credentials = read_credentials(data, _MIME_TYPES[image_format])
-    mark = invisible_mark.decode(image) if invisible_mark is not None else None
+    credentials = read_credentials(
+        data, _MIME_TYPES[image_format], trust_anchors_pem=trust_anchors_pem
+    )
+    mark = invisible_mark.decode(_centre(image)) if invisible_mark is not None else None
     return Inspection(
         format=image_format,
         width=image.width,
@@ -95,6 +105,15 @@ def inspect_image(data: bytes, *, invisible_mark: InvisibleMark | None) -> Inspe
         text=text,
         mark=mark,
     )
+
+
+def _centre(image: Image.Image) -> Image.Image:
+    """The centre of the image, at most ``MARK_WINDOW_PX`` on a side."""
+    width, height = min(image.width, MARK_WINDOW_PX), min(image.height, MARK_WINDOW_PX)
+    if (width, height) == image.size:
+        return image
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def describe(inspection: Inspection) -> list[str]:

@@ -26,14 +26,15 @@ MAGIC = 0xA7
 """The codeword's first byte, fixed per version: a foreign or random word must also match it."""
 
 PARITY_BYTES = 14
-"""Reed-Solomon parity: corrects up to 5 byte errors in the 16-byte codeword."""
+"""Reed-Solomon parity: corrects up to 7 byte errors in the 20-byte codeword (magic, 5 id
+bytes, 14 parity)."""
 
 MAX_CORRECTED = PARITY_BYTES // 2 - 1
 """Byte errors accepted, one below what the code corrects: a random word decodes far more rarely."""
 
 TILE = 16
-"""Cells per side of the tile that repeats over the image; 128 of its cells carry the codeword,
-the other 128 a keyed sync pattern that locates the tile after a crop."""
+"""Cells per side of the tile that repeats over the image; 160 of its 256 cells carry the
+codeword, the other 96 a keyed sync pattern that locates the tile after a crop."""
 
 CELL = 2
 """Blocks per side of a cell: neighbouring blocks carry the same bit."""
@@ -82,6 +83,10 @@ _RGB_TO_YUV = np.array(
 _U_FROM_RGB = _RGB_TO_YUV[1].astype(np.float32)
 _RGB_PER_U = np.linalg.inv(_RGB_TO_YUV)[:, 1].astype(np.float32)
 _U_OFFSET = 128.0
+HEADROOM = np.array([0.0, 2.0, 8.0], dtype=np.float32)
+"""Levels per RGB channel the mark moves a pixel at most (U changes by up to about 3.5 levels:
+blue 2.03 and green -0.39 per level, red not at all). A pixel closer than this to 0 or 255 clips
+the mark away: a white background reads nothing until ``with_headroom`` makes room."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,15 @@ _WHITENING = np.unpackbits(_keyed_bytes("whitening", _CODEWORD_BYTES))
 _SYNC = _sync_pattern()
 _CELL_SYNC_SPECTRUM = np.conj(np.fft.fft2(_SYNC))
 _BLOCK_SYNC_SPECTRUM = np.conj(np.fft.fft2(np.kron(_SYNC, np.ones((CELL, CELL), np.float32))))
+
+
+def with_headroom(image: Image.Image) -> Image.Image:
+    """The image with every channel kept ``HEADROOM`` levels from 0 and 255 (RGB): what a
+    saturated picture (white or pure blue backgrounds) needs to carry the mark. Only pixels that
+    close to the ends change, by at most 8 levels of blue."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    kept = np.clip(rgb, HEADROOM, np.float32(255) - HEADROOM)
+    return Image.fromarray(kept.astype(np.uint8), "RGB")
 
 
 def _u_plane(image: Image.Image) -> np.ndarray:
@@ -258,6 +272,12 @@ class InvisibleMark:
         out = rgb.copy()
         out[:height, :width] += plane[..., None] * _RGB_PER_U
         return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+
+    def reads(self, image: Image.Image, generation_id: int) -> bool:
+        """Whether an exact copy of a marked image (as embedded: no crop, no resize) reads
+        ``generation_id``: the check after embedding, a few milliseconds."""
+        found = self._read(_u_plane(image), (0, 0))
+        return found is not None and found[0] == generation_id
 
     def decode(self, image: Image.Image) -> MarkReading:
         """The id marked in the image, or a reading with status "none"; never a wrong id."""

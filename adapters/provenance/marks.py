@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image
 
 from adapters.provenance.credentials import ContentCredentials, CredentialFacts
-from adapters.provenance.invisible_mark import InvisibleMark
+from adapters.provenance.invisible_mark import InvisibleMark, with_headroom
 from adapters.provenance.png_metadata import (
     PARAMETERS_KEY,
     TRAINED_ALGORITHMIC_MEDIA,
@@ -75,18 +75,7 @@ class ProvenanceMarks:
         credentials cannot be signed."""
         provenance: dict[str, Any] = {}
         if self._invisible_mark is not None:
-            provenance["invisible_mark"] = {
-                "method": self._invisible_mark.method,
-                "payload": {"generation_id": facts.generation_id},
-            }
-            try:
-                image = self._invisible_mark.embed(image, facts.generation_id)
-            except ValueError as exc:
-                # An image smaller than the mark's tile (MIN_IMAGE_SIZE below it) or an id
-                # beyond its payload: no retry can change that, so the image goes without it,
-                # and the metadata says why.
-                log.warning("generation %s: no invisible mark: %s", facts.generation_id, exc)
-                provenance["invisible_mark"] = {"skipped": str(exc)}
+            image, provenance["invisible_mark"] = self._marked(image, facts.generation_id)
         png = encode_png(
             image,
             {
@@ -114,6 +103,35 @@ class ProvenanceMarks:
                 "bytes": signed.bytes_added,
             }
         return MarkedImage(png=png, provenance=provenance)
+
+    def _marked(self, image: Image.Image, generation_id: int) -> tuple[Image.Image, dict[str, Any]]:
+        """The image with the invisible mark, checked to read back, and what to report of it.
+
+        A saturated picture (a white background) clips the mark away: it is marked again with
+        headroom (pixels within 8 levels of 0 or 255 moved in). Neither an image too small for
+        the mark nor an id beyond its payload can change by a retry: such an image is stored
+        without the mark, and the metadata says why. ``verified`` False is logged: stored, but
+        the mark did not read back.
+        """
+        mark = self._invisible_mark
+        assert mark is not None
+        try:
+            marked = mark.embed(image, generation_id)
+        except ValueError as exc:
+            log.warning("generation %s: no invisible mark: %s", generation_id, exc)
+            return image, {"skipped": str(exc)}
+        headroom = not mark.reads(marked, generation_id)
+        if headroom:
+            marked = mark.embed(with_headroom(image), generation_id)
+        verified = mark.reads(marked, generation_id)
+        if not verified:
+            log.warning("generation %s: the invisible mark does not read back", generation_id)
+        return marked, {
+            "method": mark.method,
+            "payload": {"generation_id": generation_id},
+            "verified": verified,
+            "headroom": headroom,
+        }
 
     def _credential_facts(self, facts: ProvenanceFacts) -> CredentialFacts:
         return CredentialFacts(

@@ -81,6 +81,14 @@ def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+"""Characters XML 1.0 cannot hold at all, escaped or not: one would make the packet unreadable."""
+
+
+def _xml_text(text: str) -> str:
+    return _XML_INVALID.sub("", text)
+
+
 def xmp_packet(facts: ProvenanceFacts, *, software: str) -> str:
     """An XMP packet: IPTC digital source type, creator tool, the artist, generation and style."""
     attributes = {
@@ -90,13 +98,13 @@ def xmp_packet(facts: ProvenanceFacts, *, software: str) -> str:
     }
     if facts.style_id is not None:
         attributes["stylelicense:StyleId"] = str(facts.style_id)
-    rendered = "".join(f"\n    {name}={quoteattr(value)}" for name, value in attributes.items())
+    rendered = "".join(
+        f"\n    {name}={quoteattr(_xml_text(value))}" for name, value in attributes.items()
+    )
     creator = ""
     if facts.artist:
-        creator = (
-            f"\n   <dc:creator><rdf:Seq><rdf:li>{escape(facts.artist)}</rdf:li></rdf:Seq>"
-            "</dc:creator>"
-        )
+        artist = escape(_xml_text(facts.artist))
+        creator = f"\n   <dc:creator><rdf:Seq><rdf:li>{artist}</rdf:li></rdf:Seq></dc:creator>"
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'

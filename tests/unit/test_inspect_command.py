@@ -7,17 +7,20 @@ import io
 import json
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from adapters.provenance.credentials import ContentCredentials
+from adapters.provenance.dev_certificate import DevelopmentChain, generate_development_chain
 from adapters.provenance.invisible_mark import InvisibleMark
 from adapters.provenance.marks import ProvenanceMarks
 from app.cli import main
+from app.inspect_command import SourceUnreadable, read_source
 from ports.provenance import ProvenanceFacts
 
 FACTS = ProvenanceFacts(
@@ -40,7 +43,12 @@ FACTS = ProvenanceFacts(
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def chain() -> DevelopmentChain:
+    return generate_development_chain()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, chain: DevelopmentChain) -> dict[str, Path]:
     """A signed and marked PNG, its JPEG copy, an unsigned PNG and a file that is no image."""
     root = tmp_path_factory.mktemp("inspect")
     gradient = Image.linear_gradient("L").resize((512, 512))
@@ -48,9 +56,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     signed = ProvenanceMarks(
         include_prompt=True,
         invisible_mark=InvisibleMark(),
-        credentials=ContentCredentials.development(),
+        credentials=ContentCredentials(
+            private_key_pem=chain.private_key_pem,
+            certificate_chain_pem=chain.certificate_chain_pem,
+        ),
     ).mark(image, FACTS)
-    names = ("signed.png", "copy.jpg", "half.png", "tampered.png", "plain.png", "notes.txt")
+    names = (
+        "signed.png",
+        "copy.jpg",
+        "half.png",
+        "tampered.png",
+        "plain.png",
+        "notes.txt",
+        "root.pem",
+        "bomb.png",
+        "huge-text.png",
+    )
     paths = {name: root / name for name in names}
     paths["signed.png"].write_bytes(signed.png)
     with Image.open(io.BytesIO(signed.png)) as decoded:
@@ -61,6 +82,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["tampered.png"].write_bytes(_one_pixel_changed(signed.png))
     image.save(paths["plain.png"])
     paths["notes.txt"].write_text("not an image")
+    paths["root.pem"].write_bytes(chain.root_certificate_pem)
+    # 5000x5000 of one colour: a few kilobytes on disk, 25 M pixels decoded.
+    Image.new("L", (5000, 5000)).save(paths["bomb.png"])
+    # A compressed text chunk that inflates past Pillow's limit (1 MB).
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (2 * 1024 * 1024), zip=True)
+    image.save(paths["huge-text.png"], pnginfo=info)
     return paths
 
 
@@ -85,6 +113,17 @@ def test_require_trusted_refuses_the_development_certificate(
 ) -> None:
     assert main(["inspect", "--require-trusted", str(files["signed.png"])]) == 1
     assert capsys.readouterr().out.endswith("verified: no\n")
+
+
+def test_a_signer_under_a_given_trust_anchor_is_trusted(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["inspect", "--require-trusted", "--trust-anchors", str(files["root.pem"])]
+    assert main([*argv, str(files["signed.png"])]) == 0
+    out = capsys.readouterr().out
+    assert "content credentials: valid" in out and out.endswith("verified: yes\n")
+    assert main([*argv[:-1], str(files["notes.txt"]), str(files["signed.png"])]) == 2
+    assert "trust_anchors_pem" in capsys.readouterr().err
 
 
 def test_json_for_machines(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,6 +177,9 @@ def test_what_cannot_be_read_exits_2_naming_it(
 ) -> None:
     assert main(["inspect", str(files["notes.txt"])]) == 2
     assert "not a readable PNG or JPEG image" in capsys.readouterr().err
+    for name in ("bomb.png", "huge-text.png"):
+        assert main(["inspect", str(files[name])]) == 2, name
+        assert "inspect: " in capsys.readouterr().err
     missing = files["notes.txt"].parent / "missing.png"
     assert main(["inspect", str(missing)]) == 2
     assert f"{missing}: No such file or directory" in capsys.readouterr().err
@@ -162,6 +204,32 @@ def http_root(files: dict[str, Path]) -> Iterator[str]:
     server.server_close()
 
 
+def test_a_download_that_never_ends_is_cut_at_the_deadline() -> None:
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # pylint: disable=invalid-name
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(SourceUnreadable, match="not downloaded within 1 s"):
+            read_source(f"http://127.0.0.1:{server.server_address[1]}/slow.png", timeout=1.0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert time.monotonic() - began < 5
+
+
 def test_a_url_is_read_over_http(http_root: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", f"{http_root}/signed.png"]) == 0
     assert "invisible mark: generation id 77" in capsys.readouterr().out
@@ -169,7 +237,7 @@ def test_a_url_is_read_over_http(http_root: str, capsys: pytest.CaptureFixture[s
     assert "404" in capsys.readouterr().err
 
 
-def _one_pixel_changed(png: bytes) -> bytes:
+def _one_pixel_changed(png: bytes) -> bytes:  # pylint: disable=too-many-locals
     """``png`` with its pixels decoded, one changed, and re-encoded into the same chunks (the
     manifest and text chunks kept byte for byte)."""
     chunks, at = [], 8

@@ -125,6 +125,16 @@ def test_the_artist_is_the_xmp_creator_escaped() -> None:
     assert "dc:creator" not in xmp_packet(dataclasses.replace(FACTS, artist=None), software="x")
 
 
+def test_characters_xml_cannot_hold_are_left_out_and_the_packet_stays_readable() -> None:
+    facts = dataclasses.replace(FACTS, artist="Ada\x01 Lovelace\x00", model="m\x0bodel")
+    packet = xmp_packet(facts, software="sw\x1f")
+    png = encode_png(Image.new("RGB", (8, 8)), {XMP_KEY: packet})
+    with Image.open(io.BytesIO(png)) as decoded:
+        text = read_png_text(decoded)
+    assert text.digital_source_type == TRAINED_ALGORITHMIC_MEDIA and text.creator_tool == "sw"
+    assert "<rdf:li>Ada Lovelace</rdf:li>" in packet
+
+
 def test_a_prompt_outside_latin_1_goes_into_an_itxt_chunk() -> None:
     facts = dataclasses.replace(FACTS, prompt="水彩画")
     parameters = parameters_text(facts, software=SOFTWARE, include_prompt=True)

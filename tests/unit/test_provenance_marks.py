@@ -4,6 +4,7 @@ say, and ``inspect``'s code reads each mark back."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import socket
 import struct
@@ -12,6 +13,7 @@ import zlib
 import pytest
 from PIL import Image
 
+from adapters.provenance.configured import warn_of_expiry
 from adapters.provenance.credentials import ContentCredentials
 from adapters.provenance.dev_certificate import DevelopmentChain, generate_development_chain
 from adapters.provenance.inspection import inspect_image
@@ -83,7 +85,12 @@ def test_every_image_carries_the_three_marks_and_inspect_proves_them(
     )
     assert inspection.mark is not None and inspection.mark.generation_id == 456
     assert marked.provenance == {
-        "invisible_mark": {"method": InvisibleMark().method, "payload": {"generation_id": 456}},
+        "invisible_mark": {
+            "method": InvisibleMark().method,
+            "payload": {"generation_id": 456},
+            "verified": True,
+            "headroom": False,
+        },
         "metadata": {
             "chunks": ["parameters", "XML:com.adobe.xmp"],
             "prompt_included": False,
@@ -98,6 +105,35 @@ def test_every_image_carries_the_three_marks_and_inspect_proves_them(
         },
     }
     assert 0 < marked.provenance["content_credentials"]["bytes"] < 20_000
+
+
+def test_a_white_background_gets_headroom_and_its_mark_reads() -> None:
+    marks = ProvenanceMarks(include_prompt=False, invisible_mark=InvisibleMark(), credentials=None)
+    white = Image.new("RGB", (256, 256), (255, 255, 255))
+    assert not InvisibleMark().reads(InvisibleMark().embed(white, 456), 456)  # clipped away
+
+    marked = marks.mark(white, FACTS)
+
+    assert marked.provenance["invisible_mark"]["verified"] is True
+    assert marked.provenance["invisible_mark"]["headroom"] is True
+    inspection = inspect_image(marked.png, invisible_mark=InvisibleMark())
+    assert inspection.mark is not None and inspection.mark.generation_id == 456
+    with Image.open(io.BytesIO(marked.png)) as stored:
+        lowest, highest = stored.convert("RGB").getextrema()[2]  # blue: made room, then marked
+    assert 240 <= lowest and highest <= 255
+
+
+def test_a_certificate_near_its_end_is_warned_of_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    short = generate_development_chain(validity=datetime.timedelta(days=10))
+    credentials = ContentCredentials(
+        private_key_pem=short.private_key_pem, certificate_chain_pem=short.certificate_chain_pem
+    )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert warn_of_expiry(credentials, now=now)
+    assert "expires at" in caplog.text and "C2PA_CERTIFICATE_FILE" in caplog.text
+    assert not warn_of_expiry(credentials, now=now - datetime.timedelta(days=21))
 
 
 def test_one_changed_pixel_is_reported_as_tampered(credentials: ContentCredentials) -> None:

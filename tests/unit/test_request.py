@@ -479,6 +479,7 @@ def test_text_signature_from_artist_name() -> None:
 
 def test_the_artist_is_kept_for_the_provenance_marks_whitespace_folded() -> None:
     assert _normalize(artist_name="  Ada   Lovelace ").artist_name == "Ada Lovelace"
+    assert _normalize(artist_name="Ada\x01Love\x00lace\x7f").artist_name == "Ada Love lace"
     # The default signature text is the platform's, never an artist's name.
     policy = RequestPolicy(signature_default_text="StyleLicense")
     assert _normalize(policy=policy).artist_name is None
