@@ -5,10 +5,7 @@ from __future__ import annotations
 import datetime
 import io
 import random
-import struct
 import threading
-import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +31,12 @@ from adapters.provenance.dev_certificate import (
     generate_development_chain,
 )
 from domain.errors import ProvenanceFailed
+from tests.unit.provenance_samples import (
+    chunks,
+    flip_middle_byte,
+    one_pixel_changed,
+    with_chunk_edited,
+)
 
 FACTS = CredentialFacts(
     generation_id=456,
@@ -67,38 +70,6 @@ def png_bytes(
     buffer = io.BytesIO()
     Image.frombytes("RGB", (size, size), pixels).save(buffer, "PNG", pnginfo=pnginfo)
     return buffer.getvalue()
-
-
-def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
-    """The (type, data) of each chunk of a PNG."""
-    found, offset = [], 8
-    while offset < len(png):
-        (length,) = struct.unpack(">I", png[offset : offset + 4])
-        found.append((png[offset + 4 : offset + 8], png[offset + 8 : offset + 8 + length]))
-        offset += 12 + length
-    return found
-
-
-def assemble(parts: list[tuple[bytes, bytes]]) -> bytes:
-    """A PNG of these chunks, each with its length and a correct CRC."""
-    body = b"".join(
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        for kind, data in parts
-    )
-    return b"\x89PNG\r\n\x1a\n" + body
-
-
-def with_chunk_edited(png: bytes, kind: bytes, edit: Callable[[bytes], bytes]) -> bytes:
-    """The PNG with the first chunk of this type edited and its CRC fixed, as an attacker would."""
-    parts = chunks(png)
-    index = next(i for i, (found, _) in enumerate(parts) if found == kind)
-    parts[index] = (kind, edit(parts[index][1]))
-    return assemble(parts)
-
-
-def flip_middle_byte(data: bytes) -> bytes:
-    middle = len(data) // 2
-    return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
 
 
 @pytest.fixture(scope="module", name="chain")
@@ -262,15 +233,7 @@ def test_a_byte_changed_in_the_image_data_is_tampering(signed_png: bytes) -> Non
 
 
 def test_one_pixel_changed_and_re_encoded_is_tampering(signed_png: bytes) -> None:
-    with Image.open(io.BytesIO(signed_png)) as image:
-        pixels = image.convert("RGB")
-    red, green, blue = pixels.getpixel((10, 20))
-    pixels.putpixel((10, 20), (red ^ 0xFF, green, blue))
-    buffer = io.BytesIO()
-    pixels.save(buffer, "PNG")
-    image_data = [part for part in chunks(buffer.getvalue()) if part[0] == b"IDAT"]
-    kept = [part for part in chunks(signed_png) if part[0] not in (b"IDAT", b"IEND")]
-    tampered = assemble(kept + image_data + [(b"IEND", b"")])
+    tampered = one_pixel_changed(signed_png)
     assert b"caBX" in dict(chunks(tampered))
     assert read_credentials(tampered, "image/png").state == "tampered"
 

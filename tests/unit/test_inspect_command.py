@@ -5,10 +5,8 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,25 +19,9 @@ from adapters.provenance.invisible_mark import InvisibleMark
 from adapters.provenance.marks import ProvenanceMarks
 from app.cli import main
 from app.inspect_command import SourceUnreadable, read_source
-from ports.provenance import ProvenanceFacts
+from tests.unit.provenance_samples import facts, one_pixel_changed
 
-FACTS = ProvenanceFacts(
-    generation_id=77,
-    task_id="t",
-    style_id=5,
-    artist=None,
-    prompt="ink",
-    negative_prompt="",
-    steps=20,
-    guidance_scale=7.0,
-    seed=3,
-    width=512,
-    height=512,
-    scheduler="dpmsolver++",
-    model="tiny",
-    lora_checksum=None,
-    lora_scale=None,
-)
+FACTS = facts(generation_id=77, style_id=5, artist=None, prompt="ink", lora_checksum=None)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +61,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, chain: DevelopmentChain) -> 
     pixels.save(paths["copy.jpg"], quality=80)
     pixels.resize((256, 256), Image.Resampling.BICUBIC).save(paths["half.png"])
     # One pixel changed, every other chunk (the manifest too) kept: a file that still decodes.
-    paths["tampered.png"].write_bytes(_one_pixel_changed(signed.png))
+    paths["tampered.png"].write_bytes(one_pixel_changed(signed.png, at=(5, 5)))
     image.save(paths["plain.png"])
     paths["notes.txt"].write_text("not an image")
     paths["root.pem"].write_bytes(chain.root_certificate_pem)
@@ -235,35 +217,3 @@ def test_a_url_is_read_over_http(http_root: str, capsys: pytest.CaptureFixture[s
     assert "invisible mark: generation id 77" in capsys.readouterr().out
     assert main(["inspect", f"{http_root}/absent.png"]) == 2
     assert "404" in capsys.readouterr().err
-
-
-def _one_pixel_changed(png: bytes) -> bytes:  # pylint: disable=too-many-locals
-    """``png`` with its pixels decoded, one changed, and re-encoded into the same chunks (the
-    manifest and text chunks kept byte for byte)."""
-    chunks, at = [], 8
-    while at < len(png):
-        (length,) = struct.unpack(">I", png[at : at + 4])
-        chunks.append((png[at + 4 : at + 8], png[at + 8 : at + 8 + length]))
-        at += 12 + length
-    with Image.open(io.BytesIO(png)) as decoded:
-        pixels = decoded.convert("RGB")
-    red, green, blue = pixels.getpixel((5, 5))  # type: ignore[misc]
-    pixels.putpixel((5, 5), (255 - red, green, blue))
-    fresh = io.BytesIO()
-    pixels.save(fresh, format="PNG")
-    fresh_png = fresh.getvalue()
-    idat, at = b"", 8
-    while at < len(fresh_png):
-        (length,) = struct.unpack(">I", fresh_png[at : at + 4])
-        if fresh_png[at + 4 : at + 8] == b"IDAT":
-            idat += fresh_png[at + 8 : at + 8 + length]
-        at += 12 + length
-    out, wrote = [png[:8]], False
-    for kind, data in chunks:
-        if kind == b"IDAT":
-            if wrote:
-                continue
-            data, wrote = idat, True
-        out.append(struct.pack(">I", len(data)) + kind + data)
-        out.append(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    return b"".join(out)

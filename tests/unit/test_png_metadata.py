@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-import struct
 
 from PIL import Image
 
@@ -19,21 +18,13 @@ from adapters.provenance.png_metadata import (
     read_png_text,
     xmp_packet,
 )
-from ports.provenance import ProvenanceFacts
+from tests.unit.provenance_samples import chunks, facts
 
-FACTS = ProvenanceFacts(
-    generation_id=456,
-    task_id="t-1",
-    style_id=123,
+FACTS = facts(
     artist="Zoë <Artist> & Co",
     prompt="watercolor,  portrait\nvintage",
     negative_prompt="blurry, low quality",
-    steps=30,
-    guidance_scale=7.5,
-    seed=42,
-    width=512,
     height=768,
-    scheduler="dpmsolver++",
     model="stable-diffusion-v1-5/stable-diffusion-v1-5",
     lora_checksum="ab" * 32,
     lora_scale=0.8,
@@ -160,22 +151,12 @@ def test_foreign_or_broken_metadata_reads_as_none() -> None:
 def test_the_png_is_lossless_at_the_default_zlib_level() -> None:
     image = Image.linear_gradient("L").convert("RGB")
     png = encode_png(image)
-    chunks = {}
-    at = 8  # after the signature
-    while at < len(png):
-        (length,) = struct.unpack(">I", png[at : at + 4])
-        chunks.setdefault(png[at + 4 : at + 8], png[at + 8 : at + 8 + length])
-        at += 12 + length
+    first_idat = next(data for kind, data in chunks(png) if kind == b"IDAT")
     # zlib header 78 9C: FLEVEL 2, "default" compression (level 6); 78 DA would be levels 7-9.
-    assert chunks[b"IDAT"][:2] == b"\x78\x9c"
+    assert first_idat[:2] == b"\x78\x9c"
     with Image.open(io.BytesIO(png)) as decoded:
         assert decoded.format == "PNG" and decoded.tobytes() == image.tobytes()
 
 
 def _chunk_kinds(png: bytes) -> list[bytes]:
-    kinds, at = [], 8
-    while at < len(png):
-        (length,) = struct.unpack(">I", png[at : at + 4])
-        kinds.append(png[at + 4 : at + 8])
-        at += 12 + length
-    return kinds
+    return [kind for kind, _ in chunks(png)]

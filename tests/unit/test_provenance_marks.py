@@ -7,8 +7,6 @@ import dataclasses
 import datetime
 import io
 import socket
-import struct
-import zlib
 
 import pytest
 from PIL import Image
@@ -21,25 +19,10 @@ from adapters.provenance.invisible_mark import MIN_SIDE, InvisibleMark
 from adapters.provenance.marks import ProvenanceMarks
 from adapters.provenance.png_metadata import TRAINED_ALGORITHMIC_MEDIA
 from domain.errors import ErrorCode, ProvenanceFailed
-from ports.provenance import ProvenanceFacts, ProvenanceMarker
+from ports.provenance import ProvenanceMarker
+from tests.unit.provenance_samples import facts, one_pixel_changed, scene
 
-FACTS = ProvenanceFacts(
-    generation_id=456,
-    task_id="t-1",
-    style_id=123,
-    artist="Ada Lovelace",
-    prompt="watercolor, portrait",
-    negative_prompt="blurry",
-    steps=30,
-    guidance_scale=7.5,
-    seed=42,
-    width=256,
-    height=256,
-    scheduler="dpmsolver++",
-    model="tiny/sd15",
-    lora_checksum="cd" * 32,
-    lora_scale=1.0,
-)
+FACTS = facts(width=256, height=256)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +35,6 @@ def credentials(chain: DevelopmentChain) -> ContentCredentials:
     return ContentCredentials(
         private_key_pem=chain.private_key_pem, certificate_chain_pem=chain.certificate_chain_pem
     )
-
-
-def scene(size: int = 256) -> Image.Image:
-    """A smooth picture (gradients), like a generated one rather than noise."""
-    gradient = Image.linear_gradient("L").resize((size, size))
-    return Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
 
 
 def test_every_image_carries_the_three_marks_and_inspect_proves_them(
@@ -139,11 +116,7 @@ def test_a_certificate_near_its_end_is_warned_of_at_start(
 def test_one_changed_pixel_is_reported_as_tampered(credentials: ContentCredentials) -> None:
     marks = ProvenanceMarks(include_prompt=True, invisible_mark=None, credentials=credentials)
     png = marks.mark(scene(), FACTS).png
-    chunks = _chunks(png)
-    with Image.open(io.BytesIO(png)) as image:
-        pixels = image.convert("RGB")
-    pixels.putpixel((10, 10), (0, 0, 0) if pixels.getpixel((10, 10)) != (0, 0, 0) else (1, 1, 1))
-    tampered = _with_idat(chunks, pixels)
+    tampered = one_pixel_changed(png)
 
     inspection = inspect_image(tampered, invisible_mark=None)
     assert inspection.credentials.state == "tampered" and not inspection.verified()
@@ -186,29 +159,3 @@ def test_a_signature_that_cannot_be_made_fails_the_marking(chain: DevelopmentCha
     with pytest.raises(ProvenanceFailed) as raised:
         marks.mark(scene(), FACTS)
     assert raised.value.code is ErrorCode.PROVENANCE_ERROR and raised.value.retryable
-
-
-def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
-    found, at = [], 8
-    while at < len(png):
-        (length,) = struct.unpack(">I", png[at : at + 4])
-        found.append((png[at + 4 : at + 8], png[at + 8 : at + 8 + length]))
-        at += 12 + length
-    return found
-
-
-def _with_idat(chunks: list[tuple[bytes, bytes]], pixels: Image.Image) -> bytes:
-    """The signed file with its image data replaced by ``pixels``' (every other chunk, the
-    manifest included, kept as it was)."""
-    fresh = io.BytesIO()
-    pixels.save(fresh, format="PNG", compress_level=6)
-    idat = b"".join(data for kind, data in _chunks(fresh.getvalue()) if kind == b"IDAT")
-    out, wrote = [b"\x89PNG\r\n\x1a\n"], False
-    for kind, data in chunks:
-        if kind == b"IDAT":
-            if wrote:
-                continue
-            data, wrote = idat, True
-        out.append(struct.pack(">I", len(data)) + kind + data)
-        out.append(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    return b"".join(out)

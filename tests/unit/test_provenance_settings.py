@@ -13,6 +13,7 @@ from adapters.provenance.configured import (
     configured_credentials,
     configured_invisible_mark,
 )
+from adapters.provenance.credentials import ContentCredentials
 from adapters.provenance.dev_certificate import generate_development_chain
 from app.settings import SettingsError, load_settings
 from containers import build_container
@@ -44,14 +45,8 @@ def test_unsigned_and_without_the_mark_only_the_metadata_is_written(
     assert "images carry no invisible mark" in caplog.text
 
 
-def test_configured_files_are_what_signs_and_a_development_chain_among_them_is_named(
-    tmp_path: Path,
-) -> None:
-    chain = generate_development_chain()
-    key, certificate = tmp_path / "key.pem", tmp_path / "chain.pem"
-    key.write_bytes(chain.private_key_pem)
-    certificate.write_bytes(chain.certificate_chain_pem)
-    credentials = configured_credentials(
+def configure(key: Path, certificate: Path) -> ContentCredentials | None:
+    return configured_credentials(
         key_file=str(key),
         certificate_file=str(certificate),
         algorithm="es256",
@@ -59,6 +54,16 @@ def test_configured_files_are_what_signs_and_a_development_chain_among_them_is_n
         without_certificate="unsigned",
         thumbnail=False,
     )
+
+
+def test_configured_files_are_what_signs_and_a_development_chain_among_them_is_named(
+    tmp_path: Path,
+) -> None:
+    chain = generate_development_chain()
+    key, certificate = tmp_path / "key.pem", tmp_path / "chain.pem"
+    key.write_bytes(chain.private_key_pem)
+    certificate.write_bytes(chain.certificate_chain_pem)
+    credentials = configure(key, certificate)
     # Not "unsigned": files are configured. A development chain written to files is still
     # recognised as one (the marks and the metadata say so).
     assert credentials is not None and credentials.is_development
@@ -78,26 +83,12 @@ def test_a_key_or_chain_that_cannot_sign_names_its_variable(
     certificate.write_bytes(chain.certificate_chain_pem)
     (key if which == "key" else certificate).write_text("not PEM")
     with pytest.raises(ProvenanceConfigError, match=variable) as raised:
-        configured_credentials(
-            key_file=str(key),
-            certificate_file=str(certificate),
-            algorithm="es256",
-            timestamp_url=None,
-            without_certificate="development",
-            thumbnail=False,
-        )
+        configure(key, certificate)
     assert "PRIVATE KEY" not in str(raised.value)
     key.write_bytes(other.private_key_pem)  # another certificate's key
     certificate.write_bytes(chain.certificate_chain_pem)
     with pytest.raises(ProvenanceConfigError, match="C2PA_"):
-        configured_credentials(
-            key_file=str(key),
-            certificate_file=str(certificate),
-            algorithm="es256",
-            timestamp_url=None,
-            without_certificate="development",
-            thumbnail=False,
-        )
+        configure(key, certificate)
 
 
 def test_the_worker_s_start_check_stops_on_such_a_key(tmp_path: Path) -> None:
