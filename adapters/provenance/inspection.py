@@ -4,6 +4,7 @@ tests check (one code path for both)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -116,6 +117,38 @@ def _centre(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
+def _manifest_lines(credentials: CredentialsReport) -> list[str]:
+    """What the manifest states: who made the image and how, its author, what it may not be
+    used for."""
+    lines = []
+    for name, value in (
+        ("made by", credentials.claim_generator),
+        ("source type", credentials.digital_source_type),
+        ("author", credentials.author),
+    ):
+        if value:
+            lines.append(f"{name}: {value}")
+    for label, data in credentials.assertions.items():
+        if label.startswith("c2pa.actions") and isinstance(data, Mapping):
+            for action in data.get("actions") or []:
+                if isinstance(action, Mapping) and action.get("parameters"):
+                    lines.append(f"{action.get('action')}: {_compact(action['parameters'])}")
+        if label.endswith("training-mining") and isinstance(data, Mapping):
+            entries = data.get("entries") or {}
+            if isinstance(entries, Mapping):
+                uses = {
+                    str(use).rsplit(".", maxsplit=1)[-1]: entry.get("use")
+                    for use, entry in entries.items()
+                    if isinstance(entry, Mapping)
+                }
+                lines.append(f"training and mining: {_compact(uses)}")
+    return lines
+
+
+def _compact(value: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {item}" for key, item in value.items())
+
+
 def describe(inspection: Inspection) -> list[str]:
     """The human lines of ``inspect``: one per mark."""
     credentials = inspection.credentials
@@ -127,6 +160,7 @@ def describe(inspection: Inspection) -> list[str]:
         )
         if credentials.validation_codes:
             lines.append("  codes: " + ", ".join(credentials.validation_codes))
+        lines.extend(f"  {line}" for line in _manifest_lines(credentials))
     else:
         lines.append("content credentials: none")
     text = inspection.text

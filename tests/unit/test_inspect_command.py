@@ -85,6 +85,9 @@ def test_a_signed_png_validates_and_every_mark_is_printed(
     assert main(["inspect", str(files["signed.png"])]) == 0
     out = capsys.readouterr().out
     assert "content credentials: untrusted" in out
+    assert "\n  made by: stylelicense-worker " in out
+    assert "\n  c2pa.created: " in out and "generation_id 77" in out and "style_id 5" in out
+    assert "\n  training and mining: ai_generative_training notAllowed, " in out
     assert "digital source type (XMP): http://cv.iptc.org/newscodes/digitalsourcetype/" in out
     assert "  ink\n" in out and "Generation id: 77" in out
     assert "invisible mark: generation id 77" in out and out.endswith("verified: yes\n")
