@@ -517,6 +517,12 @@ def test_the_image_is_marked_after_the_signature_with_the_facts_the_backend_is_t
         assert stored.convert("RGB").getextrema() != ((0, 0), (0, 0), (0, 0))  # not all black
 
 
+def test_a_request_without_task_id_or_negative_prompt_marks_them_empty(wired: Wired) -> None:
+    run_job(wired.container.generation_job(), make_request())
+    (facts,) = wired.provenance.marked
+    assert (facts.task_id, facts.negative_prompt, facts.artist) == ("", "", None)
+
+
 def test_an_image_that_cannot_be_marked_is_not_stored(wired: Wired) -> None:
     wired.provenance.error = ProvenanceFailed("timestamp authority did not answer")
     with pytest.raises(ProvenanceFailed) as raised:
