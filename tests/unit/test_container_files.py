@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
+import sys
+import tomllib
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,14 @@ NOT_SETTINGS = {
     "PYTHONUNBUFFERED",
     "PYTHONDONTWRITEBYTECODE",
     "DEBIAN_FRONTEND",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "NVIDIA_REQUIRE_CUDA",
+    "LD_LIBRARY_PATH",
 }
 """Environment variables of the image that are not the worker's settings."""
+GLIBC_OF_DEBIAN = {"bullseye": (2, 31), "bookworm": (2, 36), "trixie": (2, 41)}
+"""The glibc of each Debian release a python:<minor>-slim-<release> base may be."""
 
 
 @dataclass(frozen=True)
@@ -139,22 +148,76 @@ def test_multi_stage_the_runtime_takes_only_the_built_venv(
     assert "/opt/venv/bin" in env_of(final_stage(instructions))["PATH"]
 
 
-def test_cuda_base_and_torch_build_match_and_torch_is_the_projects_pin(
+def bases(instructions: list[Instruction]) -> list[str]:
+    variables = args_of(instructions)
+    return [resolve(i.args.split()[0], variables) for i in instructions if i.keyword == "FROM"]
+
+
+def manylinux_glibc(distribution: str) -> tuple[int, int]:
+    """The glibc an installed wheel needs: the newest of its WHEEL's manylinux tags."""
+    legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    needs = []
+    for line in (metadata.distribution(distribution).read_text("WHEEL") or "").splitlines():
+        if not line.startswith("Tag:"):
+            continue
+        platform = line.split(":", 1)[1].strip().split("-")[-1]
+        for tag in platform.split("."):
+            if match := re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", tag):
+                needs.append((int(match.group(1)), int(match.group(2))))
+            elif tag.split("_")[0] in legacy:
+                needs.append(legacy[tag.split("_")[0]])
+    assert needs, f"{distribution} is not installed from a manylinux wheel"
+    return max(needs)
+
+
+def test_the_image_runs_the_python_minor_that_ci_lints_and_tests(
+    instructions: list[Instruction],
+) -> None:
+    minor = args_of(instructions)["PYTHON_MINOR"]
+    assert re.fullmatch(r"3\.\d+", minor), minor
+    (base,) = set(bases(instructions))  # both stages: the venv links to the base's interpreter
+    assert re.fullmatch(rf"python:{re.escape(minor)}-slim-[a-z]+", base), base
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["pylint"]["main"]["py-version"] == minor
+    assert pyproject["tool"]["black"]["target-version"] == [f"py{minor.replace('.', '')}"]
+    runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert not re.search(r"apt-get install [^&]*\bpython3", runs), "a second Python in the image"
+    assert "sys.version_info" in runs and "${PYTHON_MINOR}" in runs  # the build checks it too
+    if os.environ.get("CI"):  # .ci/run: the interpreter running these tests is the one CI tests
+        assert minor == f"{sys.version_info.major}.{sys.version_info.minor}", (
+            f"the image runs Python {minor}, CI tests {sys.version_info.major}."
+            f"{sys.version_info.minor}: change PYTHON_MINOR in the Dockerfile"
+        )
+
+
+def test_the_bases_glibc_runs_the_native_wheels(instructions: list[Instruction]) -> None:
+    (base,) = set(bases(instructions))
+    release = base.rsplit("-", 1)[-1]
+    assert release in GLIBC_OF_DEBIAN, f"{base}: add the glibc of Debian {release}"
+    # The local wheels stand for the image's: the same pins, torch the same tags as its CUDA build.
+    for distribution in ("c2pa-python", "torch"):
+        needs = manylinux_glibc(distribution)
+        assert needs <= GLIBC_OF_DEBIAN[release], f"{distribution} needs glibc {needs}, {base}"
+
+
+def test_torch_is_the_projects_pin_built_for_the_cuda_the_driver_check_asks_for(
     instructions: list[Instruction],
 ) -> None:
     variables = args_of(instructions)
-    bases = [resolve(i.args.split()[0], variables) for i in instructions if i.keyword == "FROM"]
-    assert len(set(bases)) == 1, "builder and runtime must share the base (the venv's Python)"
-    match = re.fullmatch(
-        r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(base|runtime|cudnn-runtime)-ubuntu[\d.]+", bases[0]
-    )
-    assert match, bases[0]
+    cuda = variables["CUDA_VERSION"]
+    assert re.fullmatch(r"\d+\.\d", cuda), cuda
     index = variables["TORCH_INDEX_URL"]
-    assert index == f"https://download.pytorch.org/whl/cu{match.group(1)}{match.group(2)}"
+    assert index == f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}"
     assert variables["TORCH_VERSION"] == constraints_pin("torch")
     runs = " ".join(resolve(i.args, variables) for i in instructions if i.keyword == "RUN")
     assert f'--index-url "{index}" "torch=={constraints_pin("torch")}"' in runs
     assert "-c constraints.txt" in runs and "+cu" in runs  # the rest pinned; CUDA torch checked
+    stage = final_stage(instructions)
+    assert any(i.keyword == "ARG" and i.args == "CUDA_VERSION" for i in stage)
+    env = {name: resolve(value, variables) for name, value in env_of(stage).items()}
+    assert env["NVIDIA_REQUIRE_CUDA"] == f"cuda>={cuda}"
+    assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
 
 
 def test_runs_as_a_non_root_user(instructions: list[Instruction]) -> None:
