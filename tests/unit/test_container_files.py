@@ -367,21 +367,100 @@ def test_rabbitmq_with_management_and_minio_with_the_buckets(compose: dict[str, 
     assert 'mc mb --ignore-existing "local/$$MEDIA_BUCKET" "local/$$MODELS_BUCKET"' in script
 
 
+SCALE_PROFILES = {"scale": ("worker-a", "worker-b"), "scale-cpu": ("worker-cpu-a", "worker-cpu-b")}
+"""The profiles that run two workers on one queue, and their services."""
+
+
+def assert_runs_the_worker(worker: dict[str, Any]) -> None:
+    """What every worker service of the stack shares: the image, .env, the stack's services."""
+    assert worker["build"]["context"] == "."
+    assert worker["env_file"][0]["path"] == ".env"
+    assert seconds(worker["stop_grace_period"]) >= 300
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert worker["environment"]["RABBITMQ_HOST"] == "rabbitmq"
+    assert worker["environment"]["AWS_S3_ENDPOINT_URL"] == "http://minio:9000"
+    for name in worker["environment"]:
+        assert name.lower() in SETTINGS, f"{name} is not a setting"
+
+
+def published_ports(worker: dict[str, Any]) -> list[tuple[int, int]]:
+    """(host, container) for each ``HOST:CONTAINER`` port mapping."""
+    pairs = []
+    for mapping in worker["ports"]:
+        host, _, container = str(mapping).rpartition(":")
+        pairs.append((int(host), int(container)))
+    return pairs
+
+
+def gpu_device_ids(worker: dict[str, Any]) -> list[str]:
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    return device.get("device_ids", [])
+
+
 def test_the_worker_gets_a_gpu_and_a_cpu_fallback_profile(compose: dict[str, Any]) -> None:
     services = compose["services"]
     gpu, cpu = services["worker"], services["worker-cpu"]
     assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
-    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    gpu_device_ids(gpu)
     assert "deploy" not in cpu and cpu["environment"]["MODEL_DEVICE"] == "cpu"
     for worker in (gpu, cpu):
-        assert worker["build"]["context"] == "."
-        assert worker["env_file"][0]["path"] == ".env"
+        assert_runs_the_worker(worker)
         assert "9100:9100" in worker["ports"]
-        assert seconds(worker["stop_grace_period"]) >= 300
-        assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
-        assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
-        assert worker["environment"]["RABBITMQ_HOST"] == "rabbitmq"
-        assert worker["environment"]["AWS_S3_ENDPOINT_URL"] == "http://minio:9000"
-        for name in worker["environment"]:
-            assert name.lower() in SETTINGS, f"{name} is not a setting"
+
+
+def test_the_scale_profiles_run_two_workers_of_the_same_image_on_the_same_queue(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    single = [services["worker"], services["worker-cpu"]]
+    queue = SETTINGS["rabbitmq_queue"].default
+    assert {w["environment"]["RABBITMQ_QUEUE"] for w in single} == {
+        f"${{RABBITMQ_QUEUE:-{queue}}}"
+    }, "the single workers consume the queue the backend (and `app submit`) publish to"
+    for profile, names in SCALE_PROFILES.items():
+        in_profile = [name for name, s in services.items() if profile in s.get("profiles", [])]
+        assert sorted(in_profile) == sorted(names), profile
+        workers = [services[name] for name in names]
+        for worker in workers:
+            assert_runs_the_worker(worker)
+            assert worker["image"] == single[0]["image"] == single[1]["image"]
+            assert worker["build"] == single[0]["build"]
+            assert (
+                worker["environment"]["RABBITMQ_QUEUE"]
+                == single[0]["environment"]["RABBITMQ_QUEUE"]
+            )
+
+
+def test_each_scaled_worker_serves_metrics_on_its_own_port(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    single_host_ports = {
+        host for name in ("worker", "worker-cpu") for host, _ in published_ports(services[name])
+    }
+    for profile, names in SCALE_PROFILES.items():
+        metrics_ports, host_ports = [], []
+        for name in names:
+            worker = services[name]
+            port = int(worker["environment"]["METRICS_PORT"])
+            mappings = published_ports(worker)
+            assert [container for _, container in mappings] == [port], (name, mappings, port)
+            metrics_ports.append(port)
+            host_ports.append(mappings[0][0])
+        assert len(set(metrics_ports)) == len(names), (profile, metrics_ports)
+        assert len(set(host_ports)) == len(names), (profile, host_ports)
+        assert not single_host_ports & set(host_ports), "clashes with a single worker's port"
+
+
+def test_the_gpu_scale_workers_reserve_one_distinct_gpu_each(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    reserved = [gpu_device_ids(services[name]) for name in SCALE_PROFILES["scale"]]
+    assert all(len(ids) == 1 for ids in reserved), reserved
+    assert len({ids[0] for ids in reserved}) == len(reserved), reserved
+    for name in SCALE_PROFILES["scale"]:
+        # Inside its container the reserved GPU is the only one, index 0: a CUDA_VISIBLE_DEVICES
+        # naming the host's index would hide it.
+        assert "CUDA_VISIBLE_DEVICES" not in services[name]["environment"]
+    for name in SCALE_PROFILES["scale-cpu"]:
+        worker = services[name]
+        assert "deploy" not in worker and worker["environment"]["MODEL_DEVICE"] == "cpu"
