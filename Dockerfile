@@ -4,17 +4,26 @@
 #   docker build -t stylelicense-worker .
 #   docker run --gpus all --env-file .env -p 9100:9100 --stop-timeout 600 stylelicense-worker
 #
-# CUDA: torch 2.13.0 is published for CUDA 12.6 and 13.0 (stable) and 13.2 (experimental); there is
-# no 12.8 build of it. The image takes the cu126 build (Volta to Hopper; an Ada RTX 4090 runs its
-# sm_86 kernels) on the matching CUDA 12.6 base: it needs an NVIDIA driver for CUDA 12.6 (R560 or
-# newer). For Blackwell cards (sm_100/sm_120) build with the CUDA 13.0 pair instead:
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-#   --build-arg CUDA_IMAGE=nvidia/cuda:13.0.<patch>-base-ubuntu24.04
-# The base is the CUDA "base" flavour (the CUDA runtime, the driver hooks and NVIDIA_REQUIRE_CUDA
-# for the driver check), not "cudnn-runtime": torch's wheel brings its own cuBLAS and cuDNN
-# (the nvidia-* wheels it depends on), and a second copy would only add gigabytes.
-# Every package other than torch is pinned by constraints.txt, as in CI. Ubuntu 24.04's Python is
-# 3.12 (CI runs 3.11); every pin has a wheel for both.
+# Python: the image runs the Python that CI tests. PYTHON_MINOR below is the one place the version
+# is set; tests/unit/test_container_files.py fails when it differs from pyproject.toml's black
+# target and pylint py-version, and, in CI, from the interpreter running the tests. The base is
+# the Docker official image python:<minor>-slim-bookworm in both stages (the venv links to its
+# /usr/local/bin/python): upstream CPython, rebuilt with each patch release of the minor (a
+# rebuild takes the latest, as apt takes current packages). Debian 12's glibc 2.36 meets every
+# wheel installed (c2pa-python's native library and torch are manylinux_2_28).
+#
+# CUDA: no CUDA base image. torch's CUDA wheel brings the CUDA user-space libraries it was built
+# with (cudart, cuBLAS, cuDNN, NCCL, ...: the nvidia-* wheels, pinned exactly by torch), and the
+# NVIDIA container toolkit mounts the host driver (libcuda, NVML) into the container, as
+# `--gpus` or compose's device reservations ask it to; the NVIDIA_* variables set below are the
+# ones the nvidia/cuda images set, so the toolkit treats this image as it treats those.
+# torch 2.13.0 is published for CUDA 12.6 and 13.0 (stable) and 13.2 (experimental); there is no
+# 12.8 build of it. The image takes the cu126 build (Volta to Hopper; an Ada RTX 4090 runs its
+# sm_86 kernels): it needs an NVIDIA driver for CUDA 12.6 (R560 or newer), which the toolkit
+# checks at start (NVIDIA_REQUIRE_CUDA) and refuses to run the container on an older driver.
+# For Blackwell cards (sm_100/sm_120) build with the CUDA 13.0 pair instead (driver R580+):
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 --build-arg CUDA_VERSION=13.0
+# Every package other than torch is pinned by constraints.txt, as in CI.
 #
 # Stopping: SIGTERM makes the worker stop taking jobs, finish the ones it holds (a batch, their
 # uploads and webhooks, whose retries may take WEBHOOK_RETRY_BUDGET_SECONDS) and exit. Docker's
@@ -23,21 +32,16 @@
 # `terminationGracePeriodSeconds: 600` (more on the CPU fallback, where one image takes minutes).
 # Jobs cut off by a SIGKILL are not lost: unacked, they go back to the queue.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04
+ARG PYTHON_MINOR=3.11
+ARG CUDA_VERSION=12.6
 
-FROM ${CUDA_IMAGE} AS build
+FROM python:${PYTHON_MINOR}-slim-bookworm AS build
+ARG PYTHON_MINOR
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_VERSION=2.13.0
-ENV DEBIAN_FRONTEND=noninteractive \
-    PIP_NO_CACHE_DIR=1 \
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Unpinned apt packages on purpose: the Ubuntu archive keeps only current versions (with their
-# security fixes); Python packages, the part that matters for behaviour, are pinned.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
- && rm -rf /var/lib/apt/lists/*
-RUN python3.12 -m venv /opt/venv
+RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
@@ -49,25 +53,38 @@ COPY domain ./domain
 COPY ports ./ports
 COPY containers.py ./
 # constraints.txt pins torch==2.13.0, which the CUDA build (2.13.0+cu126) satisfies: pip keeps it.
+# The checks run on the bare base the runtime shares: the venv's Python is the minor asked for,
+# and torch is the CUDA build and imports without system libraries (it bundles its libgomp).
 RUN pip install -c constraints.txt --no-build-isolation . \
  && pip check \
+ && python -c "import sys; v = '%d.%d' % sys.version_info[:2]; sys.exit(0 if v == '${PYTHON_MINOR}' else f'Python {v} is not ${PYTHON_MINOR}')" \
  && python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('${TORCH_VERSION}+cu') else f'torch {v} is not the CUDA build')"
 
-FROM ${CUDA_IMAGE}
+FROM python:${PYTHON_MINOR}-slim-bookworm
+ARG CUDA_VERSION
 ENV DEBIAN_FRONTEND=noninteractive
-# python3.12 (the venv's interpreter), DejaVu for text signatures (adapters/fonts.py looks at
-# /usr/share/fonts/truetype/dejavu), CA certificates for S3 and the backend over HTTPS, tini as
-# PID 1 (forwards SIGTERM, reaps torch.compile's worker processes).
+# DejaVu for text signatures (adapters/fonts.py looks at /usr/share/fonts/truetype/dejavu), CA
+# certificates for S3 and the backend over HTTPS, tini as PID 1 (forwards SIGTERM, reaps
+# torch.compile's worker processes). Python comes with the base, CUDA with torch's wheels.
+# Unpinned apt packages on purpose: the Debian archive keeps only current versions (with their
+# security fixes); Python packages, the part that matters for behaviour, are pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 fonts-dejavu-core ca-certificates tini \
+ && apt-get install -y --no-install-recommends fonts-dejavu-core ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 worker \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin worker \
  && mkdir -p /var/cache/huggingface /var/cache/stylelicense/loras /var/cache/stylelicense/inductor \
  && chown -R 10001:10001 /var/cache/huggingface /var/cache/stylelicense
 COPY --from=build /opt/venv /opt/venv
+# The NVIDIA container toolkit reads NVIDIA_*: every GPU it is given (`--gpus` and compose's
+# device_ids narrow it), the driver's compute libraries and NVML (the GPU metrics), and the
+# driver check. LD_LIBRARY_PATH is where Kubernetes device plugins (GKE) mount the driver.
 ENV PATH=/opt/venv/bin:$PATH \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=${CUDA_VERSION}" \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/var/cache/huggingface \

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
+import sys
+import tomllib
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,14 @@ NOT_SETTINGS = {
     "PYTHONUNBUFFERED",
     "PYTHONDONTWRITEBYTECODE",
     "DEBIAN_FRONTEND",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    "NVIDIA_REQUIRE_CUDA",
+    "LD_LIBRARY_PATH",
 }
 """Environment variables of the image that are not the worker's settings."""
+GLIBC_OF_DEBIAN = {"bullseye": (2, 31), "bookworm": (2, 36), "trixie": (2, 41)}
+"""The glibc of each Debian release a python:<minor>-slim-<release> base may be."""
 
 
 @dataclass(frozen=True)
@@ -139,22 +148,76 @@ def test_multi_stage_the_runtime_takes_only_the_built_venv(
     assert "/opt/venv/bin" in env_of(final_stage(instructions))["PATH"]
 
 
-def test_cuda_base_and_torch_build_match_and_torch_is_the_projects_pin(
+def bases(instructions: list[Instruction]) -> list[str]:
+    variables = args_of(instructions)
+    return [resolve(i.args.split()[0], variables) for i in instructions if i.keyword == "FROM"]
+
+
+def manylinux_glibc(distribution: str) -> tuple[int, int]:
+    """The glibc an installed wheel needs: the newest of its WHEEL's manylinux tags."""
+    legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    needs = []
+    for line in (metadata.distribution(distribution).read_text("WHEEL") or "").splitlines():
+        if not line.startswith("Tag:"):
+            continue
+        platform = line.split(":", 1)[1].strip().split("-")[-1]
+        for tag in platform.split("."):
+            if match := re.fullmatch(r"manylinux_(\d+)_(\d+)_\w+", tag):
+                needs.append((int(match.group(1)), int(match.group(2))))
+            elif tag.split("_")[0] in legacy:
+                needs.append(legacy[tag.split("_")[0]])
+    assert needs, f"{distribution} is not installed from a manylinux wheel"
+    return max(needs)
+
+
+def test_the_image_runs_the_python_minor_that_ci_lints_and_tests(
+    instructions: list[Instruction],
+) -> None:
+    minor = args_of(instructions)["PYTHON_MINOR"]
+    assert re.fullmatch(r"3\.\d+", minor), minor
+    (base,) = set(bases(instructions))  # both stages: the venv links to the base's interpreter
+    assert re.fullmatch(rf"python:{re.escape(minor)}-slim-[a-z]+", base), base
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["pylint"]["main"]["py-version"] == minor
+    assert pyproject["tool"]["black"]["target-version"] == [f"py{minor.replace('.', '')}"]
+    runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert not re.search(r"apt-get install [^&]*\bpython3", runs), "a second Python in the image"
+    assert "sys.version_info" in runs and "${PYTHON_MINOR}" in runs  # the build checks it too
+    if os.environ.get("CI"):  # .ci/run: the interpreter running these tests is the one CI tests
+        assert minor == f"{sys.version_info.major}.{sys.version_info.minor}", (
+            f"the image runs Python {minor}, CI tests {sys.version_info.major}."
+            f"{sys.version_info.minor}: change PYTHON_MINOR in the Dockerfile"
+        )
+
+
+def test_the_bases_glibc_runs_the_native_wheels(instructions: list[Instruction]) -> None:
+    (base,) = set(bases(instructions))
+    release = base.rsplit("-", 1)[-1]
+    assert release in GLIBC_OF_DEBIAN, f"{base}: add the glibc of Debian {release}"
+    # The local wheels stand for the image's: the same pins, torch the same tags as its CUDA build.
+    for distribution in ("c2pa-python", "torch"):
+        needs = manylinux_glibc(distribution)
+        assert needs <= GLIBC_OF_DEBIAN[release], f"{distribution} needs glibc {needs}, {base}"
+
+
+def test_torch_is_the_projects_pin_built_for_the_cuda_the_driver_check_asks_for(
     instructions: list[Instruction],
 ) -> None:
     variables = args_of(instructions)
-    bases = [resolve(i.args.split()[0], variables) for i in instructions if i.keyword == "FROM"]
-    assert len(set(bases)) == 1, "builder and runtime must share the base (the venv's Python)"
-    match = re.fullmatch(
-        r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(base|runtime|cudnn-runtime)-ubuntu[\d.]+", bases[0]
-    )
-    assert match, bases[0]
+    cuda = variables["CUDA_VERSION"]
+    assert re.fullmatch(r"\d+\.\d", cuda), cuda
     index = variables["TORCH_INDEX_URL"]
-    assert index == f"https://download.pytorch.org/whl/cu{match.group(1)}{match.group(2)}"
+    assert index == f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}"
     assert variables["TORCH_VERSION"] == constraints_pin("torch")
     runs = " ".join(resolve(i.args, variables) for i in instructions if i.keyword == "RUN")
     assert f'--index-url "{index}" "torch=={constraints_pin("torch")}"' in runs
     assert "-c constraints.txt" in runs and "+cu" in runs  # the rest pinned; CUDA torch checked
+    stage = final_stage(instructions)
+    assert any(i.keyword == "ARG" and i.args == "CUDA_VERSION" for i in stage)
+    env = {name: resolve(value, variables) for name, value in env_of(stage).items()}
+    assert env["NVIDIA_REQUIRE_CUDA"] == f"cuda>={cuda}"
+    assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
 
 
 def test_runs_as_a_non_root_user(instructions: list[Instruction]) -> None:
@@ -304,21 +367,100 @@ def test_rabbitmq_with_management_and_minio_with_the_buckets(compose: dict[str, 
     assert 'mc mb --ignore-existing "local/$$MEDIA_BUCKET" "local/$$MODELS_BUCKET"' in script
 
 
+SCALE_PROFILES = {"scale": ("worker-a", "worker-b"), "scale-cpu": ("worker-cpu-a", "worker-cpu-b")}
+"""The profiles that run two workers on one queue, and their services."""
+
+
+def assert_runs_the_worker(worker: dict[str, Any]) -> None:
+    """What every worker service of the stack shares: the image, .env, the stack's services."""
+    assert worker["build"]["context"] == "."
+    assert worker["env_file"][0]["path"] == ".env"
+    assert seconds(worker["stop_grace_period"]) >= 300
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert worker["environment"]["RABBITMQ_HOST"] == "rabbitmq"
+    assert worker["environment"]["AWS_S3_ENDPOINT_URL"] == "http://minio:9000"
+    for name in worker["environment"]:
+        assert name.lower() in SETTINGS, f"{name} is not a setting"
+
+
+def published_ports(worker: dict[str, Any]) -> list[tuple[int, int]]:
+    """(host, container) for each ``HOST:CONTAINER`` port mapping."""
+    pairs = []
+    for mapping in worker["ports"]:
+        host, _, container = str(mapping).rpartition(":")
+        pairs.append((int(host), int(container)))
+    return pairs
+
+
+def gpu_device_ids(worker: dict[str, Any]) -> list[str]:
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    return device.get("device_ids", [])
+
+
 def test_the_worker_gets_a_gpu_and_a_cpu_fallback_profile(compose: dict[str, Any]) -> None:
     services = compose["services"]
     gpu, cpu = services["worker"], services["worker-cpu"]
     assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
-    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    gpu_device_ids(gpu)
     assert "deploy" not in cpu and cpu["environment"]["MODEL_DEVICE"] == "cpu"
     for worker in (gpu, cpu):
-        assert worker["build"]["context"] == "."
-        assert worker["env_file"][0]["path"] == ".env"
+        assert_runs_the_worker(worker)
         assert "9100:9100" in worker["ports"]
-        assert seconds(worker["stop_grace_period"]) >= 300
-        assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
-        assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
-        assert worker["environment"]["RABBITMQ_HOST"] == "rabbitmq"
-        assert worker["environment"]["AWS_S3_ENDPOINT_URL"] == "http://minio:9000"
-        for name in worker["environment"]:
-            assert name.lower() in SETTINGS, f"{name} is not a setting"
+
+
+def test_the_scale_profiles_run_two_workers_of_the_same_image_on_the_same_queue(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    single = [services["worker"], services["worker-cpu"]]
+    queue = SETTINGS["rabbitmq_queue"].default
+    assert {w["environment"]["RABBITMQ_QUEUE"] for w in single} == {
+        f"${{RABBITMQ_QUEUE:-{queue}}}"
+    }, "the single workers consume the queue the backend (and `app submit`) publish to"
+    for profile, names in SCALE_PROFILES.items():
+        in_profile = [name for name, s in services.items() if profile in s.get("profiles", [])]
+        assert sorted(in_profile) == sorted(names), profile
+        workers = [services[name] for name in names]
+        for worker in workers:
+            assert_runs_the_worker(worker)
+            assert worker["image"] == single[0]["image"] == single[1]["image"]
+            assert worker["build"] == single[0]["build"]
+            assert (
+                worker["environment"]["RABBITMQ_QUEUE"]
+                == single[0]["environment"]["RABBITMQ_QUEUE"]
+            )
+
+
+def test_each_scaled_worker_serves_metrics_on_its_own_port(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    single_host_ports = {
+        host for name in ("worker", "worker-cpu") for host, _ in published_ports(services[name])
+    }
+    for profile, names in SCALE_PROFILES.items():
+        metrics_ports, host_ports = [], []
+        for name in names:
+            worker = services[name]
+            port = int(worker["environment"]["METRICS_PORT"])
+            mappings = published_ports(worker)
+            assert [container for _, container in mappings] == [port], (name, mappings, port)
+            metrics_ports.append(port)
+            host_ports.append(mappings[0][0])
+        assert len(set(metrics_ports)) == len(names), (profile, metrics_ports)
+        assert len(set(host_ports)) == len(names), (profile, host_ports)
+        assert not single_host_ports & set(host_ports), "clashes with a single worker's port"
+
+
+def test_the_gpu_scale_workers_reserve_one_distinct_gpu_each(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    reserved = [gpu_device_ids(services[name]) for name in SCALE_PROFILES["scale"]]
+    assert all(len(ids) == 1 for ids in reserved), reserved
+    assert len({ids[0] for ids in reserved}) == len(reserved), reserved
+    for name in SCALE_PROFILES["scale"]:
+        # Inside its container the reserved GPU is the only one, index 0: a CUDA_VISIBLE_DEVICES
+        # naming the host's index would hide it.
+        assert "CUDA_VISIBLE_DEVICES" not in services[name]["environment"]
+    for name in SCALE_PROFILES["scale-cpu"]:
+        worker = services[name]
+        assert "deploy" not in worker and worker["environment"]["MODEL_DEVICE"] == "cpu"
