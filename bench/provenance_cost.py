@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from adapters.provenance.credentials import ContentCredentials, CredentialFacts
@@ -34,20 +33,11 @@ from adapters.provenance.png_metadata import (
     parameters_text,
     xmp_packet,
 )
+from bench.provenance_robustness import smooth_scene
 from ports.provenance import ProvenanceFacts
 
 RESULTS = Path(__file__).parent / "results" / "provenance_cost.json"
 SIZES = (512, 1024)
-
-
-def smooth_scene(size: int, seed: int) -> Image.Image:
-    """A generated-looking picture: low-frequency colour fields and soft shapes, seeded."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 255, size=(6, 6, 3)).astype(np.uint8)
-    image = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
-    detail = rng.normal(0, 6, size=(size, size, 3))
-    pixels = np.clip(np.asarray(image, dtype=np.float32) + detail, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
 
 
 def facts(size: int) -> ProvenanceFacts:

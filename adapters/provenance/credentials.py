@@ -43,6 +43,7 @@ from adapters.provenance.signing_key import (
     load_signing_key,
     read_pem_file,
 )
+from adapters.provenance.vocabulary import SOFTWARE_NAME, TRAINED_ALGORITHMIC_MEDIA
 from domain.errors import ProvenanceFailed
 
 __all__ = [
@@ -55,8 +56,6 @@ __all__ = [
     "read_credentials",
 ]
 
-SOFTWARE_NAME = "stylelicense-worker"
-TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 AUTHOR_LABEL = "stds.schema-org.CreativeWork"
 TRAINING_MINING_LABEL = "cawg.training-mining"
 """The CAWG label; c2pa-rs 0.91 takes it (and the older C2PA 1.x `c2pa.training-mining`) cleanly."""

@@ -5,7 +5,6 @@ the pixels carrying the invisible mark and the metadata chunks)."""
 from __future__ import annotations
 
 import logging
-from importlib import metadata as package_metadata
 from typing import Any
 
 from PIL import Image
@@ -14,25 +13,15 @@ from adapters.provenance.credentials import ContentCredentials, CredentialFacts
 from adapters.provenance.invisible_mark import InvisibleMark, with_headroom
 from adapters.provenance.png_metadata import (
     PARAMETERS_KEY,
-    TRAINED_ALGORITHMIC_MEDIA,
     XMP_KEY,
     encode_png,
     parameters_text,
     xmp_packet,
 )
+from adapters.provenance.vocabulary import SOFTWARE_NAME, TRAINED_ALGORITHMIC_MEDIA, worker_version
 from ports.provenance import MarkedImage, ProvenanceFacts
 
 log = logging.getLogger(__name__)
-
-SOFTWARE_NAME = "stylelicense-worker"
-
-
-def worker_version() -> str:
-    """This worker's version, as installed (the C2PA software agent and the XMP creator tool)."""
-    try:
-        return package_metadata.version(SOFTWARE_NAME)
-    except package_metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class ProvenanceMarks:
@@ -75,7 +64,9 @@ class ProvenanceMarks:
         credentials cannot be signed."""
         provenance: dict[str, Any] = {}
         if self._invisible_mark is not None:
-            image, provenance["invisible_mark"] = self._marked(image, facts.generation_id)
+            image, provenance["invisible_mark"] = _marked(
+                self._invisible_mark, image, facts.generation_id
+            )
         png = encode_png(
             image,
             {
@@ -104,35 +95,6 @@ class ProvenanceMarks:
             }
         return MarkedImage(png=png, provenance=provenance)
 
-    def _marked(self, image: Image.Image, generation_id: int) -> tuple[Image.Image, dict[str, Any]]:
-        """The image with the invisible mark, checked to read back, and what to report of it.
-
-        A saturated picture (a white background) clips the mark away: it is marked again with
-        headroom (pixels within 8 levels of 0 or 255 moved in). Neither an image too small for
-        the mark nor an id beyond its payload can change by a retry: such an image is stored
-        without the mark, and the metadata says why. ``verified`` False is logged: stored, but
-        the mark did not read back.
-        """
-        mark = self._invisible_mark
-        assert mark is not None
-        try:
-            marked = mark.embed(image, generation_id)
-        except ValueError as exc:
-            log.warning("generation %s: no invisible mark: %s", generation_id, exc)
-            return image, {"skipped": str(exc)}
-        headroom = not mark.reads(marked, generation_id)
-        if headroom:
-            marked = mark.embed(with_headroom(image), generation_id)
-        verified = mark.reads(marked, generation_id)
-        if not verified:
-            log.warning("generation %s: the invisible mark does not read back", generation_id)
-        return marked, {
-            "method": mark.method,
-            "payload": {"generation_id": generation_id},
-            "verified": verified,
-            "headroom": headroom,
-        }
-
     def _credential_facts(self, facts: ProvenanceFacts) -> CredentialFacts:
         return CredentialFacts(
             generation_id=facts.generation_id,
@@ -142,3 +104,33 @@ class ProvenanceMarks:
             artist=facts.artist,
             worker_version=self._version,
         )
+
+
+def _marked(
+    mark: InvisibleMark, image: Image.Image, generation_id: int
+) -> tuple[Image.Image, dict[str, Any]]:
+    """The image with the invisible mark, checked to read back, and what to report of it.
+
+    A saturated picture (a white background) clips the mark away: it is marked again with
+    headroom (pixels within 8 levels of 0 or 255 moved in). Neither an image too small for
+    the mark nor an id beyond its payload can change by a retry: such an image is stored
+    without the mark, and the metadata says why. ``verified`` False is logged: stored, but
+    the mark did not read back.
+    """
+    try:
+        marked = mark.embed(image, generation_id)
+    except ValueError as exc:
+        log.warning("generation %s: no invisible mark: %s", generation_id, exc)
+        return image, {"skipped": str(exc)}
+    headroom = not mark.reads(marked, generation_id)
+    if headroom:
+        marked = mark.embed(with_headroom(image), generation_id)
+    verified = mark.reads(marked, generation_id)
+    if not verified:
+        log.warning("generation %s: the invisible mark does not read back", generation_id)
+    return marked, {
+        "method": mark.method,
+        "payload": {"generation_id": generation_id},
+        "verified": verified,
+        "headroom": headroom,
+    }

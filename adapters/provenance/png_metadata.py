@@ -20,14 +20,13 @@ from xml.sax.saxutils import escape, quoteattr
 
 from PIL import Image, PngImagePlugin
 
+from adapters.provenance.vocabulary import TRAINED_ALGORITHMIC_MEDIA
 from ports.provenance import ProvenanceFacts
 
 PARAMETERS_KEY = "parameters"
 """The tEXt keyword A1111 writes its infotext under."""
 XMP_KEY = "XML:com.adobe.xmp"
 """The iTXt keyword of XMP in PNG (XMP specification part 3)."""
-TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
-"""IPTC digital source type of media created by a generative model from a prompt."""
 STYLELICENSE_NS = "urn:stylelicense:xmp:1.0#"
 """Our own XMP namespace: the generation and style ids."""
 _IPTC_EXT_NS = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.provenance.inspection import inspect_image
 from adapters.provenance.invisible_mark import InvisibleMark
-from adapters.provenance.png_metadata import TRAINED_ALGORITHMIC_MEDIA
+from adapters.provenance.vocabulary import TRAINED_ALGORITHMIC_MEDIA
 from app.settings import load_settings
 from app.worker import start
 from containers import Container, build_container

@@ -17,7 +17,6 @@ from PIL import Image, PngImagePlugin
 
 from adapters.provenance.credentials import (
     DEVELOPMENT_CERTIFICATE_WARNING,
-    TRAINED_ALGORITHMIC_MEDIA,
     TRAINING_MINING_REASON,
     ContentCredentials,
     CredentialFacts,
@@ -30,6 +29,7 @@ from adapters.provenance.dev_certificate import (
     DevelopmentChain,
     generate_development_chain,
 )
+from adapters.provenance.vocabulary import TRAINED_ALGORITHMIC_MEDIA
 from domain.errors import ProvenanceFailed
 from tests.unit.provenance_samples import (
     chunks,

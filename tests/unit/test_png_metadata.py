@@ -10,7 +10,6 @@ from PIL import Image
 
 from adapters.provenance.png_metadata import (
     PARAMETERS_KEY,
-    TRAINED_ALGORITHMIC_MEDIA,
     XMP_KEY,
     PngText,
     encode_png,
@@ -18,6 +17,7 @@ from adapters.provenance.png_metadata import (
     read_png_text,
     xmp_packet,
 )
+from adapters.provenance.vocabulary import TRAINED_ALGORITHMIC_MEDIA
 from tests.unit.provenance_samples import chunks, facts
 
 FACTS = facts(

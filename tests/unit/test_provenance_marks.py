@@ -17,7 +17,7 @@ from adapters.provenance.dev_certificate import DevelopmentChain, generate_devel
 from adapters.provenance.inspection import inspect_image
 from adapters.provenance.invisible_mark import MIN_SIDE, InvisibleMark
 from adapters.provenance.marks import ProvenanceMarks
-from adapters.provenance.png_metadata import TRAINED_ALGORITHMIC_MEDIA
+from adapters.provenance.vocabulary import TRAINED_ALGORITHMIC_MEDIA
 from domain.errors import ErrorCode, ProvenanceFailed
 from ports.provenance import ProvenanceMarker
 from tests.unit.provenance_samples import facts, one_pixel_changed, scene
