@@ -174,6 +174,8 @@ class Container(containers.DeclarativeContainer):
             prefetch=config.max_concurrent_generations,
             retry_delay_seconds=config.rabbitmq_retry_delay_seconds,
             retry_max_delay_seconds=config.rabbitmq_retry_max_delay_seconds,
+            parked_max_messages=config.rabbitmq_parked_max_messages,
+            parked_ttl_seconds=config.rabbitmq_parked_ttl_seconds,
             heartbeat_seconds=config.rabbitmq_heartbeat_seconds,
         ),
         memory=providers.Singleton(InMemoryTaskSource),

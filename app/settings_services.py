@@ -39,6 +39,21 @@ class ServiceSettings(BaseModel):
         description="The longest wait of a message handed back (by default: 5, 20, 80, 320,"
         " 600 s).",
     )
+    rabbitmq_parked_max_messages: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Most messages `<queue>.parked` holds (`x-max-length`, with `x-overflow:"
+        " reject-publish`): a message parked while it is full is not dropped but waits in the"
+        " longest retry queue and is parked again later (docs/parked-messages.md).",
+    )
+    rabbitmq_parked_ttl_seconds: int = Field(
+        default=14 * 86400,
+        ge=0,
+        le=365 * 86400,
+        description="How long a parked message is kept (`x-message-ttl`; 14 days by default; 0:"
+        " for ever). Its decided outcome stays in the outcome records after it expires.",
+    )
     rabbitmq_heartbeat_seconds: int = Field(
         default=60,
         ge=0,

@@ -1,10 +1,21 @@
-"""The source's queues: the backend's, the parked one, the ladder of retry queues; declared."""
+"""The source's queues: the backend's, the parked one, the ladder of retry queues; declared.
+
+The parked queue is bounded by its arguments (``x-max-length`` with ``x-overflow:
+reject-publish``, ``x-message-ttl``). RabbitMQ refuses a declare whose arguments differ from those
+of the queue that exists (406 PRECONDITION_FAILED, and it closes the channel), so the parked queue
+is declared on a channel of its own: a queue declared by an earlier version (no arguments) or
+with other bounds is then used as it is, and the channel that consumes never sees the refusal.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import ChannelClosedByBroker
+
+PRECONDITION_FAILED = 406
 
 
 def retry_ladder(base_seconds: int, max_seconds: int) -> tuple[int, ...]:
@@ -25,25 +36,41 @@ def retry_ladder(base_seconds: int, max_seconds: int) -> tuple[int, ...]:
 class Queues:
     """The backend's queue ``name`` (durable, no arguments: the worker cannot give it a
     dead-letter policy), ``<name>.parked``, and a retry queue ``<name>.retry.<N>s`` per delay of
-    ``retry_delays``, whose TTL dead-letters back to the backend's queue after N seconds."""
+    ``retry_delays``, whose TTL dead-letters back to the backend's queue after N seconds.
+
+    ``parked_max_messages`` and ``parked_ttl_seconds`` (0: none) bound the parked queue; a message
+    the full queue refuses goes to ``overflow_queue``, the longest retry queue, and comes back."""
 
     name: str
     retry_delays: tuple[int, ...]
+    parked_max_messages: int | None = None
+    parked_ttl_seconds: int = 0
 
     @property
     def parked(self) -> str:
         """The queue parked messages go to."""
         return f"{self.name}.parked"
 
+    @property
+    def parked_arguments(self) -> dict[str, Any]:
+        """The arguments of the parked queue: its bounds."""
+        return parked_arguments(self.parked_max_messages, self.parked_ttl_seconds)
+
+    @property
+    def overflow_queue(self) -> str:
+        """Where a message waits when the parked queue is full: the longest retry queue."""
+        return self.retry_queue_for(self.retry_delays[-1])
+
     def retry_queue_for(self, delay_seconds: float) -> str:
         """The retry queue for a delay: the largest rung not above it, at least the first."""
         rung = max((d for d in self.retry_delays if d <= delay_seconds), default=None)
         return f"{self.name}.retry.{rung or self.retry_delays[0]}s"
 
-    def declare(self, channel: BlockingChannel) -> None:
-        """Declare every queue; the backend's exactly as the backend declares it."""
+    def declare(self, channel: BlockingChannel) -> bool:
+        """Declare every queue; the backend's exactly as the backend declares it. Whether the
+        parked queue has the bounds of ``parked_arguments`` (False: it existed with others)."""
         channel.queue_declare(queue=self.name, durable=True)
-        channel.queue_declare(queue=self.parked, durable=True)
+        bounded = self.declare_parked(channel.connection)
         for delay in self.retry_delays:
             channel.queue_declare(
                 queue=self.retry_queue_for(delay),
@@ -54,3 +81,35 @@ class Queues:
                     "x-dead-letter-routing-key": self.name,
                 },
             )
+        return bounded
+
+    def declare_parked(self, connection: Any) -> bool:
+        """Declare the parked queue with its bounds, on a channel of its own opened on
+        ``connection`` (a ``pika.BlockingConnection``). False when a queue of that name exists
+        with other arguments (declared by an earlier version, or with other bounds): it is used
+        as it is, and nothing else is affected."""
+        channel = connection.channel()
+        try:
+            channel.queue_declare(queue=self.parked, durable=True, arguments=self.parked_arguments)
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != PRECONDITION_FAILED:
+                raise
+            return False
+        channel.close()
+        return True
+
+
+def parked_arguments(max_messages: int | None, ttl_seconds: int) -> dict[str, Any]:
+    """The arguments that bound a parked queue: at most ``max_messages`` (a message published
+    beyond it is refused, never the oldest dropped), each kept ``ttl_seconds`` (0: for ever)."""
+    arguments: dict[str, Any] = {}
+    if max_messages is not None:
+        if max_messages < 1:
+            raise ValueError(f"the parked queue must hold at least 1 message, got {max_messages}")
+        arguments["x-max-length"] = max_messages
+        arguments["x-overflow"] = "reject-publish"
+    if ttl_seconds < 0:
+        raise ValueError(f"the parked messages' TTL must be >= 0 seconds, got {ttl_seconds}")
+    if ttl_seconds:
+        arguments["x-message-ttl"] = ttl_seconds * 1000
+    return arguments

@@ -27,6 +27,8 @@ class RabbitMQTaskSource:
 
     ``prefetch`` is the initial hold and its upper bound; ``retry_delay_seconds`` and
     ``retry_max_delay_seconds`` span the ladder of retry queues (5, 20, 80, 320, 600 by default).
+    ``parked_max_messages`` (None: unbounded) and ``parked_ttl_seconds`` (0: for ever) bound the
+    parked queue; a message parked while it is full waits in the longest retry queue instead.
     ``refused_republishes`` counts the deliveries handed back because their copy could not be
     published: the broker refused it twice, or publishing it failed (for metrics; written on the
     I/O thread only).
@@ -44,6 +46,8 @@ class RabbitMQTaskSource:
         prefetch: int = 10,
         retry_delay_seconds: int = 5,
         retry_max_delay_seconds: int = 600,
+        parked_max_messages: int | None = 10_000,
+        parked_ttl_seconds: int = 14 * 86400,
         heartbeat_seconds: int = 60,
         reconnect_max_seconds: float = 30.0,
         connection_name: str | None = None,
@@ -66,7 +70,10 @@ class RabbitMQTaskSource:
             },
         )
         self._queues = Queues(
-            queue_name, retry_ladder(retry_delay_seconds, retry_max_delay_seconds)
+            queue_name,
+            retry_ladder(retry_delay_seconds, retry_max_delay_seconds),
+            parked_max_messages=parked_max_messages,
+            parked_ttl_seconds=parked_ttl_seconds,
         )
         self._prefetch = prefetch
         self._inbox = Inbox(hold=prefetch)
