@@ -156,6 +156,12 @@ class InMemoryTaskSource:
             self._promote_due()
             return len(self._ready)
 
+    @property
+    def parked_depth(self) -> int | None:
+        """Messages parked so far, None once closed."""
+        with self._lock:
+            return None if self._closed else len(self.parked)
+
     def hold_at_most(self, count: int) -> None:
         """Hand out no more while ``count`` deliveries are held (capped by ``prefetch``)."""
         if count < 0:

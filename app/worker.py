@@ -183,6 +183,7 @@ def watch(
         phrases=("connected", "disconnected"),
     )
     telemetry.watch_queue_depth(lambda: source.queue_depth)
+    telemetry.watch_parked_depth(lambda: source.parked_depth)
     readiness.add(
         "storage",
         lambda: _storage_reachable(storage),

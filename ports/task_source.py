@@ -64,6 +64,11 @@ class TaskSource(Protocol):
     def queue_depth(self) -> int | None:
         """Messages waiting in the queue at the last look, or None when unknown (metrics)."""
 
+    @property
+    def parked_depth(self) -> int | None:
+        """Messages set aside for an operator at the last look, or None when unknown
+        (metrics)."""
+
     def hold_at_most(self, count: int) -> None:
         """Hold at most ``count`` unsettled deliveries from now on (the broker's prefetch)."""
 

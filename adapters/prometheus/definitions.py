@@ -188,6 +188,13 @@ QUEUE_DEPTH = MetricDefinition(
     "gauge",
     "Messages ready in the job queue (passive declare); absent while the broker is away.",
 )
+PARKED_MESSAGES = MetricDefinition(
+    f"{PREFIX}_parked_messages",
+    "gauge",
+    "Messages ready in the parked queue `<queue>.parked`, set aside for an operator (passive"
+    " declare; `python -m app parked list` shows them); absent while the broker is away or the"
+    " queue is missing.",
+)
 LORA_CACHE_HITS = MetricDefinition(
     f"{PREFIX}_lora_cache_hits",
     "counter",
@@ -266,6 +273,7 @@ METRICS: tuple[MetricDefinition, ...] = (
     WEBHOOK_ATTEMPTS,
     WEBHOOK_FAILURES,
     QUEUE_DEPTH,
+    PARKED_MESSAGES,
     LORA_CACHE_HITS,
     LORA_CACHE_MISSES,
     LORA_CACHE_EVICTIONS,

@@ -20,7 +20,7 @@ this file, then regenerate it with `{REGENERATE}`.
 
 The worker serves these metrics on `/metrics` of its operations endpoint
 (`METRICS_HOST:METRICS_PORT`). The Meaning column is each metric's help text, as a scrape shows
-it. Counters and series whose label values are listed start at 0; the queue depth, LoRA cache
+it. Counters and series whose label values are listed start at 0; the queue depths, LoRA cache
 and GPU metrics are read at each scrape and are absent while their source has no answer (no
 broker, no model loaded yet, no NVML or GPU) rather than zero. Besides these, prometheus-client
 serves its `process_*` (CPU seconds, resident memory, open file descriptors) and `python_*`

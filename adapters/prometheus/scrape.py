@@ -1,4 +1,4 @@
-"""The metrics read at scrape time: queue depth, LoRA caches, GPUs, each from a callable source.
+"""The metrics read at scrape time: queue depths, LoRA caches, GPUs, each from a callable source.
 
 A source that answers None (or no GPU) makes its metrics absent rather than zero; a source that
 raises, or answers something that is not a number, adds nothing and the rest of the scrape goes
@@ -24,6 +24,7 @@ from adapters.prometheus.definitions import (
     LORA_CACHE_HITS,
     LORA_CACHE_MAX_BYTES,
     LORA_CACHE_MISSES,
+    PARKED_MESSAGES,
     QUEUE_DEPTH,
     MetricDefinition,
 )
@@ -57,8 +58,11 @@ class GpuSampleLike(Protocol):
 QueueDepthSource = Callable[[], "int | None"]
 CacheStatsSource = Callable[[], LoraCacheStats | None]
 GpuSource = Callable[[], Sequence[GpuSampleLike]]
-Sources = tuple[QueueDepthSource | None, dict[str, CacheStatsSource], GpuSource | None]
-"""The sources of one scrape: queue depth, LoRA caches by level, GPUs."""
+Sources = tuple[
+    QueueDepthSource | None, QueueDepthSource | None, dict[str, CacheStatsSource], GpuSource | None
+]
+"""The sources of one scrape: the job queue's depth, the parked queue's, LoRA caches by level,
+GPUs."""
 
 CACHE_FIELDS = (
     ("hits", LORA_CACHE_HITS),
@@ -95,10 +99,14 @@ class ScrapeTimeCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Read every source now; absent or failing sources give absent metrics."""
-        queue_depth, caches, gpus = self._sources()
+        queue_depth, parked_depth, caches, gpus = self._sources()
         families = _families()
         if queue_depth is not None:
-            self._scrape("queue depth", lambda: _add_queue_depth(families, queue_depth()))
+            self._scrape("queue depth", lambda: _add_depth(families[QUEUE_DEPTH], queue_depth()))
+        if parked_depth is not None:
+            self._scrape(
+                "parked depth", lambda: _add_depth(families[PARKED_MESSAGES], parked_depth())
+            )
         for level, source in sorted(caches.items()):
             self._scrape(
                 f"LoRA cache ({level})",
@@ -113,7 +121,7 @@ class ScrapeTimeCollector:
 
 def _families() -> dict[MetricDefinition, Metric]:
     """An empty family of each pulled metric."""
-    pulled = [QUEUE_DEPTH, *(definition for _, definition in CACHE_FIELDS)]
+    pulled = [QUEUE_DEPTH, PARKED_MESSAGES, *(definition for _, definition in CACHE_FIELDS)]
     pulled += [GPU_UTILIZATION_PERCENT, GPU_MEMORY_USED_BYTES, GPU_MEMORY_TOTAL_BYTES]
     return {
         definition: _FAMILIES[definition.type](
@@ -123,9 +131,9 @@ def _families() -> dict[MetricDefinition, Metric]:
     }
 
 
-def _add_queue_depth(families: dict[MetricDefinition, Metric], depth: int | None) -> None:
+def _add_depth(family: Metric, depth: int | None) -> None:
     if depth is not None:
-        families[QUEUE_DEPTH].add_metric([], float(depth))
+        family.add_metric([], float(depth))
 
 
 def _add_cache_stats(

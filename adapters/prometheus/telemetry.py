@@ -86,6 +86,7 @@ class PrometheusTelemetry:
         *,
         registry: CollectorRegistry | None = None,
         queue_depth: QueueDepthSource | None = None,
+        parked_depth: QueueDepthSource | None = None,
         lora_caches: Mapping[str, CacheStatsSource] | None = None,
         gpus: GpuSource | None = None,
         info: Mapping[str, str] | None = None,
@@ -94,6 +95,7 @@ class PrometheusTelemetry:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._lock = threading.Lock()
         self._queue_depth = queue_depth
+        self._parked_depth = parked_depth
         self._lora_caches: dict[str, CacheStatsSource] = dict(lora_caches or {})
         self._gpus = gpus
         self._failing: set[str] = set()
@@ -146,6 +148,11 @@ class PrometheusTelemetry:
         """Read the queue depth from ``source`` at each scrape (None: absent)."""
         with self._lock:
             self._queue_depth = source
+
+    def watch_parked_depth(self, source: QueueDepthSource) -> None:
+        """Read the parked queue's depth from ``source`` at each scrape (None: absent)."""
+        with self._lock:
+            self._parked_depth = source
 
     def watch_lora_cache(self, level: str, source: CacheStatsSource) -> None:
         """Read a LoRA cache's stats at each scrape; ``level`` is ``disk`` or ``pipeline``."""
@@ -213,7 +220,7 @@ class PrometheusTelemetry:
 
     def _sources(self) -> Sources:
         with self._lock:
-            return self._queue_depth, dict(self._lora_caches), self._gpus
+            return self._queue_depth, self._parked_depth, dict(self._lora_caches), self._gpus
 
     def _scrape(self, what: str, step: Callable[[], None]) -> None:
         """Run one source's part of a scrape; on an error log it (at WARNING once, until the

@@ -78,6 +78,8 @@ class ConnectionThread:
         self._thread: threading.Thread | None = None
         self._last_error: BaseException | None = None
         self._depth: int | None = None
+        self._parked_depth: int | None = None
+        self._side: BlockingChannel | None = None  # for looks that may fail: never consumes
         self._depth_checked = 0.0
         self._depth_refresh = depth_refresh_seconds
 
@@ -114,6 +116,12 @@ class ConnectionThread:
     def queue_depth(self) -> int | None:
         """Messages ready in the queue at the last passive declare; None while disconnected."""
         return self._depth if self._connected.is_set() else None
+
+    @property
+    def parked_depth(self) -> int | None:
+        """Messages ready in the parked queue at the last look; None while disconnected or
+        while the queue is missing."""
+        return self._parked_depth if self._connected.is_set() else None
 
     @property
     def channel(self) -> BlockingChannel | None:
@@ -246,7 +254,15 @@ class ConnectionThread:
         connection = pika.BlockingConnection(self._parameters)
         self._connection = connection  # closed by _drop_connection if the set-up fails
         channel = connection.channel()
-        self._queues.declare(channel)
+        if not self._queues.declare(channel):
+            log.warning(
+                "the parked queue %s exists with other arguments than RABBITMQ_PARKED_MAX_MESSAGES"
+                " and RABBITMQ_PARKED_TTL_SECONDS ask for (%s); it is used as it is. Once every"
+                " worker runs this version, bound it with `python -m app parked migrate`"
+                " (docs/parked-messages.md)",
+                self._queues.parked,
+                self._queues.parked_arguments,
+            )
         channel.confirm_delivery()
         channel.add_on_cancel_callback(self._on_consumer_cancelled)
         channel.basic_qos(prefetch_count=max(1, self._inbox.hold), global_qos=self._global_qos)
@@ -291,7 +307,9 @@ class ConnectionThread:
                 backoff = min(backoff * 2, self._reconnect_max)
 
     def _refresh_depth(self) -> None:
-        """Count the ready messages with a passive declare, at most every few seconds."""
+        """Count the ready messages with a passive declare, at most every few seconds: the job
+        queue's on the consuming channel, the parked queue's on a side channel (an operator may
+        delete it; the broker closes a channel that declares a missing queue)."""
         channel = self._channel
         now = time.monotonic()
         if channel is None or now - self._depth_checked < self._depth_refresh:
@@ -299,11 +317,24 @@ class ConnectionThread:
         self._depth_checked = now
         frame = channel.queue_declare(queue=self._queues.name, passive=True)
         self._depth = frame.method.message_count
+        self._parked_depth = self._look_at_parked()
+
+    def _look_at_parked(self) -> int | None:
+        """The parked queue's ready messages, None when it is missing."""
+        side = self._side
+        if side is None or not side.is_open:
+            side = self._side = self._connection.channel()  # type: ignore[union-attr]
+        try:
+            return side.queue_declare(queue=self._queues.parked, passive=True).method.message_count
+        except ChannelClosedByBroker:
+            self._side = None
+            return None
 
     def _drop_connection(self) -> None:
         """Forget a broken connection: its deliveries are stale from now on."""
         self._connected.clear()
-        self._depth, self._depth_checked = None, 0.0
+        self._depth, self._parked_depth, self._depth_checked = None, None, 0.0
+        self._side = None
         self._inbox.next_epoch()
         connection = self._connection
         self._connection, self._channel, self._consumer_tag = None, None, None
@@ -329,6 +360,7 @@ class ConnectionThread:
             self._connected.clear()
             self._inbox.next_epoch()
             self._connection, self._channel, self._consumer_tag = None, None, None
+            self._side = None
 
 
 def _refuses_global_qos(exc: BaseException) -> bool:

@@ -84,6 +84,18 @@ def park_headers(
     return headers
 
 
+def overflow_headers(delivery: Delivery, park: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of a parked copy the full parked queue refused, sent to wait in a retry
+    queue: the park's, one more hand-back, and why it waits."""
+    return {
+        **park,
+        HANDBACK_HEADER: delivery.handbacks + 1,
+        REASON_HEADER: f"the parked queue is full; parked: {park.get(PARK_REASON_HEADER, '')}"[
+            :MAX_REASON_CHARS
+        ],
+    }
+
+
 def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProperties:
     """The original's properties for a re-published copy: persistent, headers merged.
 

@@ -9,6 +9,12 @@ it would tear the connection down and the broker would deliver the message again
 same way, forever. Waiting for a confirm happens on the I/O thread inside pika's
 BlockingChannel, which keeps servicing the connection meanwhile.
 
+A parked copy the broker refuses twice (the parked queue is full: it is declared with
+``x-overflow: reject-publish``) is not handed back at once: a copy goes, confirmed, to the
+overflow queue (the longest retry queue), and the original is acked then. The message comes back
+after that delay and is parked again, so a full parked queue costs one read of the recorded
+outcome per message and delay, never a lost message or a held slot.
+
 A settlement of a delivery whose connection is gone is dropped (and logged): the broker
 delivers that message again.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pika.adapters.blocking_connection import BlockingChannel
@@ -34,12 +41,20 @@ REFUSED_HANDBACK_SECONDS = 5.0
 """The least wait before an original whose copy the broker refused twice goes back to the queue."""
 
 
+@dataclass(frozen=True)
+class Overflow:
+    """Where a copy its target refuses goes instead, with which headers."""
+
+    queue: str
+    headers: dict[str, Any]
+
+
 class Settler:
     """Carries out settlements, from any thread, on the I/O thread's channel.
 
     ``refused_republishes`` counts the deliveries handed back because their copy could not be
-    published: the broker refused it twice, or publishing it failed (for metrics; written on the
-    I/O thread only).
+    published: the broker refused it twice, or publishing it failed; ``overflows`` the copies
+    sent to their overflow queue instead (for metrics; both written on the I/O thread only).
     """
 
     def __init__(self, queues: Queues, inbox: Inbox, io: ConnectionThread) -> None:
@@ -47,6 +62,7 @@ class Settler:
         self._inbox = inbox
         self._io = io
         self.refused_republishes = 0
+        self.overflows = 0
 
     def settle(
         self, delivery: Delivery, what: str, action: Callable[[BlockingChannel, Tag], None]
@@ -75,10 +91,12 @@ class Settler:
         target: str,
         headers: dict[str, Any],
         hand_back_after: float,
+        overflow: Overflow | None = None,
     ) -> None:
         """Publish a copy to ``target`` (confirmed), then ack the original. A copy refused twice
-        sends the original back as it is ``hand_back_after`` seconds later: nacked at once, it
-        would come straight back and be refused again, many times a second."""
+        goes to ``overflow`` when one is given; otherwise, or when that fails too, the original
+        goes back as it is ``hand_back_after`` seconds later: nacked at once, it would come
+        straight back and be refused again, many times a second."""
 
         def action(channel: BlockingChannel, tag: Tag) -> None:
             # Nothing may escape onto the I/O thread: the connection would be torn down, and the
@@ -86,7 +104,12 @@ class Settler:
             published = False
             try:
                 properties = copy_properties(tag.properties, headers)
-                self._publish_copy(channel, target, delivery.body, properties)
+                try:
+                    self._publish_copy(channel, target, delivery.body, properties)
+                except NackError as refused:
+                    if overflow is None:
+                        raise
+                    self._overflow(channel, tag, delivery.body, target, overflow, refused)
                 published = True
                 channel.basic_ack(tag.delivery_tag)
             except Exception as exc:  # pylint: disable=broad-exception-caught
@@ -124,6 +147,31 @@ class Settler:
                     raise
                 log.warning("the broker refused the copy for %s (%r); again", target, exc)
                 self._queues.declare(channel)
+
+    def _overflow(
+        self,
+        channel: BlockingChannel,
+        tag: Tag,
+        body: bytes,
+        target: str,
+        overflow: Overflow,
+        refused: NackError,
+    ) -> None:
+        """Publish the copy to the overflow queue instead of ``target``, which refused it twice;
+        raises what publishing it raised."""
+        self._publish_copy(
+            channel, overflow.queue, body, copy_properties(tag.properties, overflow.headers)
+        )
+        self.overflows += 1
+        log.error(
+            "%s refused the copy of delivery %s twice (%r): it is full; the message waits in %s"
+            " and is parked again when it comes back (RABBITMQ_PARKED_MAX_MESSAGES;"
+            " python -m app parked)",
+            target,
+            tag.delivery_tag,
+            refused,
+            overflow.queue,
+        )
 
     def _hand_back_later(self, tag: Tag, target: str, exc: Exception, delay: float) -> None:
         """On the I/O thread: nack the original with requeue after ``delay`` seconds (logged

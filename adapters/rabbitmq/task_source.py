@@ -15,10 +15,10 @@ from typing import Any
 import pika
 
 from adapters.rabbitmq.connection import ConnectionThread
-from adapters.rabbitmq.delivery_headers import park_headers, retry_headers
+from adapters.rabbitmq.delivery_headers import overflow_headers, park_headers, retry_headers
 from adapters.rabbitmq.inbox import Inbox
 from adapters.rabbitmq.queues import Queues, retry_ladder
-from adapters.rabbitmq.settling import REFUSED_HANDBACK_SECONDS, Settler
+from adapters.rabbitmq.settling import REFUSED_HANDBACK_SECONDS, Overflow, Settler
 from ports.task_source import Delivery
 
 
@@ -100,6 +100,17 @@ class RabbitMQTaskSource:
     def retry_delays(self) -> tuple[int, ...]:
         """The delays of the retry queues, in seconds, shortest first."""
         return self._queues.retry_delays
+
+    @property
+    def park_overflows(self) -> int:
+        """Parked copies the full parked queue refused, sent to the longest retry queue."""
+        return self._settler.overflows
+
+    @property
+    def parked_depth(self) -> int | None:
+        """Messages ready in the parked queue at the last look (every few seconds, on the I/O
+        thread); None while disconnected or while the queue is missing."""
+        return self._io.parked_depth
 
     @property
     def refused_republishes(self) -> int:
@@ -197,8 +208,10 @@ class RabbitMQTaskSource:
         self, delivery: Delivery, reason: str, *, outcome: Mapping[str, Any] | None = None
     ) -> None:
         """Re-publish to the parked queue with the reason and the decided outcome (confirmed),
-        then ack the original."""
+        then ack the original. While the parked queue is full the copy waits in the longest
+        retry queue instead, and is parked again when it comes back."""
         headers = park_headers(delivery, reason, self.queue_name, outcome)
+        overflow = Overflow(self._queues.overflow_queue, overflow_headers(delivery, headers))
         self._settler.republish(
-            delivery, "park", self.parked_queue, headers, REFUSED_HANDBACK_SECONDS
+            delivery, "park", self.parked_queue, headers, REFUSED_HANDBACK_SECONDS, overflow
         )

@@ -121,10 +121,14 @@ def test_release_puts_the_message_back_first_as_it_is(source: InMemoryTaskSource
 def test_park_records_reason_and_outcome(source: InMemoryTaskSource) -> None:
     source.put(b"bad")
     delivery = take(source)
+    assert source.parked_depth == 0
     outcome = {"kind": "failed", "error_code": "INVALID_REQUEST"}
     source.park(delivery, "INVALID_REQUEST: not JSON", outcome=outcome)
     assert source.parked == [(delivery, "INVALID_REQUEST: not JSON", outcome)]
     assert len(source) == 0 and source.receive(0) is None
+    assert source.parked_depth == 1
+    source.close()
+    assert source.parked_depth is None
 
 
 def test_lose_connection_makes_held_deliveries_stale_and_delivers_them_again(

@@ -147,10 +147,11 @@ def test_recording_never_raises(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_scrape_time_sources_are_read_at_each_scrape() -> None:
-    depth = {"value": 3}
+    depth = {"value": 3, "parked": 2}
     telemetry = PrometheusTelemetry(
         process_metrics=False,
         queue_depth=lambda: depth["value"],
+        parked_depth=lambda: depth["parked"],
         lora_caches={
             "disk": lambda: DiskStats(hits=5, misses=2, evictions=1, entries=4, bytes=4096),
             "pipeline": lambda: PipelineLoraStats(hits=9, misses=3, evictions=2, entries=4),
@@ -161,8 +162,10 @@ def test_scrape_time_sources_are_read_at_each_scrape() -> None:
         ],
     )
     assert value(telemetry, "stylelicense_queue_depth") == 3
-    depth["value"] = 8
+    assert value(telemetry, "stylelicense_parked_messages") == 2
+    depth["value"], depth["parked"] = 8, 0
     assert value(telemetry, "stylelicense_queue_depth") == 8
+    assert value(telemetry, "stylelicense_parked_messages") == 0
     assert value(telemetry, "stylelicense_lora_cache_hits_total", level="disk") == 5
     assert value(telemetry, "stylelicense_lora_cache_misses_total", level="pipeline") == 3
     assert value(telemetry, "stylelicense_lora_cache_evictions_total", level="pipeline") == 2
@@ -184,12 +187,14 @@ def test_absent_sources_give_absent_metrics_not_zeros() -> None:
     telemetry = PrometheusTelemetry(
         process_metrics=False,
         queue_depth=lambda: None,
+        parked_depth=lambda: None,
         lora_caches={"pipeline": lambda: None},
         gpus=list,
     )
     served = names_served(telemetry)
     for name in (
         "queue_depth",
+        "parked_messages",
         "lora_cache_hits_total",
         "lora_cache_entries",
         "gpu_memory_used_bytes",
@@ -203,9 +208,11 @@ def test_sources_can_be_attached_after_construction() -> None:
     assert value(telemetry, "stylelicense_lora_cache_hits_total", level="pipeline") is None
     telemetry.watch_lora_cache("pipeline", lambda: PipelineLoraStats(1, 0, 0, 1))
     telemetry.watch_queue_depth(lambda: 0)
+    telemetry.watch_parked_depth(lambda: 4)
     telemetry.watch_gpus(lambda: [GpuSample(0, "RTX 4090", 10.0, 1, 2)])
     assert value(telemetry, "stylelicense_lora_cache_hits_total", level="pipeline") == 1
     assert value(telemetry, "stylelicense_queue_depth") == 0
+    assert value(telemetry, "stylelicense_parked_messages") == 4
     assert value(telemetry, "stylelicense_gpu_utilization_percent", gpu="0", name="RTX 4090") == 10
 
 
@@ -251,6 +258,7 @@ def test_each_instance_has_its_own_registry() -> None:
 def test_every_metric_served_is_documented_in_the_table() -> None:
     telemetry = PrometheusTelemetry(
         queue_depth=lambda: 1,
+        parked_depth=lambda: 0,
         lora_caches={
             "disk": lambda: DiskStats(1, 1, 1, 1, 1),
             "pipeline": lambda: PipelineLoraStats(1, 1, 1, 1),
