@@ -34,7 +34,7 @@ class RabbitMQTaskSource:
     I/O thread only).
     """
 
-    def __init__(
+    def __init__(  # pylint: disable=too-many-locals; one keyword per setting
         self,
         *,
         host: str,

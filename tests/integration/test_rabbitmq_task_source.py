@@ -893,7 +893,7 @@ def test_a_parked_queue_declared_without_bounds_is_used_as_it_is(
     assert declares_with(rabbit, f"{queue_name}.parked", {})
 
 
-def test_a_full_parked_queue_loses_nothing_the_message_waits_and_is_parked_later(
+def test_a_full_parked_queue_loses_nothing_the_message_waits_and_is_parked_later(  # pylint: disable=too-many-locals
     rabbit: RabbitService,
     make_source: MakeSource,
     queue_name: str,
