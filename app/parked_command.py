@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import select
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -245,6 +246,8 @@ def run_parked(settings: Settings, args: argparse.Namespace) -> int:
         heartbeat=settings.rabbitmq_heartbeat_seconds,
     )
     where = f"{settings.rabbitmq_host}:{settings.rabbitmq_port}"
+    # The tool says in one line what failed; pika's own error logs would repeat it at length.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     try:
         queue.open()
     except BROKER_ERRORS as exc:
