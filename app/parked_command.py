@@ -368,13 +368,13 @@ def cmd_migrate(queue: ParkedQueue, args: argparse.Namespace, _progress: Progres
         return EXIT_DONE
     if state.parked is not None and not state.bounded:
         plan = (
-            f"{parked} ({state.parked} messages) has other arguments than {bounds}: move its"
-            f" messages to {holding}, declare it with the bounds, move them back"
+            f"move the {state.parked} messages of {parked} (its arguments are not {bounds}) to"
+            f" {holding}, declare it with the bounds, and move them back"
         )
     else:
         plan = f"move the {state.holding} messages of {holding} back to {parked} ({bounds})"
     if args.dry_run:
-        print(f"would {plan}; dry run: nothing changed", file=sys.stderr)
+        print(f"dry run: would {plan}; nothing changed", file=sys.stderr)
         return EXIT_DONE
     print(f"migrate: {plan}", file=sys.stderr)
     if not args.yes and not confirmed("migrate?", sys.stdin, lambda: queue.keep_alive(0.1)):

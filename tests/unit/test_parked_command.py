@@ -1,4 +1,4 @@
-"""The parked tool's pure parts: ids, the headers of a replayed copy, selection, formatting, usage."""
+"""The parked tool's pure parts: ids, a replayed copy's headers, selection, formatting, usage."""
 
 from __future__ import annotations
 
