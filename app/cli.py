@@ -1,4 +1,5 @@
-"""``python -m app``: ``demo``, ``generate``, ``worker``, ``submit``, ``health`` and ``inspect``.
+"""``python -m app``: ``demo``, ``generate``, ``worker``, ``submit``, ``health``, ``inspect`` and
+``parked``.
 
 ``health`` runs as the container's HEALTHCHECK every few seconds, so this module imports only
 what every command needs; the model-side modules (the container, torch through the adapters)
@@ -23,6 +24,7 @@ from urllib.request import ProxyHandler, build_opener, url2pathname
 
 from app.inspect_command import add_inspect
 from app.logging_setup import LogFormat, configure_logging
+from app.parked_command import add_parked
 from app.settings import Settings, SettingsError, load_settings, secret_values
 from domain.request import ASPECT_RATIOS, SIGNATURE_POSITIONS, SIGNATURE_SIZES
 
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit(commands)
     _add_health(commands)
     add_inspect(commands)
+    add_parked(commands)
     return parser
 
 
