@@ -282,6 +282,7 @@ class ParkedQueue:
         )
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._job_queue_declared = False
 
     @property
     def holding_queue(self) -> str:
@@ -344,9 +345,11 @@ class ParkedQueue:
     def replay(self, message: ParkedMessage) -> None:
         """Publish ``message`` to the job queue (declared as the backend declares it) and, once
         the broker confirmed the copy, ack it here."""
-        probe = self._conn().channel()
-        probe.queue_declare(self.queues.name, durable=True)  # the backend's declare: no arguments
-        probe.close()
+        if not self._job_queue_declared:  # once: a declare per message made 10 000 slow
+            probe = self._conn().channel()
+            probe.queue_declare(self.queues.name, durable=True)  # the backend's: no arguments
+            probe.close()
+            self._job_queue_declared = True
         self._chan().basic_publish(
             exchange="",
             routing_key=self.queues.name,
