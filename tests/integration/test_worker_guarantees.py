@@ -26,6 +26,7 @@ from tests.integration.worker_stack import (
     close_connections,
     free_metrics_port,
     near,
+    run_app,
     solid_signature,
     start_worker,
     wait_until,
@@ -307,3 +308,53 @@ def test_kill_9_mid_job_then_another_worker_completes_it_once(
         stop(survivor)
     last = [r for r in stack.receiver.requests if r.generation_id == 751][-1]
     assert last.kind == "complete"
+
+
+def test_a_parked_outcome_is_told_once_when_replayed_and_a_told_failure_never_again(
+    stack: Stack, worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Guarantee 14 (docs/parked-messages.md, 5): the backend does not know generation 761 yet,
+    so its completion is parked undelivered; an invalid message for 762 is reported failed and
+    parked; a body that is not JSON is parked. Once the backend knows 761, `python -m app parked
+    replay --all --yes` tells its completion once; 762's failure is not told again (one refund:
+    the copy of a told message is acked); the body that is not JSON runs through intake again
+    and is parked again."""
+    stack.receiver.register(762)
+    port = free_metrics_port()
+    env = {**worker_env, "METRICS_PORT": port, "WEBHOOK_NOT_FOUND_RETRY_SECONDS": "2"}
+    worker = start_worker(env, tmp_path)
+    parked = f"{stack.queue}.parked"
+    try:
+        ready(port)
+        stack.publish(backend_message(761, parameters=small()))
+        stack.publish(
+            {"type": "image_generation", "data": {"generation_id": 762, "prompt": ["not text"]}}
+        )
+        stack.publish(b"not json")
+        assert stack.state(762, "failed").refunds == 1
+        wait_until(lambda: stack.queue_state(parked)[0] == 3, 120, "all three to be parked")
+        assert calls(stack, 761, "complete", 200) == []
+        assert len(calls(stack, 761, "complete", 404)) >= 1
+
+        def parked_metric() -> float | None:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            for line in text.splitlines():
+                if line.startswith("stylelicense_parked_messages "):
+                    return float(line.split()[1])
+            return None
+
+        wait_until(lambda: parked_metric() == 3.0, 30, "the parked metric to read 3")
+
+        stack.receiver.register(761)
+        replay = run_app(env, tmp_path, "parked", "replay", "--all", "--yes")
+        assert replay.returncode == 0, replay.stderr
+        assert_completed_once_with_metadata(stack, 761)
+        wait_until(lambda: stack.queue_state(parked)[0] == 1, 60, "one to be parked again")
+        wait_until(lambda: stack.waiting() == 0, 60, "every copy to be settled")
+    finally:
+        stop(worker)
+    assert len(calls(stack, 761, "complete", 200)) == 1
+    state = stack.receiver.state(762)
+    assert state is not None and state.refunds == 1 and len(calls(stack, 762, "failed")) == 1
+    ((body, headers),) = stack.parked()
+    assert body == b"not json" and headers["x-replay-count"] == 1

@@ -255,6 +255,20 @@ def start_worker(env: dict[str, str], cwd: Path, name: str = "worker") -> Worker
     return WorkerProcess(process=process, log_path=log_path, log_file=log_file)
 
 
+def run_app(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m app <args>`` to its end with exactly ``env`` (plus PATH and PYTHONPATH),
+    as an operator would next to the worker."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=cwd,
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
     """Poll ``predicate()`` until true; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
