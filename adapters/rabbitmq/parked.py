@@ -37,7 +37,7 @@ from adapters.rabbitmq.header_codec import (
     encoding_problem,
     install_tolerant_header_decoding,
 )
-from adapters.rabbitmq.queues import PRECONDITION_FAILED, Queues
+from adapters.rabbitmq.queues import Queues, unless_refused
 
 PARKED_AT_HEADER = "x-parked-at"
 ORIGINAL_QUEUE_HEADER = "x-original-queue"
@@ -410,17 +410,9 @@ class ParkedQueue:
         return MigrationResult(moved_out, moved_back, left)
 
     def _has_bounds(self) -> bool:
-        channel = self._conn().channel()
-        try:
-            channel.queue_declare(
-                self.queues.parked, durable=True, arguments=self.queues.parked_arguments
-            )
-        except ChannelClosedByBroker as exc:
-            if exc.reply_code != PRECONDITION_FAILED:
-                raise
-            return False
-        channel.close()
-        return True
+        """Whether the existing parked queue has the bounds (declaring it with them is a no-op
+        then; a 406 otherwise, on a throwaway channel)."""
+        return self.queues.declare_parked(self._conn())
 
     def _move(self, source: str, target: str) -> int:
         """Move messages one at a time, each confirmed in ``target`` before it is acked in
@@ -441,15 +433,10 @@ class ParkedQueue:
             moved += 1
 
     def _delete_if_empty(self, queue: str) -> bool:
-        channel = self._conn().channel()
-        try:
-            channel.queue_delete(queue, if_empty=True)
-        except ChannelClosedByBroker as exc:
-            if exc.reply_code != PRECONDITION_FAILED:
-                raise
-            return False
-        channel.close()
-        return True
+        """Delete ``queue`` unless it holds a message (then False)."""
+        return unless_refused(
+            self._conn(), lambda channel: channel.queue_delete(queue, if_empty=True)
+        )
 
     def _settle(self, message: ParkedMessage) -> None:
         self._chan().basic_ack(message.delivery_tag)

@@ -9,6 +9,7 @@ with other bounds is then used as it is, and the channel that consumes never see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,15 +89,26 @@ class Queues:
         ``connection`` (a ``pika.BlockingConnection``). False when a queue of that name exists
         with other arguments (declared by an earlier version, or with other bounds): it is used
         as it is, and nothing else is affected."""
-        channel = connection.channel()
-        try:
-            channel.queue_declare(queue=self.parked, durable=True, arguments=self.parked_arguments)
-        except ChannelClosedByBroker as exc:
-            if exc.reply_code != PRECONDITION_FAILED:
-                raise
-            return False
-        channel.close()
-        return True
+        return unless_refused(
+            connection,
+            lambda channel: channel.queue_declare(
+                queue=self.parked, durable=True, arguments=self.parked_arguments
+            ),
+        )
+
+
+def unless_refused(connection: Any, action: Callable[[BlockingChannel], object]) -> bool:
+    """Run ``action`` on a channel of its own opened on ``connection``; False when the broker
+    refuses it with 406 PRECONDITION_FAILED (which closes that channel only)."""
+    channel = connection.channel()
+    try:
+        action(channel)
+    except ChannelClosedByBroker as exc:
+        if exc.reply_code != PRECONDITION_FAILED:
+            raise
+        return False
+    channel.close()
+    return True
 
 
 def parked_arguments(max_messages: int | None, ttl_seconds: int) -> dict[str, Any]:
