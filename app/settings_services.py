@@ -41,18 +41,20 @@ class ServiceSettings(BaseModel):
     )
     rabbitmq_parked_max_messages: int = Field(
         default=10_000,
-        ge=1,
+        ge=0,
         le=10_000_000,
         description="Most messages `<queue>.parked` holds (`x-max-length`, with `x-overflow:"
         " reject-publish`): a message parked while it is full is not dropped but waits in the"
-        " longest retry queue and is parked again later (docs/parked-messages.md).",
+        " longest retry queue and is parked when there is room (docs/parked-messages.md); 0: no"
+        " limit.",
     )
     rabbitmq_parked_ttl_seconds: int = Field(
-        default=14 * 86400,
+        default=0,
         ge=0,
         le=365 * 86400,
-        description="How long a parked message is kept (`x-message-ttl`; 14 days by default; 0:"
-        " for ever). Its decided outcome stays in the outcome records after it expires.",
+        description="How long a parked message is kept (`x-message-ttl`); 0, the default: for"
+        " ever. An expired message is gone, with an outcome the backend may never have been told"
+        " (its record stays under `OUTCOME_RECORDS_PREFIX`).",
     )
     rabbitmq_heartbeat_seconds: int = Field(
         default=60,

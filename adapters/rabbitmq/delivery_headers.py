@@ -39,6 +39,9 @@ PARK_REASON_HEADER = "x-park-reason"
 DECIDED_OUTCOME_HEADER = "x-decided-outcome"
 OUTCOME_TRUNCATED_HEADER = "x-decided-outcome-truncated"
 """Set, to the full size in bytes, when ``x-decided-outcome`` was cut to its limit."""
+OVERFLOW_HEADER = "x-park-overflow"
+"""On a copy whose park the full parked queue refused: how many times it was refused. Such a copy
+is parked by the adapter when it comes back, without running (its park was decided)."""
 MAX_REASON_CHARS = 1000
 MAX_OUTCOME_BYTES = 16 * 1024
 

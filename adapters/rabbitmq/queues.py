@@ -112,12 +112,13 @@ def unless_refused(connection: Any, action: Callable[[BlockingChannel], object])
 
 
 def parked_arguments(max_messages: int | None, ttl_seconds: int) -> dict[str, Any]:
-    """The arguments that bound a parked queue: at most ``max_messages`` (a message published
-    beyond it is refused, never the oldest dropped), each kept ``ttl_seconds`` (0: for ever)."""
+    """The arguments that bound a parked queue: at most ``max_messages`` (None or 0: no limit; a
+    message published beyond it is refused, never the oldest dropped), each kept ``ttl_seconds``
+    (0: for ever). Neither: no arguments, the declare of versions before the bounds."""
     arguments: dict[str, Any] = {}
-    if max_messages is not None:
-        if max_messages < 1:
-            raise ValueError(f"the parked queue must hold at least 1 message, got {max_messages}")
+    if max_messages is not None and max_messages < 0:
+        raise ValueError(f"the parked queue's length limit must be >= 0, got {max_messages}")
+    if max_messages:
         arguments["x-max-length"] = max_messages
         arguments["x-overflow"] = "reject-publish"
     if ttl_seconds < 0:

@@ -47,7 +47,7 @@ class RabbitMQTaskSource:
         retry_delay_seconds: int = 5,
         retry_max_delay_seconds: int = 600,
         parked_max_messages: int | None = 10_000,
-        parked_ttl_seconds: int = 14 * 86400,
+        parked_ttl_seconds: int = 0,
         heartbeat_seconds: int = 60,
         reconnect_max_seconds: float = 30.0,
         connection_name: str | None = None,
