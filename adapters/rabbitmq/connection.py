@@ -33,7 +33,7 @@ from pika.exceptions import (
     ConnectionClosedByBroker,
 )
 
-from adapters.rabbitmq.delivery_headers import read_delivery
+from adapters.rabbitmq.delivery_headers import overflows, read_delivery
 from adapters.rabbitmq.header_codec import install_tolerant_header_decoding
 from adapters.rabbitmq.inbox import Inbox, Tag
 from adapters.rabbitmq.queues import Queues
@@ -82,6 +82,9 @@ class ConnectionThread:
         self._side: BlockingChannel | None = None  # for looks that may fail: never consumes
         self._depth_checked = 0.0
         self._depth_refresh = depth_refresh_seconds
+        self.on_overflowed: Callable[[Delivery], None] | None = None
+        """Called on the I/O thread, instead of handing it out, with a delivery that waited for
+        room in the parked queue (its park was decided: it does not run again)."""
 
     # --- from the caller's thread ------------------------------------------------------------
 
@@ -248,7 +251,21 @@ class ConnectionThread:
                 exc,
             )
             delivery = Delivery(body=body, received_at=received_at, tag=tag)
+        if self.on_overflowed is not None and self._parks_now(delivery):
+            return
         self._inbox.put(delivery)
+
+    def _parks_now(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` waited for room in the parked queue and is parked now (by
+        ``on_overflowed``); a failure to do so hands it out instead."""
+        try:
+            if overflows(delivery) is None:
+                return False
+            self.on_overflowed(delivery)  # type: ignore[misc]
+        except Exception:  # pylint: disable=broad-exception-caught
+            log.exception("parking a delivery that waited for room failed; it is handed out")
+            return False
+        return True
 
     def _connect(self) -> None:
         connection = pika.BlockingConnection(self._parameters)

@@ -89,18 +89,24 @@ def park_headers(
 
 def overflow_headers(delivery: Delivery, park: Mapping[str, Any]) -> dict[str, Any]:
     """The headers of a parked copy the full parked queue refused, sent to wait in a retry
-    queue: the park's, one more hand-back, and why it waits."""
+    queue: the park's, one more hand-back, and how many times the parked queue refused it."""
     return {
         **park,
         HANDBACK_HEADER: delivery.handbacks + 1,
-        REASON_HEADER: f"the parked queue is full; parked: {park.get(PARK_REASON_HEADER, '')}"[
-            :MAX_REASON_CHARS
-        ],
+        OVERFLOW_HEADER: (overflows(delivery) or 0) + 1,
     }
 
 
+def overflows(delivery: Delivery) -> int | None:
+    """How many times the full parked queue refused this message's park; None when it was not
+    refused (the delivery is not a copy waiting for room, and its body decides)."""
+    headers = getattr(getattr(delivery.tag, "properties", None), "headers", None) or {}
+    return _count(headers.get(OVERFLOW_HEADER))
+
+
 def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProperties:
-    """The original's properties for a re-published copy: persistent, headers merged.
+    """The original's properties for a re-published copy: persistent, headers merged (but for
+    ``x-park-overflow``, which a copy carries only when ``headers`` set it).
 
     The marker of undecodable headers is not copied as if it were a header of the message: the
     copy says instead, in ``x-original-headers-dropped``, that the original's were lost and why
@@ -108,6 +114,7 @@ def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProp
     that decoded but cannot be encoded again: publishing them would fail."""
     merged = dict(getattr(original, "headers", None) or {})
     merged.pop(PENDING_FAILURE_HEADER, None)
+    merged.pop(OVERFLOW_HEADER, None)  # only a copy sent to wait for room carries it
     undecodable = merged.pop(UNDECODABLE_HEADERS, None)
     if undecodable is not None:
         merged[ORIGINAL_HEADERS_DROPPED] = undecodable

@@ -7,6 +7,7 @@ settlements (``settling``); every method here runs on the caller's thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -15,11 +16,18 @@ from typing import Any
 import pika
 
 from adapters.rabbitmq.connection import ConnectionThread
-from adapters.rabbitmq.delivery_headers import overflow_headers, park_headers, retry_headers
+from adapters.rabbitmq.delivery_headers import (
+    overflow_headers,
+    overflows,
+    park_headers,
+    retry_headers,
+)
 from adapters.rabbitmq.inbox import Inbox
 from adapters.rabbitmq.queues import Queues, retry_ladder
 from adapters.rabbitmq.settling import REFUSED_HANDBACK_SECONDS, Overflow, Settler
 from ports.task_source import Delivery
+
+log = logging.getLogger(__package__)  # one logger for the whole adapter: adapters.rabbitmq
 
 
 class RabbitMQTaskSource:
@@ -85,6 +93,7 @@ class RabbitMQTaskSource:
             depth_refresh_seconds=depth_refresh_seconds,
         )
         self._settler = Settler(self._queues, self._inbox, self._io)
+        self._io.on_overflowed = self._park_overflowed
 
     @property
     def queue_name(self) -> str:
@@ -202,6 +211,20 @@ class RabbitMQTaskSource:
             delivery,
             "release",
             lambda channel, tag: channel.basic_nack(tag.delivery_tag, requeue=True),
+        )
+
+    def _park_overflowed(self, delivery: Delivery) -> None:
+        """On the I/O thread: a copy that waited because the parked queue was full is parked
+        now, with the headers of its park, as decided; it is not handed out, so it never runs
+        again, and no outcome is told again. Still full: it waits once more."""
+        log.info(
+            "a message that waited for room in %s (refused %s times) is parked now",
+            self.parked_queue,
+            overflows(delivery),
+        )
+        overflow = Overflow(self._queues.overflow_queue, overflow_headers(delivery, {}))
+        self._settler.republish(
+            delivery, "park", self.parked_queue, {}, REFUSED_HANDBACK_SECONDS, overflow
         )
 
     def park(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -20,7 +19,6 @@ from tests.integration.test_rabbitmq_task_source import (  # pylint: disable=unu
     connect,
     connects,
     eventually,
-    headers_of,
     make_source,  # a fixture
     publish_as_backend,
     queue_name,  # a fixture
@@ -96,50 +94,80 @@ def test_a_full_parked_queue_loses_nothing_the_message_waits_and_is_parked_later
     source = make_source(parked_max_messages=1, retry_delay_seconds=1, retry_max_delay_seconds=2)
     source.start(consume=False)
     caplog.set_level(logging.INFO, logger=rabbitmq.__name__)
+    parked = f"{queue_name}.parked"
     # The same body twice (the backend may publish it twice), then another.
     publish_as_backend(rabbit, queue_name, [b"poison", b"poison", b"other poison"])
     source.start_consuming()
     first = receive(source)
     source.park(first, "INVALID_REQUEST: first")
-    assert eventually(lambda: ready(rabbit, f"{queue_name}.parked") == 1)
-    began = time.monotonic()
+    assert eventually(lambda: ready(rabbit, parked) == 1)
     refused = [receive(source), receive(source)]
     for delivery in refused:
         source.park(delivery, "INVALID_REQUEST: refused", outcome={"kind": "failed"})
     assert eventually(lambda: source.park_overflows == 2)
-    assert ready(rabbit, f"{queue_name}.parked") == 1  # nothing dropped from the head
+    assert ready(rabbit, parked) == 1  # nothing dropped from the head
     assert source.refused_republishes == 0
     errors = records_of(caplog, logging.ERROR)
     assert len(errors) == 2 and "full" in errors[0].getMessage()
     assert f"{queue_name}.retry.2s" in errors[0].getMessage()
 
-    # Both come back after the longest delay, with the park's headers and one more hand-back.
-    back = [receive(source, timeout=6), receive(source, timeout=6)]
-    assert time.monotonic() - began >= 1.5
-    assert sorted(d.body for d in back) == [b"other poison", b"poison"]
-    for delivery in back:
-        assert delivery.handbacks == 1 and delivery.attempt == 0
-        headers = headers_of(delivery)
-        assert headers["x-park-reason"] == "INVALID_REQUEST: refused"
-        assert headers["x-reason"].startswith("the parked queue is full")
-        assert json.loads(headers["x-decided-outcome"]) == {"kind": "failed"}
-    # Room for one: the one parked first is taken away; of the two parked again, one goes in
-    # and one waits again.
+    # They come back every 2 s and are refused again, never handed out: their park was
+    # decided, so they must not run again (a told failure would be acked as a copy, and gone).
+    assert eventually(lambda: source.park_overflows >= 4, timeout=8)
+    assert source.receive(0.5) is None
+    assert ready(rabbit, parked) == 1 and ready(rabbit, queue_name) == 0
+    # Room for one: it goes in when one comes back; the other waits again, then goes in too.
     with connect(rabbit) as connection:
-        method, _, body = connection.channel().basic_get(f"{queue_name}.parked", True)
+        method, _, body = connection.channel().basic_get(parked, True)
     assert method is not None and body == b"poison"
-    for delivery in back:
-        source.park(delivery, "INVALID_REQUEST: again")
-    assert eventually(lambda: source.park_overflows == 3)
-    assert ready(rabbit, f"{queue_name}.parked") == 1
-    assert eventually(lambda: ready(rabbit, f"{queue_name}.retry.2s") == 1)
-    assert ready(rabbit, queue_name) == 0
-    again = receive(source, timeout=6)
+    assert eventually(lambda: ready(rabbit, parked) == 1, timeout=8)
     with connect(rabbit) as connection:
-        connection.channel().queue_purge(f"{queue_name}.parked")
-    source.park(again, "INVALID_REQUEST: at last")
+        method, properties, body = connection.channel().basic_get(parked, True)
+    assert method is not None
+    bodies = [body]
+    assert eventually(lambda: ready(rabbit, parked) == 1, timeout=8)
+    with connect(rabbit) as connection:
+        method, later, body = connection.channel().basic_get(parked, True)
+    assert method is not None
+    bodies.append(body)
+    assert sorted(bodies) == [b"other poison", b"poison"]
+    for headers in (dict(properties.headers), dict(later.headers)):
+        # The park's own headers, as decided, and no mark of the wait.
+        assert headers["x-park-reason"] == "INVALID_REQUEST: refused"
+        assert json.loads(headers["x-decided-outcome"]) == {"kind": "failed"}
+        assert "x-park-overflow" not in headers and "x-reason" not in headers
+        assert headers["x-handback-count"] >= 1
+    assert source.receive(0.2) is None
+    assert ready(rabbit, f"{queue_name}.retry.2s") == 0 and ready(rabbit, queue_name) == 0
+    infos = [r.getMessage() for r in records_of(caplog, logging.INFO)]
+    assert any("waited for room" in line for line in infos)
+
+
+def test_a_copy_waiting_for_room_carries_its_count_and_is_parked_by_any_worker(
+    rabbit: RabbitService, make_source: MakeSource, queue_name: str
+) -> None:
+    # As a worker left it: in the job queue, with the park's headers and the overflow count.
+    headers = {
+        "x-park-reason": "INVALID_REQUEST: x",
+        "x-parked-at": "2026-11-29T00:00:00+00:00",
+        "x-decided-outcome": '{"kind": "failed"}',
+        "x-park-overflow": 3,
+        "x-handback-count": 3,
+        "x-retry-count": 0,
+    }
+    publish_as_backend(rabbit, queue_name, [b'{"task_id": "t"}'], headers=headers)
+    source = make_source()
+    source.start()
     assert eventually(lambda: ready(rabbit, f"{queue_name}.parked") == 1)
-    assert source.park_overflows == 3 and ready(rabbit, f"{queue_name}.retry.2s") == 0
+    assert source.receive(0.3) is None
+    with connect(rabbit) as connection:
+        method, properties, body = connection.channel().basic_get(f"{queue_name}.parked", True)
+    assert method is not None and body == b'{"task_id": "t"}'
+    got = dict(properties.headers)
+    assert "x-park-overflow" not in got
+    assert {k: got[k] for k in headers if k != "x-park-overflow"} == {
+        k: v for k, v in headers.items() if k != "x-park-overflow"
+    }
 
 
 def test_a_full_parked_queue_and_a_dropped_connection_lose_nothing(
