@@ -27,6 +27,7 @@ from adapters.rabbitmq.delivery_headers import (
     DECIDED_OUTCOME_HEADER,
     HANDBACK_HEADER,
     OUTCOME_TRUNCATED_HEADER,
+    OVERFLOW_HEADER,
     PARK_REASON_HEADER,
     PENDING_FAILURE_HEADER,
     REASON_HEADER,
@@ -54,6 +55,7 @@ WORKER_HEADERS = frozenset(
         ORIGINAL_QUEUE_HEADER,
         DECIDED_OUTCOME_HEADER,
         OUTCOME_TRUNCATED_HEADER,
+        OVERFLOW_HEADER,
     }
 )
 """The headers the worker sets on its copies: a replayed message starts without them."""

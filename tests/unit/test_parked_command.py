@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import pika
 import pytest
 
+from adapters.rabbitmq.delivery_headers import OVERFLOW_HEADER
 from adapters.rabbitmq.parked import ParkedMessage, message_id, replay_headers, replay_properties
 from app import parked_command
 from app.cli import build_parser, main
@@ -72,6 +73,14 @@ def test_a_replayed_copy_loses_the_workers_headers_and_keeps_the_others() -> Non
     }
     again = replay_headers({**PARK, "x-replay-count": 4}, WHEN)
     assert again["x-replay-count"] == 5
+
+
+def test_a_replayed_copy_does_not_carry_the_overflow_mark() -> None:
+    """A copy that waited because the parked queue was full is marked; replayed, it starts afresh
+    (the worker would otherwise park it again without running it)."""
+    assert OVERFLOW_HEADER == "x-park-overflow"
+    headers = replay_headers({**PARK, OVERFLOW_HEADER: 2, "traceparent": "00-abc"}, WHEN)
+    assert OVERFLOW_HEADER not in headers and headers["traceparent"] == "00-abc"
 
 
 def test_undecodable_headers_are_said_dropped_on_the_replayed_copy() -> None:
