@@ -1,9 +1,12 @@
 """``python -m app parked list|show|replay|purge|migrate``: the parked queue for an operator
 (docs/parked-messages.md, "The tool").
 
-Exit status 0 done, 1 the broker failed (the output says how far it got), 2 bad usage (an
-unknown or ambiguous id, no confirmation). Reports go to standard output (``purge`` prints each
-removed message there, one JSON line); progress and summaries go to standard error.
+Exit status 0 done, 1 the broker failed (the output says how far it got), another session holds
+the parked queue, ``migrate`` found workers running, or ``purge --save`` could not write; 2 bad
+usage (an unknown or ambiguous id, no confirmation, a save file that cannot be opened). Reports
+go to standard output; progress and summaries go to standard error. ``purge`` writes each removed
+message to ``--save FILE`` (one JSON line, on disk before the message is acked), never to
+standard output: a reader that stops early would otherwise lose what was acked.
 
 ``python -m app health`` imports this module to build the parser, so pika and the adapter are
 imported inside the command.
@@ -12,15 +15,16 @@ imported inside the command.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
+import os
 import select
+import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
+
+from app.parked_format import describe, summary, table, to_json, whole
 
 if TYPE_CHECKING:
     from adapters.rabbitmq.parked import ParkedMessage, ParkedQueue
@@ -36,6 +40,40 @@ PAST = {"replay": "replayed", "purge": "purged"}
 
 class UsageError(Exception):
     """A selection the queue cannot satisfy (exit status 2)."""
+
+
+class SaveFailed(Exception):
+    """``purge --save`` could not write a message to its file (exit status 1; not acked)."""
+
+
+class SaveFile:
+    """``purge --save FILE``: each removed message as one JSON line, flushed and fsynced before
+    the message is acked. Opened for append before the queue is read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: IO[str] = open(  # pylint: disable=consider-using-with
+            path, "a", encoding="utf-8"
+        )
+        if not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
+            self._file.close()
+            raise OSError(f"{path} is not a regular file (a copy must be fsynced)")
+
+    def save(self, line: str) -> None:
+        """Append ``line`` and make it durable; ``SaveFailed`` when that fails."""
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise SaveFailed(f"could not save {self.path}: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Close the file; a failure here cannot lose a message (each was fsynced)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
 
 
 def id_prefix(text: str) -> str:
@@ -86,117 +124,6 @@ def select_messages(
     return match_ids(args.ids, messages)
 
 
-def body_fields(body: bytes) -> dict[str, str]:
-    """``{"body": text}`` when the body is UTF-8, else ``{"body_base64": ...}``."""
-    try:
-        return {"body": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"body_base64": base64.b64encode(body).decode("ascii")}
-
-
-def json_value(value: Any) -> Any:
-    """A ``json.dumps`` default for header and property values."""
-    if isinstance(value, bytes):
-        return body_fields(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    return repr(value)
-
-
-def outcome_value(text: str | None) -> Any:
-    """The decided outcome parsed when it is JSON (it is cut when large), else the text."""
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def summary(message: ParkedMessage) -> dict[str, Any]:
-    """The fields ``list`` shows."""
-    return {
-        "id": message.id,
-        "parked_at": message.parked_at,
-        "generation_id": message.generation_id,
-        "task_id": message.task_id,
-        "reason": message.reason,
-        "attempts": message.attempts,
-        "decided_outcome": outcome_value(message.decided_outcome),
-    }
-
-
-def whole(message: ParkedMessage) -> dict[str, Any]:
-    """Everything about one message: ``show --json`` and each line ``purge`` prints."""
-    return {
-        **summary(message),
-        "original_queue": message.original_queue,
-        "handbacks": message.handbacks,
-        "decided_outcome_full_size": message.outcome_full_size,
-        "properties": message.property_values,
-        "headers": message.headers,
-        **body_fields(message.body),
-    }
-
-
-def to_json(fields: dict[str, Any]) -> str:
-    """One JSON line."""
-    return json.dumps(fields, default=json_value, ensure_ascii=False)
-
-
-def outcome_brief(text: str | None) -> str:
-    """The decided outcome in a few words for ``list``: its kind and error code."""
-    outcome = outcome_value(text)
-    if isinstance(outcome, dict):
-        words = [str(outcome[key]) for key in ("kind", "error_code") if outcome.get(key)]
-        return " ".join(words) or "?"
-    return "-" if outcome is None else str(outcome)[:20]
-
-
-def table(messages: Sequence[ParkedMessage]) -> list[str]:
-    """``list``'s lines, one per message, under a header line."""
-    rows = [("ID", "PARKED AT", "GENERATION", "TASK_ID", "ATTEMPTS", "OUTCOME", "REASON")]
-    for message in messages:
-        rows.append(
-            (
-                message.id,
-                message.parked_at or "-",
-                str(message.generation_id if message.generation_id is not None else "-"),
-                message.task_id or "-",
-                str(message.attempts if message.attempts is not None else "-"),
-                outcome_brief(message.decided_outcome),
-                " ".join((message.reason or "-").split())[:100],
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return ["  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]) for row in rows]
-
-
-def describe(message: ParkedMessage) -> list[str]:
-    """``show``'s text: the fields, the properties, every header, the outcome, the body."""
-    fields = whole(message)
-    lines = [f"id: {message.id}"]
-    for key in ("parked_at", "generation_id", "task_id", "reason", "original_queue"):
-        lines.append(f"{key}: {fields[key] if fields[key] is not None else '-'}")
-    lines.append(f"attempts: {fields['attempts']}  handbacks: {fields['handbacks']}")
-    lines.append("properties:")
-    lines += [f"  {name}: {value}" for name, value in fields["properties"].items()]
-    lines.append("headers:")
-    lines += [f"  {name}: {to_json(value)}" for name, value in fields["headers"].items()]
-    outcome = message.decided_outcome
-    if outcome is not None:
-        cut = message.outcome_full_size
-        lines.append("decided outcome" + (f" (cut, {cut} bytes in full):" if cut else ":"))
-        lines.append(f"  {outcome}")
-    if "body" in fields:
-        lines += ["body:", fields["body"]]
-    else:
-        lines += ["body (not UTF-8, base64):", fields["body_base64"]]
-    return lines
-
-
 def confirmed(question: str, stdin: TextIO, keep_alive: Callable[[], None]) -> bool:
     """Ask ``question`` on standard error and read y/N, serving the connection meanwhile."""
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
@@ -214,51 +141,39 @@ def may_change(args: argparse.Namespace) -> bool:
 def run_parked(settings: Settings, args: argparse.Namespace) -> int:
     """Open the parked queue, run the subcommand, give back what it held."""
     # pylint: disable=import-outside-toplevel
-    from adapters.rabbitmq.parked import BROKER_ERRORS, ParkedQueue
-    from adapters.rabbitmq.queues import Queues, retry_ladder
+    from adapters.rabbitmq.parked import BROKER_ERRORS
 
     if hasattr(args, "selection_usage"):
         given = sum((bool(args.ids), args.all, args.generation_id is not None))
         if given != 1:
             args.selection_usage("give one of: ID ..., --all, --generation-id N")  # exits 2
+    if args.parked_command == "purge" and not args.dry_run and not (args.save or args.discard):
+        args.selection_usage("give --save FILE (keep a copy of each) or --discard")  # exits 2
     if args.parked_command in ("replay", "purge", "migrate") and not may_change(args):
         print(
             f"parked {args.parked_command}: no terminal to confirm on; add --yes (or --dry-run)",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    queues = Queues(
-        settings.rabbitmq_queue,
-        retry_ladder(
-            settings.rabbitmq_retry_delay_seconds, settings.rabbitmq_retry_max_delay_seconds
-        ),
-        parked_max_messages=settings.rabbitmq_parked_max_messages,
-        parked_ttl_seconds=settings.rabbitmq_parked_ttl_seconds,
-    )
-    queue = ParkedQueue(
-        host=settings.rabbitmq_host,
-        port=settings.rabbitmq_port,
-        user=settings.rabbitmq_user,
-        password=settings.rabbitmq_pass.get_secret_value(),
-        vhost=settings.rabbitmq_vhost,
-        queues=queues,
-        timeout=args.timeout,
-        heartbeat=settings.rabbitmq_heartbeat_seconds,
-    )
+    queue = parked_queue(settings, args.timeout)
     where = f"{settings.rabbitmq_host}:{settings.rabbitmq_port}"
-    # The tool says in one line what failed; pika's own error logs would repeat it at length.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
-    try:
-        queue.open()
-    except BROKER_ERRORS as exc:
-        print(f"parked: RabbitMQ at {where} is not reachable: {exc!r}", file=sys.stderr)
-        return EXIT_BROKER_FAILED
     progress = Progress()
+    failed = start(queue, args, progress, where)
+    if failed is not None:
+        progress.close()
+        return failed
     try:
         return int(COMMANDS[args.parked_command](queue, args, progress))
     except UsageError as exc:
         print(f"parked {args.parked_command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SaveFailed as exc:
+        print(
+            f"parked {args.parked_command}: {exc}; {progress.done} of {progress.total} purged"
+            " (each saved first); the rest, this one included, are still parked",
+            file=sys.stderr,
+        )
+        return EXIT_BROKER_FAILED
     except BROKER_ERRORS as exc:
         print(
             f"parked {args.parked_command}: the broker at {where} failed after {progress.done}"
@@ -268,14 +183,74 @@ def run_parked(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_BROKER_FAILED
     finally:
         queue.close()
+        progress.close()
+
+
+def parked_queue(settings: Settings, timeout: float) -> ParkedQueue:
+    """The parked queue of the settings, not yet open."""
+    # pylint: disable=import-outside-toplevel
+    from adapters.rabbitmq.parked import ParkedQueue
+    from adapters.rabbitmq.queues import Queues, retry_ladder
+
+    queues = Queues(
+        settings.rabbitmq_queue,
+        retry_ladder(
+            settings.rabbitmq_retry_delay_seconds, settings.rabbitmq_retry_max_delay_seconds
+        ),
+        parked_max_messages=settings.rabbitmq_parked_max_messages,
+        parked_ttl_seconds=settings.rabbitmq_parked_ttl_seconds,
+    )
+    return ParkedQueue(
+        host=settings.rabbitmq_host,
+        port=settings.rabbitmq_port,
+        user=settings.rabbitmq_user,
+        password=settings.rabbitmq_pass.get_secret_value(),
+        vhost=settings.rabbitmq_vhost,
+        queues=queues,
+        timeout=timeout,
+        heartbeat=settings.rabbitmq_heartbeat_seconds,
+    )
+
+
+def start(
+    queue: ParkedQueue, args: argparse.Namespace, progress: Progress, where: str
+) -> int | None:
+    """Open ``purge --save``'s file, then the session (its lock taken); the exit status when
+    either cannot be, else None."""
+    # pylint: disable-next=import-outside-toplevel
+    from adapters.rabbitmq.parked import BROKER_ERRORS, ParkedQueueBusy
+
+    if getattr(args, "save", None) and not args.dry_run:
+        try:  # before anything is read: a copy that cannot be kept must not cost a message
+            progress.save_file = SaveFile(args.save)
+        except OSError as exc:
+            print(f"parked purge: cannot open {args.save}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    # The tool says in one line what failed; pika's own error logs would repeat it at length.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    try:
+        queue.open()
+    except ParkedQueueBusy as exc:
+        print(f"parked {args.parked_command}: {exc}", file=sys.stderr)
+        return EXIT_BROKER_FAILED
+    except BROKER_ERRORS as exc:
+        print(f"parked: RabbitMQ at {where} is not reachable: {exc!r}", file=sys.stderr)
+        return EXIT_BROKER_FAILED
+    return None
 
 
 class Progress:
-    """How far a command got: ``done`` of ``total``."""
+    """How far a command got: ``done`` of ``total``; and where ``purge --save`` writes."""
 
     def __init__(self) -> None:
         self.done = 0
         self.total = 0
+        self.save_file: SaveFile | None = None
+
+    def close(self) -> None:
+        """Close the save file, if any."""
+        if self.save_file is not None:
+            self.save_file.close()
 
 
 def cmd_list(queue: ParkedQueue, args: argparse.Namespace, _progress: Progress) -> int:
@@ -314,7 +289,12 @@ def _act(
 ) -> int:
     selected = select_messages(args, queue.scan())
     progress.total = len(selected)
-    where = queue.queues.name if verb == "replay" else "the parked queue"
+    if verb == "replay":
+        where = f"to {queue.queues.name}"
+    elif progress.save_file is not None:
+        where = f"each saved to {progress.save_file.path} first"
+    else:
+        where = "discarded: no copy kept"
     for message in selected:
         generation = (
             f" (generation {message.generation_id})" if message.generation_id is not None else ""
@@ -346,43 +326,54 @@ def cmd_replay(queue: ParkedQueue, args: argparse.Namespace, progress: Progress)
 
 
 def cmd_purge(queue: ParkedQueue, args: argparse.Namespace, progress: Progress) -> int:
-    """Remove the selected messages, each printed whole on standard output first."""
+    """Remove the selected messages, each saved whole first with ``--save`` (on disk before its
+    ack), or discarded with ``--discard``."""
+    save_file = progress.save_file
 
     def purge(message: ParkedMessage) -> None:
-        print(to_json(whole(message)), flush=True)
+        if save_file is not None:
+            save_file.save(to_json(whole(message)))
         queue.purge(message)
 
     return _act(queue, args, progress, "purge", purge)
 
 
 def cmd_migrate(queue: ParkedQueue, args: argparse.Namespace, _progress: Progress) -> int:
-    """Give the parked queue the bounds of the settings (docs/parked-messages.md, Migrating)."""
+    """Give the parked queue the arguments of the settings (docs/parked-messages.md, Migrating),
+    only while no worker consumes the job queue."""
     # pylint: disable-next=import-outside-toplevel
-    from adapters.rabbitmq.parked import MigrationConflict
+    from adapters.rabbitmq.parked_migration import (
+        MigrationConflict,
+        ParkedMigration,
+        WorkersRunning,
+    )
 
-    parked, holding = queue.queues.parked, queue.holding_queue
-    state = queue.migration_state()
-    bounds = json.dumps(queue.queues.parked_arguments)
+    migration = ParkedMigration(queue)
+    parked, holding = queue.queues.parked, migration.holding_queue
+    state = migration.state()
+    bounds = arguments_text(queue.queues.parked_arguments)
     if state.done:
-        print(f"{parked} has the bounds {bounds}; nothing to migrate", file=sys.stderr)
+        print(f"{parked} has {bounds}; nothing to migrate", file=sys.stderr)
         return EXIT_DONE
     if state.parked is not None and not state.bounded:
         plan = (
-            f"move the {state.parked} messages of {parked} (its arguments are not {bounds}) to"
-            f" {holding}, declare it with the bounds, and move them back"
+            f"move the {state.parked} messages of {parked} (it has not {bounds}) to {holding},"
+            " declare it again, and move them back"
         )
     else:
         plan = f"move the {state.holding} messages of {holding} back to {parked} ({bounds})"
+    workers = WorkersRunning(queue.queues.name, state.consumers) if state.consumers else None
     if args.dry_run:
-        print(f"dry run: would {plan}; nothing changed", file=sys.stderr)
-        return EXIT_DONE
-    print(f"migrate: {plan}", file=sys.stderr)
-    if not args.yes and not confirmed("migrate?", sys.stdin, lambda: queue.keep_alive(0.1)):
-        print("parked migrate: not confirmed; nothing changed", file=sys.stderr)
-        return EXIT_USAGE
+        return migrate_dry_run(plan, queue.queues.name, state.consumers, workers)
     try:
-        result = queue.migrate()
-    except MigrationConflict as exc:
+        if workers is not None:
+            raise workers
+        print(f"migrate: {plan}", file=sys.stderr)
+        if not args.yes and not confirmed("migrate?", sys.stdin, lambda: queue.keep_alive(0.1)):
+            print("parked migrate: not confirmed; nothing changed", file=sys.stderr)
+            return EXIT_USAGE
+        result = migration.run()
+    except (MigrationConflict, WorkersRunning) as exc:
         print(f"parked migrate: {exc}", file=sys.stderr)
         return EXIT_BROKER_FAILED
     print(
@@ -397,8 +388,25 @@ def cmd_migrate(queue: ParkedQueue, args: argparse.Namespace, _progress: Progres
             file=sys.stderr,
         )
         return EXIT_BROKER_FAILED
-    print(f"{parked} has the bounds {bounds}", file=sys.stderr)
+    print(f"{parked} has {bounds}", file=sys.stderr)
     return EXIT_DONE
+
+
+def migrate_dry_run(plan: str, job_queue: str, consumers: int, workers: Exception | None) -> int:
+    """What ``migrate`` would do, and whether it would refuse now (then exit status 1)."""
+    print(f"dry run: would {plan}; nothing changed", file=sys.stderr)
+    print(f"{job_queue} has {consumers} consumer(s)", file=sys.stderr)
+    if workers is not None:
+        print(f"parked migrate would refuse now: {workers}", file=sys.stderr)
+        return EXIT_BROKER_FAILED
+    return EXIT_DONE
+
+
+def arguments_text(arguments: dict[str, Any]) -> str:
+    """The parked queue's arguments in words: ``the bounds {...}``, or none at all."""
+    if not arguments:
+        return "no arguments (no bounds, as versions before the bounds declare it)"
+    return f"the bounds {json.dumps(arguments)}"
 
 
 COMMANDS: dict[str, Callable[[ParkedQueue, argparse.Namespace, Progress], int]] = {
@@ -428,7 +436,7 @@ def add_parked(commands: Any) -> None:
 
     for name, helps in (
         ("replay", "publish parked messages to RABBITMQ_QUEUE again"),
-        ("purge", "remove parked messages, printing each one whole (JSON) on standard output"),
+        ("purge", "remove parked messages, each saved whole (JSON) with --save FILE first"),
     ):
         action = actions.add_parser(name, help=helps)
         # One of the three (checked in run_parked: argparse cannot group a list of positionals).
@@ -437,6 +445,15 @@ def add_parked(commands: Any) -> None:
         action.add_argument("--generation-id", type=int, help="those whose data has this id")
         action.set_defaults(selection_usage=action.error)
         _add_change_flags(action)
+        if name == "purge":
+            keep = action.add_mutually_exclusive_group()
+            keep.add_argument(
+                "--save",
+                metavar="FILE",
+                help="append each removed message (one JSON line) to FILE, on disk before it is"
+                " removed",
+            )
+            keep.add_argument("--discard", action="store_true", help="remove without a copy")
 
     migrate = actions.add_parser(
         "migrate", help="give the parked queue the bounds of RABBITMQ_PARKED_* settings"

@@ -1,11 +1,16 @@
 """The parked queue for an operator: read its messages without taking them, replay or purge some,
-and give it the bounds of the settings (docs/parked-messages.md, guarantees 4 to 7).
+one session at a time (docs/parked-messages.md, guarantees 4 to 7).
 
 Messages are read with ``basic.get`` without ack and held on one channel: those neither replayed
 nor purged go back in their places when it closes, and the broker returns everything held when
 the process dies or its connection drops. Every copy (a replay, a move while migrating) is
 published mandatory with publisher confirms, and its original acked only after the confirm.
-Declares that may be refused (404, 406 close the channel) are made on throwaway channels.
+Declares that may be refused (404, 405, 406 close the channel) are made on throwaway channels.
+
+A session holds ``<queue>.parked.lock``, an exclusive queue of its connection, from ``open()`` to
+``close()``: a second session is refused, so no command deletes or empties the parked queue while
+another holds some of its messages unacked (a delete ``if_empty`` counts ready messages only). The
+broker deletes the lock when the connection closes, however it closes (``kill -9`` included).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError
+from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from adapters.rabbitmq.delivery_headers import (
     ATTEMPT_HEADER,
     DECIDED_OUTCOME_HEADER,
     HANDBACK_HEADER,
     OUTCOME_TRUNCATED_HEADER,
+    OVERFLOW_HEADER,
     PARK_REASON_HEADER,
     PENDING_FAILURE_HEADER,
     REASON_HEADER,
@@ -37,7 +43,7 @@ from adapters.rabbitmq.header_codec import (
     encoding_problem,
     install_tolerant_header_decoding,
 )
-from adapters.rabbitmq.queues import Queues, unless_refused
+from adapters.rabbitmq.queues import Queues
 
 PARKED_AT_HEADER = "x-parked-at"
 ORIGINAL_QUEUE_HEADER = "x-original-queue"
@@ -54,6 +60,7 @@ WORKER_HEADERS = frozenset(
         ORIGINAL_QUEUE_HEADER,
         DECIDED_OUTCOME_HEADER,
         OUTCOME_TRUNCATED_HEADER,
+        OVERFLOW_HEADER,
     }
 )
 """The headers the worker sets on its copies: a replayed message starts without them."""
@@ -75,6 +82,7 @@ COPIED_PROPERTIES = (
 headers)."""
 ID_LENGTH = 12
 NOT_FOUND = 404
+RESOURCE_LOCKED = 405
 BROKER_ERRORS = (AMQPError, OSError)
 """What a failing or unreachable broker raises here."""
 
@@ -223,33 +231,8 @@ def replay_properties(
     )
 
 
-@dataclass(frozen=True)
-class MigrationState:
-    """Where a migration stands: the parked and holding queues' depths (None: missing), and
-    whether the parked queue has the bounds of the settings."""
-
-    parked: int | None
-    bounded: bool
-    holding: int | None
-
-    @property
-    def done(self) -> bool:
-        """Nothing to do: the parked queue is bounded (or missing) and nothing is held."""
-        return (self.parked is None or self.bounded) and self.holding is None
-
-
-@dataclass(frozen=True)
-class MigrationResult:
-    """What ``migrate`` did: messages moved to the holding queue and back, and those the
-    bounded parked queue refused, left in the holding queue."""
-
-    moved_out: int
-    moved_back: int
-    left_in_holding: int
-
-
-class MigrationConflict(Exception):
-    """The parked queue was declared again with other arguments while it was being migrated."""
+class ParkedQueueBusy(Exception):
+    """Another session holds the lock of the parked queue: it may hold parked messages."""
 
 
 class ParkedQueue:
@@ -285,16 +268,42 @@ class ParkedQueue:
         self._job_queue_declared = False
 
     @property
-    def holding_queue(self) -> str:
-        """Where ``migrate`` keeps the parked messages while it re-declares the parked queue."""
-        return f"{self.queues.parked}.migrating"
+    def lock_queue(self) -> str:
+        """The exclusive queue a session holds while it runs."""
+        return f"{self.queues.parked}.lock"
+
+    @property
+    def connection(self) -> pika.BlockingConnection:
+        """The session's connection (``open()`` first)."""
+        if self._connection is None:
+            raise RuntimeError("the parked queue is not open")
+        return self._connection
 
     def open(self) -> None:
-        """Connect (raises one of ``BROKER_ERRORS`` when the broker cannot be reached)."""
+        """Connect and take the session's lock: ``ParkedQueueBusy`` when another session holds
+        it, one of ``BROKER_ERRORS`` when the broker cannot be reached."""
         install_tolerant_header_decoding()
         self._connection = pika.BlockingConnection(self._parameters)
+        try:
+            self._lock()
+        except (ParkedQueueBusy, *BROKER_ERRORS):
+            self.close()
+            raise
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
+
+    def _lock(self) -> None:
+        channel = self.connection.channel()
+        try:
+            channel.queue_declare(self.lock_queue, exclusive=True, auto_delete=True)
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != RESOURCE_LOCKED:
+                raise
+            raise ParkedQueueBusy(
+                f"another `python -m app parked` command is running on {self.queues.parked}"
+                " (only one at a time: it may hold parked messages)"
+            ) from exc
+        channel.close()
 
     def close(self) -> None:
         """Give back what is held, then disconnect; quiet when the connection is gone."""
@@ -318,15 +327,25 @@ class ParkedQueue:
     def count(self, queue: str | None = None) -> int | None:
         """The messages ready in ``queue`` (the parked queue by default); None when it does
         not exist. Never creates it."""
-        channel = self._conn().channel()
+        declared = self._passive_declare(queue or self.queues.parked)
+        return None if declared is None else int(declared.message_count)
+
+    def consumers(self, queue: str) -> int | None:
+        """The consumers of ``queue``; None when it does not exist. Never creates it."""
+        declared = self._passive_declare(queue)
+        return None if declared is None else int(declared.consumer_count)
+
+    def _passive_declare(self, queue: str) -> Any:
+        """The broker's ``Queue.DeclareOk`` for ``queue`` (throwaway channel); None on 404."""
+        channel = self.connection.channel()
         try:
-            depth = channel.queue_declare(queue or self.queues.parked, passive=True)
+            declared = channel.queue_declare(queue, passive=True)
         except ChannelClosedByBroker as exc:
             if exc.reply_code != NOT_FOUND:
                 raise
             return None
         channel.close()
-        return int(depth.method.message_count)
+        return declared.method
 
     def scan(self, limit: int | None = None) -> list[ParkedMessage]:
         """Take and hold the parked messages, at most ``limit`` and at most as many as were
@@ -346,7 +365,7 @@ class ParkedQueue:
         """Publish ``message`` to the job queue (declared as the backend declares it) and, once
         the broker confirmed the copy, ack it here."""
         if not self._job_queue_declared:  # once: a declare per message made 10 000 slow
-            probe = self._conn().channel()
+            probe = self.connection.channel()
             probe.queue_declare(self.queues.name, durable=True)  # the backend's: no arguments
             probe.close()
             self._job_queue_declared = True
@@ -373,78 +392,10 @@ class ParkedQueue:
 
     def keep_alive(self, seconds: float) -> None:
         """Serve the connection (heartbeats) for ``seconds``, e.g. while a person answers."""
-        self._conn().process_data_events(time_limit=seconds)
-
-    def migration_state(self) -> MigrationState:
-        """Where a migration stands; changes nothing."""
-        parked = self.count()
-        holding = self.count(self.holding_queue)
-        return MigrationState(
-            parked=parked, bounded=parked is not None and self._has_bounds(), holding=holding
-        )
-
-    def migrate(self) -> MigrationResult:
-        """Give the parked queue the bounds of the settings without losing a message: move its
-        messages to the holding queue, delete it only while it is empty, declare it with the
-        bounds, move them back. A message the bounded queue refuses stops the move back and
-        stays in the holding queue; run it again to finish from there."""
-        state = self.migration_state()
-        if state.done:
-            return MigrationResult(0, 0, 0)
-        moved_out = 0
-        if state.parked is not None and not state.bounded:
-            self._conn().channel().queue_declare(self.holding_queue, durable=True)
-            while True:
-                moved_out += self._move(self.queues.parked, self.holding_queue)
-                if self._delete_if_empty(self.queues.parked):
-                    break
-        if not self.queues.declare_parked(self._conn()):
-            raise MigrationConflict(
-                f"{self.queues.parked} was declared again with other arguments meanwhile (a worker"
-                f" of an earlier version?); the messages wait in {self.holding_queue}"
-            )
-        moved_back = self._move(self.holding_queue, self.queues.parked)
-        left = self.count(self.holding_queue) or 0
-        if left == 0:
-            self._delete_if_empty(self.holding_queue)
-        return MigrationResult(moved_out, moved_back, left)
-
-    def _has_bounds(self) -> bool:
-        """Whether the existing parked queue has the bounds (declaring it with them is a no-op
-        then; a 406 otherwise, on a throwaway channel)."""
-        return self.queues.declare_parked(self._conn())
-
-    def _move(self, source: str, target: str) -> int:
-        """Move messages one at a time, each confirmed in ``target`` before it is acked in
-        ``source``, until ``source`` is empty or ``target`` refuses one (it stays in
-        ``source``, in its place). How many moved."""
-        moved = 0
-        channel = self._chan()
-        while True:
-            method, properties, body = channel.basic_get(source, auto_ack=False)
-            if method is None:
-                return moved
-            try:
-                channel.basic_publish("", target, body, properties, mandatory=True)
-            except NackError:  # the bounded queue is full
-                channel.basic_nack(method.delivery_tag, requeue=True)
-                return moved
-            channel.basic_ack(method.delivery_tag)
-            moved += 1
-
-    def _delete_if_empty(self, queue: str) -> bool:
-        """Delete ``queue`` unless it holds a message (then False)."""
-        return unless_refused(
-            self._conn(), lambda channel: channel.queue_delete(queue, if_empty=True)
-        )
+        self.connection.process_data_events(time_limit=seconds)
 
     def _settle(self, message: ParkedMessage) -> None:
         self._chan().basic_ack(message.delivery_tag)
-
-    def _conn(self) -> pika.BlockingConnection:
-        if self._connection is None:
-            raise RuntimeError("the parked queue is not open")
-        return self._connection
 
     def _chan(self) -> BlockingChannel:
         if self._channel is None:

@@ -7,8 +7,10 @@ import json
 import os
 import pty
 import signal
+import logging
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,10 @@ from pika.exceptions import ChannelClosedByBroker
 
 from adapters.rabbitmq import RabbitMQTaskSource
 from adapters.rabbitmq.parked import ParkedQueue
+from adapters.rabbitmq.parked_migration import ParkedMigration, WorkersRunning
 from adapters.rabbitmq.queues import Queues, parked_arguments
+from app import parked_command
+from app.cli import main
 from tests.integration.services import RabbitService
 from tests.integration.test_rabbitmq_task_source import connect, eventually, rabbitmqctl, ready
 
@@ -32,12 +37,14 @@ def queue_name(rabbit: RabbitService) -> Iterator[str]:
     """A fresh job queue name; every queue of its family is deleted afterwards."""
     name = f"parked_test_{uuid.uuid4().hex[:8]}"
     yield name
-    family = [name, f"{name}.parked", f"{name}.parked.migrating"]
+    family = [name, f"{name}.parked", f"{name}.parked.migrating", f"{name}.parked.lock"]
     family += [f"{name}.retry.{delay}s" for delay in (1, 4, 5, 20, 80, 320, 600)]
     with connect(rabbit) as connection:
-        channel = connection.channel()
         for queue in family:
-            channel.queue_delete(queue)
+            try:  # a lock still held by a session that outlived its test is refused (405)
+                connection.channel().queue_delete(queue)
+            except ChannelClosedByBroker:
+                pass
 
 
 def park(rabbit: RabbitService, queue: str, bodies: list[bytes], **headers: Any) -> None:
@@ -220,16 +227,21 @@ def test_the_same_body_parked_twice_is_two_entries(rabbit: RabbitService, queue_
     assert len(ids) == 2 and ids[0] != ids[1]
 
 
-def test_purge_by_generation_prints_what_it_removes(rabbit: RabbitService, queue_name: str) -> None:
+def test_purge_by_generation_saves_what_it_removes(
+    rabbit: RabbitService, queue_name: str, tmp_path: Path
+) -> None:
     bodies = [job(1), job(2), job(1), job(3)]
     park(rabbit, queue_name, bodies)
-    done = tool(rabbit, queue_name, "purge", "--generation-id", "1", "--yes")
+    saved = tmp_path / "purged.jsonl"
+    saved.write_text('{"kept": "from before"}\n')
+    done = tool(rabbit, queue_name, "purge", "--generation-id", "1", "--yes", "--save", str(saved))
     assert done.returncode == 0, done.stderr
-    removed = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.stdout == ""  # nothing on standard output: a reader that stops early loses nothing
+    removed = [json.loads(line) for line in saved.read_text().splitlines()[1:]]  # appended
     assert [entry["body"].encode() for entry in removed] == [bodies[0], bodies[2]]
     assert removed[0]["headers"]["x-park-reason"] == "INVALID_REQUEST: number 0"
     assert peek(rabbit, f"{queue_name}.parked") == [bodies[1], bodies[3]]
-    unknown = tool(rabbit, queue_name, "purge", "--generation-id", "99", "--yes")
+    unknown = tool(rabbit, queue_name, "purge", "--generation-id", "99", "--yes", "--discard")
     assert unknown.returncode == 2 and peek(rabbit, f"{queue_name}.parked") == [
         bodies[1],
         bodies[3],
@@ -384,7 +396,7 @@ def test_migrate_bounds_an_unbounded_queue_keeping_the_order(
     assert "x-max-length" in arguments and "reject-publish" in arguments
     assert peek(rabbit, f"{queue_name}.parked") == bodies
     with adapter(rabbit, queue_name) as queue:
-        assert queue.count(queue.holding_queue) is None  # deleted once empty
+        assert queue.count(f"{queue_name}.parked.migrating") is None  # deleted once empty
     again = tool(rabbit, queue_name, "migrate", "--yes", **extra)
     assert again.returncode == 0 and "nothing to migrate" in again.stderr
 
@@ -396,7 +408,7 @@ def test_migrate_into_a_queue_too_small_keeps_the_rest_and_a_rerun_finishes(
     park(rabbit, queue_name, bodies)
     small = adapter(rabbit, queue_name, max_messages=3)
     with small:
-        result = small.migrate()
+        result = ParkedMigration(small).run()
     assert (result.moved_out, result.moved_back, result.left_in_holding) == (5, 3, 2)
     assert peek(rabbit, f"{queue_name}.parked") == bodies[:3]
     assert peek(rabbit, f"{queue_name}.parked.migrating") == bodies[3:]
@@ -411,7 +423,7 @@ def test_migrate_into_a_queue_too_small_keeps_the_rest_and_a_rerun_finishes(
     assert said.returncode == 1 and "2 message(s) stay in" in said.stderr
     drain(rabbit, f"{queue_name}.parked")  # the operator makes room
     with small:
-        result = small.migrate()
+        result = ParkedMigration(small).run()
     assert (result.moved_out, result.moved_back, result.left_in_holding) == (0, 2, 0)
     assert peek(rabbit, f"{queue_name}.parked") == bodies[3:]
     assert bounded(rabbit, f"{queue_name}.parked", 3)
@@ -428,8 +440,278 @@ def test_migrate_finishes_after_an_interruption_with_the_parked_queue_deleted(
         for body in bodies:
             channel.basic_publish("", f"{queue_name}.parked.migrating", body)
     with adapter(rabbit, queue_name) as queue:
-        assert queue.count() is None and queue.migration_state().holding == 3
-        result = queue.migrate()
+        assert queue.count() is None and ParkedMigration(queue).state().holding == 3
+        result = ParkedMigration(queue).run()
     assert (result.moved_back, result.left_in_holding) == (3, 0)
     assert peek(rabbit, f"{queue_name}.parked") == bodies
     assert bounded(rabbit, f"{queue_name}.parked", 10_000)
+
+
+BUSY = "another `python -m app parked` command is running on {}.parked (only one at a time"
+WORKERS = "stop every worker first: scale the Deployment to 0 and pause KEDA"
+
+
+def test_one_session_at_a_time_and_a_killed_one_frees_the_lock(
+    rabbit: RabbitService, queue_name: str
+) -> None:
+    bodies = [job(n) for n in range(3)]
+    park(rabbit, queue_name, bodies)
+    process, controller = waiting_at_the_prompt(rabbit, queue_name, "replay", "--all")
+    for argv in (
+        ["list"],
+        ["show", "abcd"],
+        ["replay", "--all", "--yes"],
+        ["purge", "--all", "--yes", "--discard"],
+        ["migrate", "--yes", "--dry-run"],
+    ):
+        busy = tool(rabbit, queue_name, *argv, RABBITMQ_PARKED_MAX_MESSAGES="100")
+        assert busy.returncode == 1, (argv, busy.stderr)
+        assert BUSY.format(queue_name) in busy.stderr and busy.stderr.count("\n") == 1
+        assert busy.stdout == ""
+    assert ready(rabbit, f"{queue_name}.parked") == 0  # the first session still holds them
+    assert not bounded(rabbit, f"{queue_name}.parked", 100)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    os.close(controller)
+    assert eventually(lambda: ready(rabbit, f"{queue_name}.parked") == 3)
+    with adapter(rabbit, queue_name) as queue:  # the broker deleted the lock with its connection
+        assert queue.count(f"{queue_name}.parked.lock") == 0
+    assert len(listed(rabbit, queue_name)) == 3
+    assert peek(rabbit, f"{queue_name}.parked") == bodies
+
+
+def test_migrate_is_refused_while_another_session_holds_parked_messages(
+    rabbit: RabbitService, queue_name: str
+) -> None:
+    """The review's reproduction: a delete if_empty counts ready messages only, so deleting the
+    parked queue while a session held its messages unacked dropped them."""
+    bodies = [job(n) for n in range(5)]
+    park(rabbit, queue_name, bodies)  # unbounded, as an earlier version declared it
+    with adapter(rabbit, queue_name) as other:
+        assert len(other.scan()) == 5
+        refused = tool(rabbit, queue_name, "migrate", "--yes")
+        assert refused.returncode == 1 and BUSY.format(queue_name) in refused.stderr
+    assert peek(rabbit, f"{queue_name}.parked") == bodies
+    assert not bounded(rabbit, f"{queue_name}.parked", 10_000)
+    with adapter(rabbit, queue_name) as queue:
+        assert queue.count(f"{queue_name}.parked.migrating") is None
+
+
+def test_migrate_refuses_while_a_worker_consumes_and_changes_nothing(
+    rabbit: RabbitService, queue_name: str
+) -> None:
+    """The review's reproduction: a worker parks while migrate runs. A park routed to the old
+    parked queue as it is deleted was confirmed and dropped; now migrate does not start."""
+    bodies = [job(n) for n in range(20)]
+    park(rabbit, queue_name, bodies)
+    jobs = [f"job {n}".encode() for n in range(30)]
+    source = RabbitMQTaskSource(
+        host=rabbit.host,
+        port=rabbit.port,
+        user=rabbit.user,
+        password=rabbit.password,
+        vhost=rabbit.vhost,
+        queue_name=queue_name,
+        prefetch=5,
+        retry_delay_seconds=1,
+        retry_max_delay_seconds=4,
+    )
+    parked_meanwhile: list[bytes] = []
+
+    def worker() -> None:
+        while len(parked_meanwhile) < len(jobs):
+            delivery = source.receive(5)
+            if delivery is None:
+                return
+            source.park(delivery, "INVALID_REQUEST: x")
+            parked_meanwhile.append(delivery.body)
+
+    try:
+        source.start(consume=True)
+        with connect(rabbit) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for body in jobs:
+                channel.basic_publish("", queue_name, body, pika.BasicProperties(delivery_mode=2))
+        parking = threading.Thread(target=worker)
+        parking.start()
+        extra = {"RABBITMQ_PARKED_MAX_MESSAGES": "100"}
+        dry = tool(rabbit, queue_name, "migrate", "--dry-run", **extra)
+        assert dry.returncode == 1 and f"{queue_name} has 1 consumer(s)" in dry.stderr
+        assert "would refuse" in dry.stderr and WORKERS in dry.stderr
+        refused = tool(rabbit, queue_name, "migrate", "--yes", **extra)
+        assert refused.returncode == 1, refused.stderr
+        assert f"{queue_name} has 1 consumer(s): {WORKERS}" in refused.stderr
+        assert "moved" not in refused.stderr
+        parking.join(60)
+    finally:
+        source.close()
+    assert parked_meanwhile == jobs
+    assert not bounded(rabbit, f"{queue_name}.parked", 100)
+    assert sorted(peek(rabbit, f"{queue_name}.parked")) == sorted(bodies + jobs)
+    with adapter(rabbit, queue_name) as queue:
+        assert queue.count(f"{queue_name}.parked.migrating") is None
+
+
+def test_migrate_checks_for_workers_again_before_deleting(
+    rabbit: RabbitService, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that starts while the messages move out stops the migration before the delete;
+    every message waits in the holding queue, and a rerun once it is gone finishes."""
+    bodies = [job(n) for n in range(4)]
+    park(rabbit, queue_name, bodies)
+    with connect(rabbit) as worker:
+        channel = worker.channel()
+        channel.queue_declare(queue_name, durable=True)
+        move = ParkedMigration._move  # pylint: disable=protected-access
+
+        def move_then_a_worker_starts(migration: ParkedMigration, source: str, target: str) -> int:
+            moved = move(migration, source, target)
+            channel.basic_consume(queue_name, lambda *_: None)
+            return moved
+
+        monkeypatch.setattr(ParkedMigration, "_move", move_then_a_worker_starts)
+        with adapter(rabbit, queue_name) as queue:
+            with pytest.raises(WorkersRunning, match="has 1 consumer"):
+                ParkedMigration(queue).run()
+        assert ready(rabbit, f"{queue_name}.parked") == 0  # not deleted
+    monkeypatch.undo()
+    assert not bounded(rabbit, f"{queue_name}.parked", 10_000)
+    assert peek(rabbit, f"{queue_name}.parked.migrating") == bodies
+    with adapter(rabbit, queue_name) as queue:
+        result = ParkedMigration(queue).run()
+    assert (result.moved_out, result.moved_back, result.left_in_holding) == (0, 4, 0)
+    assert peek(rabbit, f"{queue_name}.parked") == bodies
+    assert bounded(rabbit, f"{queue_name}.parked", 10_000)
+
+
+def test_migrate_to_no_limit_and_no_ttl_unbounds_the_queue_for_a_rollback(
+    rabbit: RabbitService, queue_name: str
+) -> None:
+    bodies = [job(n) for n in range(4)]
+    park(rabbit, queue_name, bodies)
+    bound = {"RABBITMQ_PARKED_MAX_MESSAGES": "100", "RABBITMQ_PARKED_TTL_SECONDS": "60"}
+    assert tool(rabbit, queue_name, "migrate", "--yes", **bound).returncode == 0
+    unbound = {"RABBITMQ_PARKED_MAX_MESSAGES": "0", "RABBITMQ_PARKED_TTL_SECONDS": "0"}
+    dry = tool(rabbit, queue_name, "migrate", "--dry-run", **unbound)
+    assert dry.returncode == 0 and "would move the 4 messages" in dry.stderr
+    assert "no arguments" in dry.stderr
+    done = tool(rabbit, queue_name, "migrate", "--yes", **unbound)
+    assert done.returncode == 0, done.stderr
+    [arguments] = [
+        line
+        for line in rabbitmqctl("list_queues", "name", "arguments").splitlines()
+        if line.startswith(f"{queue_name}.parked\t")
+    ]
+    assert arguments == f"{queue_name}.parked\t[]"
+    with connect(rabbit) as connection:  # what every earlier version declares: accepted
+        connection.channel().queue_declare(f"{queue_name}.parked", durable=True)
+    assert peek(rabbit, f"{queue_name}.parked") == bodies
+    again = tool(rabbit, queue_name, "migrate", "--yes", **unbound)
+    assert again.returncode == 0 and "nothing to migrate" in again.stderr
+
+
+@pytest.fixture
+def in_process(rabbit: RabbitService, queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main`` in this process with the tool's settings; the logging it sets up is undone."""
+    for name, value in environment(rabbit, queue_name).items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    pika_log = logging.getLogger("pika")
+    monkeypatch.setattr(pika_log, "level", pika_log.level)
+
+
+def test_purge_saves_each_message_on_disk_before_it_is_removed(
+    rabbit: RabbitService,
+    queue_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_process: None,
+) -> None:
+    del in_process
+    bodies = [job(1), job(2), job(1)]
+    park(rabbit, queue_name, bodies)
+    saved = tmp_path / "purged.jsonl"
+    acked = ParkedQueue.purge
+    on_disk_at_ack: list[bytes] = []
+
+    def checked_purge(queue: ParkedQueue, message: Any) -> None:
+        last = json.loads(saved.read_text().splitlines()[-1])
+        on_disk_at_ack.append(last["body"].encode() if last["id"] == message.id else b"")
+        acked(queue, message)
+
+    monkeypatch.setattr(ParkedQueue, "purge", checked_purge)
+    assert main(["parked", "purge", "--generation-id", "1", "--yes", "--save", str(saved)]) == 0
+    assert on_disk_at_ack == [bodies[0], bodies[2]]
+    assert peek(rabbit, f"{queue_name}.parked") == [bodies[1]]
+
+
+def test_a_save_that_fails_leaves_the_message_parked_and_blames_the_file(
+    rabbit: RabbitService,
+    queue_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    in_process: None,
+) -> None:
+    del in_process
+    bodies = [job(n) for n in range(3)]
+    park(rabbit, queue_name, bodies)
+    saved = tmp_path / "purged.jsonl"
+    fsync = os.fsync
+    calls: list[int] = []
+
+    def full_after_one(descriptor: int) -> None:
+        calls.append(descriptor)
+        if len(calls) > 1:
+            raise BrokenPipeError(32, "Broken pipe")
+        fsync(descriptor)
+
+    monkeypatch.setattr(parked_command.os, "fsync", full_after_one)
+    assert main(["parked", "purge", "--all", "--yes", "--save", str(saved)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not save {saved}" in err and "1 of 3 purged" in err
+    assert "the broker" not in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert peek(rabbit, f"{queue_name}.parked") == bodies[1:]
+    assert [json.loads(line)["body"].encode() for line in saved.read_text().splitlines()] == [
+        bodies[0],
+        bodies[1],  # written, not known to be on disk: saved again by the next purge
+    ]
+
+
+def test_purge_discard_keeps_no_copy_and_neither_is_a_usage_error(
+    rabbit: RabbitService, queue_name: str
+) -> None:
+    bodies = [job(1), job(2)]
+    park(rabbit, queue_name, bodies)
+    neither = tool(rabbit, queue_name, "purge", "--all", "--yes")
+    assert neither.returncode == 2 and "--save FILE" in neither.stderr
+    first = listed(rabbit, queue_name)[0]["id"]
+    done = tool(rabbit, queue_name, "purge", first, "--yes", "--discard")
+    assert done.returncode == 0 and done.stdout == "" and "purged 1 of 1" in done.stderr
+    assert peek(rabbit, f"{queue_name}.parked") == [bodies[1]]
+
+
+def test_purge_into_a_reader_that_stops_early_loses_nothing(
+    rabbit: RabbitService, queue_name: str, tmp_path: Path
+) -> None:
+    """The review's reproduction: ``purge --all --yes | head -1`` acked 20, one line was kept."""
+    bodies = [job(n) for n in range(20)]
+    park(rabbit, queue_name, bodies)
+    saved = tmp_path / "purged.jsonl"
+    piped = subprocess.run(
+        f"{sys.executable} -m app parked purge --all --yes --save {saved} | (sleep 1; head -1)",
+        shell=True,
+        cwd=ROOT,
+        env=environment(rabbit, queue_name),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert piped.stdout == "" and "purged 20 of 20" in piped.stderr
+    kept = [json.loads(line)["body"].encode() for line in saved.read_text().splitlines()]
+    assert kept == bodies and ready(rabbit, f"{queue_name}.parked") == 0

@@ -8,15 +8,19 @@ import hashlib
 import io
 import json
 import logging
+import os
+import pathlib
 from datetime import datetime, timezone
 
 import pika
 import pytest
 
+from adapters.rabbitmq.delivery_headers import OVERFLOW_HEADER
 from adapters.rabbitmq.parked import ParkedMessage, message_id, replay_headers, replay_properties
 from app import parked_command
 from app.cli import build_parser, main
-from app.parked_command import UsageError, body_fields, describe, match_ids, whole
+from app.parked_command import UsageError, match_ids
+from app.parked_format import body_fields, describe, to_json, whole
 
 WHEN = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 PARK = {
@@ -74,6 +78,14 @@ def test_a_replayed_copy_loses_the_workers_headers_and_keeps_the_others() -> Non
     assert again["x-replay-count"] == 5
 
 
+def test_a_replayed_copy_does_not_carry_the_overflow_mark() -> None:
+    """A copy that waited because the parked queue was full is marked; replayed, it starts afresh
+    (the worker would otherwise park it again without running it)."""
+    assert OVERFLOW_HEADER == "x-park-overflow"
+    headers = replay_headers({**PARK, OVERFLOW_HEADER: 2, "traceparent": "00-abc"}, WHEN)
+    assert OVERFLOW_HEADER not in headers and headers["traceparent"] == "00-abc"
+
+
 def test_undecodable_headers_are_said_dropped_on_the_replayed_copy() -> None:
     headers = replay_headers({"x-undecodable-headers": "ValueError: year 10000"}, WHEN)
     assert headers["x-original-headers-dropped"] == "ValueError: year 10000"
@@ -129,7 +141,7 @@ def test_the_whole_message_has_every_header_and_property() -> None:
     properties = pika.BasicProperties(
         content_type="application/json", headers={**PARK, "blob": b"\xff", "when": WHEN}
     )
-    fields = json.loads(parked_command.to_json(whole(ParkedMessage.read(b"{}", properties, 1))))
+    fields = json.loads(to_json(whole(ParkedMessage.read(b"{}", properties, 1))))
     assert fields["properties"] == {"content_type": "application/json"}
     assert fields["headers"]["x-park-reason"] == PARK["x-park-reason"]
     assert fields["headers"]["blob"] == {"body_base64": "/w=="}
@@ -179,7 +191,7 @@ def test_not_exactly_one_selection_is_a_usage_error(argv: list[str], unreachable
     assert exited.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [["replay", "--all"], ["purge", "abcd"], ["migrate"]])
+@pytest.mark.parametrize("argv", [["replay", "--all"], ["purge", "abcd", "--discard"], ["migrate"]])
 def test_without_a_terminal_and_yes_a_change_is_refused_before_connecting(
     argv: list[str], unreachable: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -196,3 +208,66 @@ def test_an_unreachable_broker_is_one_line_naming_it(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RabbitMQ at 127.0.0.1:1 is not reachable" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["purge", "--all", "--yes"],  # neither --save nor --discard
+        ["purge", "--all", "--yes", "--save", "kept.jsonl", "--discard"],  # both
+    ],
+)
+def test_purge_needs_exactly_one_of_save_and_discard(
+    argv: list[str], unreachable: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    del unreachable
+    with pytest.raises(SystemExit) as exited:
+        main(["parked", *argv])
+    assert exited.value.code == 2
+    assert "--save" in capsys.readouterr().err
+
+
+def test_a_purge_dry_run_needs_neither(unreachable: None) -> None:
+    del unreachable
+    assert main(["parked", "purge", "--all", "--dry-run"]) == 1  # it went on to the broker
+
+
+@pytest.mark.parametrize("where", ["missing/purged.jsonl", "."])
+def test_a_save_file_that_cannot_be_opened_is_refused_before_connecting(
+    where: str,
+    unreachable: None,
+    tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    del unreachable
+    path = tmp_path / where
+    assert main(["parked", "purge", "--all", "--yes", "--save", str(path)]) == 2  # 1: broker
+    err = capsys.readouterr().err
+    assert f"cannot open {path}" in err and "not reachable" not in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_save_file_must_be_a_regular_file(tmp_path: pathlib.Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    reader = os.open(tmp_path / "pipe", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(OSError, match="not a regular file"):
+            parked_command.SaveFile(str(tmp_path / "pipe"))
+    finally:
+        os.close(reader)
+
+
+def test_a_save_that_fails_is_said_as_such_never_as_the_broker(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = parked_command.SaveFile(str(tmp_path / "purged.jsonl"))
+    saved.save('{"n": 1}')
+    assert (tmp_path / "purged.jsonl").read_text() == '{"n": 1}\n'
+
+    def no_space(_descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(parked_command.os, "fsync", no_space)
+    with pytest.raises(parked_command.SaveFailed, match="could not save .*No space left"):
+        saved.save('{"n": 2}')
+    saved.close()
