@@ -251,17 +251,18 @@ class ConnectionThread:
                 exc,
             )
             delivery = Delivery(body=body, received_at=received_at, tag=tag)
-        if self.on_overflowed is not None and self._parks_now(delivery):
+        if self._parks_now(delivery):
             return
         self._inbox.put(delivery)
 
     def _parks_now(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` waited for room in the parked queue and is parked now (by
         ``on_overflowed``); a failure to do so hands it out instead."""
+        park = self.on_overflowed
         try:
-            if overflows(delivery) is None:
+            if park is None or overflows(delivery) is None:
                 return False
-            self.on_overflowed(delivery)  # type: ignore[misc]
+            park(delivery)
         except Exception:  # pylint: disable=broad-exception-caught
             log.exception("parking a delivery that waited for room failed; it is handed out")
             return False

@@ -1,4 +1,6 @@
-"""Give the parked queue the arguments of the settings (docs/parked-messages.md, "Migrating").
+"""Give the parked queue the arguments of the settings, with every worker stopped.
+
+The procedure: docs/parked-messages.md, "Migrating a parked queue declared without bounds".
 
 RabbitMQ cannot change a queue's arguments: the parked queue is emptied into a holding queue,
 deleted, declared again and filled back, each message confirmed in its target before it is acked
