@@ -22,7 +22,7 @@ import select
 import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from app.parked_format import describe, summary, table, to_json, whole
 
@@ -48,30 +48,52 @@ class SaveFailed(Exception):
 
 class SaveFile:
     """``purge --save FILE``: each removed message as one JSON line, flushed and fsynced before
-    the message is acked. Opened for append before the queue is read."""
+    the message is acked. Opened for append before the queue is read; only a regular file (a
+    FIFO or a device is refused without blocking). A line that could not be written whole is cut
+    off again, so the file holds whole lines only, whatever failed."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file: IO[str] = open(  # pylint: disable=consider-using-with
-            path, "a", encoding="utf-8"
-        )
-        if not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
-            self._file.close()
-            raise OSError(f"{path} is not a regular file (a copy must be fsynced)")
+        # O_NONBLOCK: opening a FIFO for writing would wait for a reader, for ever. O_RDWR: the
+        # last byte is read to see whether an earlier run left a line cut.
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
+        try:
+            status = os.fstat(self._fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise OSError(f"{path} is not a regular file (a copy must be fsynced)")
+            if status.st_size and os.pread(self._fd, 1, status.st_size - 1) != b"\n":
+                # An earlier run's last line was cut: end it, so the next line stays whole.
+                self._write_all(b"\n")
+                os.fsync(self._fd)
+        except OSError:
+            os.close(self._fd)
+            raise
 
     def save(self, line: str) -> None:
-        """Append ``line`` and make it durable; ``SaveFailed`` when that fails."""
+        """Append ``line`` and make it durable; ``SaveFailed`` when that fails (the file is
+        cut back to what it held before)."""
+        before = None
         try:
-            self._file.write(line + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            before = os.fstat(self._fd).st_size
+            self._write_all((line + "\n").encode("utf-8"))
+            os.fsync(self._fd)
         except OSError as exc:
+            if before is not None:
+                try:
+                    os.ftruncate(self._fd, before)
+                    os.fsync(self._fd)
+                except OSError:
+                    pass  # the next open ends the cut line
             raise SaveFailed(f"could not save {self.path}: {exc!r}") from exc
+
+    def _write_all(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         """Close the file; a failure here cannot lose a message (each was fsynced)."""
         try:
-            self._file.close()
+            os.close(self._fd)
         except OSError:
             pass
 

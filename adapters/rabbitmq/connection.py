@@ -82,9 +82,10 @@ class ConnectionThread:
         self._side: BlockingChannel | None = None  # for looks that may fail: never consumes
         self._depth_checked = 0.0
         self._depth_refresh = depth_refresh_seconds
-        self.on_overflowed: Callable[[Delivery], None] | None = None
-        """Called on the I/O thread, instead of handing it out, with a delivery that waited for
-        room in the parked queue (its park was decided: it does not run again)."""
+        self.on_overflowed: Callable[[Delivery], bool] = _not_parked
+        """Called on the I/O thread with a delivery that waited for room in the parked queue
+        (its park was decided: it does not run again); True when it took it, so it is not
+        handed out."""
 
     # --- from the caller's thread ------------------------------------------------------------
 
@@ -258,15 +259,11 @@ class ConnectionThread:
     def _parks_now(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` waited for room in the parked queue and is parked now (by
         ``on_overflowed``); a failure to do so hands it out instead."""
-        park = self.on_overflowed
         try:
-            if park is None or overflows(delivery) is None:
-                return False
-            park(delivery)
+            return overflows(delivery) is not None and self.on_overflowed(delivery)
         except Exception:  # pylint: disable=broad-exception-caught
             log.exception("parking a delivery that waited for room failed; it is handed out")
             return False
-        return True
 
     def _connect(self) -> None:
         connection = pika.BlockingConnection(self._parameters)
@@ -379,6 +376,11 @@ class ConnectionThread:
             self._inbox.next_epoch()
             self._connection, self._channel, self._consumer_tag = None, None, None
             self._side = None
+
+
+def _not_parked(_delivery: Delivery) -> bool:
+    """No one parks deliveries that waited for room: they are handed out."""
+    return False
 
 
 def _refuses_global_qos(exc: BaseException) -> bool:

@@ -42,6 +42,9 @@ OUTCOME_TRUNCATED_HEADER = "x-decided-outcome-truncated"
 OVERFLOW_HEADER = "x-park-overflow"
 """On a copy whose park the full parked queue refused: how many times it was refused. Such a copy
 is parked by the adapter when it comes back, without running (its park was decided)."""
+PARKED_AT_HEADER = "x-parked-at"
+MAX_COUNT = 2**31 - 1
+"""The largest count the worker writes in a header (a signed 32-bit AMQP integer)."""
 MAX_REASON_CHARS = 1000
 MAX_OUTCOME_BYTES = 16 * 1024
 
@@ -66,7 +69,7 @@ def retry_headers(delivery: Delivery, *, reason: str, attempt: int) -> dict[str,
     """The headers of a retried copy: its attempt, one more hand-back, and why."""
     return {
         ATTEMPT_HEADER: attempt,
-        HANDBACK_HEADER: delivery.handbacks + 1,
+        HANDBACK_HEADER: min(delivery.handbacks + 1, MAX_COUNT),
         REASON_HEADER: str(reason)[:MAX_REASON_CHARS],
     }
 
@@ -77,7 +80,7 @@ def park_headers(
     """The headers of a parked copy: why, when, from where, its counts, the decided outcome."""
     headers: dict[str, Any] = {
         PARK_REASON_HEADER: str(reason)[:MAX_REASON_CHARS],
-        "x-parked-at": datetime.now(timezone.utc).isoformat(),
+        PARKED_AT_HEADER: datetime.now(timezone.utc).isoformat(),
         "x-original-queue": original_queue,
         ATTEMPT_HEADER: delivery.attempt,
         HANDBACK_HEADER: delivery.handbacks,
@@ -89,19 +92,28 @@ def park_headers(
 
 def overflow_headers(delivery: Delivery, park: Mapping[str, Any]) -> dict[str, Any]:
     """The headers of a parked copy the full parked queue refused, sent to wait in a retry
-    queue: the park's, one more hand-back, and how many times the parked queue refused it."""
+    queue: the park's, one more hand-back, and how many times the parked queue refused it
+    (counts capped, so that they always encode)."""
     return {
         **park,
-        HANDBACK_HEADER: delivery.handbacks + 1,
-        OVERFLOW_HEADER: (overflows(delivery) or 0) + 1,
+        HANDBACK_HEADER: min(delivery.handbacks + 1, MAX_COUNT),
+        OVERFLOW_HEADER: min((overflows(delivery) or 0) + 1, MAX_COUNT),
     }
 
 
 def overflows(delivery: Delivery) -> int | None:
-    """How many times the full parked queue refused this message's park; None when it was not
-    refused (the delivery is not a copy waiting for room, and its body decides)."""
+    """How many times the full parked queue refused this message's park; None when the
+    delivery is not such a copy, and its body decides. A copy is one only as the worker writes
+    it: a count of at least 1 beside the park's own ``x-park-reason`` and ``x-parked-at`` (a job
+    published with a stray ``x-park-overflow`` runs as any other)."""
     headers = getattr(getattr(delivery.tag, "properties", None), "headers", None) or {}
-    return _count(headers.get(OVERFLOW_HEADER))
+    count = _count(headers.get(OVERFLOW_HEADER))
+    if not count or not all(
+        isinstance(headers.get(name), (str, bytes)) and headers.get(name)
+        for name in (PARK_REASON_HEADER, PARKED_AT_HEADER)
+    ):
+        return None
+    return count
 
 
 def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProperties:

@@ -34,6 +34,7 @@ from adapters.rabbitmq.delivery_headers import (
     OUTCOME_TRUNCATED_HEADER,
     OVERFLOW_HEADER,
     PARK_REASON_HEADER,
+    PARKED_AT_HEADER,
     PENDING_FAILURE_HEADER,
     REASON_HEADER,
 )
@@ -45,7 +46,6 @@ from adapters.rabbitmq.header_codec import (
 )
 from adapters.rabbitmq.queues import Queues
 
-PARKED_AT_HEADER = "x-parked-at"
 ORIGINAL_QUEUE_HEADER = "x-original-queue"
 REPLAYED_AT_HEADER = "x-replayed-at"
 REPLAY_COUNT_HEADER = "x-replay-count"

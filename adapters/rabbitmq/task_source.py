@@ -213,10 +213,10 @@ class RabbitMQTaskSource:
             lambda channel, tag: channel.basic_nack(tag.delivery_tag, requeue=True),
         )
 
-    def _park_overflowed(self, delivery: Delivery) -> None:
+    def _park_overflowed(self, delivery: Delivery) -> bool:
         """On the I/O thread: a copy that waited because the parked queue was full is parked
         now, with the headers of its park, as decided; it is not handed out, so it never runs
-        again, and no outcome is told again. Still full: it waits once more."""
+        again, and no outcome is told again. Still full: it waits once more. True: taken."""
         log.info(
             "a message that waited for room in %s (refused %s times) is parked now",
             self.parked_queue,
@@ -226,6 +226,7 @@ class RabbitMQTaskSource:
         self._settler.republish(
             delivery, "park", self.parked_queue, {}, REFUSED_HANDBACK_SECONDS, overflow
         )
+        return True
 
     def park(
         self, delivery: Delivery, reason: str, *, outcome: Mapping[str, Any] | None = None

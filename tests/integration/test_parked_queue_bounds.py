@@ -232,3 +232,41 @@ def test_the_parked_depth_is_read_on_a_side_channel(
     assert connects(caplog) == 1
     source.close()
     assert source.parked_depth is None
+
+
+def test_a_job_with_a_stray_overflow_header_runs_and_a_huge_count_still_encodes(
+    rabbit: RabbitService, make_source: MakeSource, queue_name: str
+) -> None:
+    park_headers = {"x-park-reason": "INVALID_REQUEST: x", "x-parked-at": "2026-11-29T00:00:00"}
+    stray: list[dict[str, Any]] = [
+        {"x-park-overflow": 0, **park_headers},  # 0: the worker never writes it
+        {"x-park-overflow": 1},  # without the park's headers: not a copy the worker made
+        {"x-park-overflow": 2**62, "x-park-reason": "", "x-parked-at": "t"},
+        {"x-park-overflow": "1", **park_headers},
+        {"x-park-overflow": -1, **park_headers},
+    ]
+    for number, headers in enumerate(stray):
+        publish_as_backend(rabbit, queue_name, [f'{{"n": {number}}}'.encode()], headers=headers)
+    source = make_source(parked_max_messages=1, retry_delay_seconds=1, retry_max_delay_seconds=2)
+    source.start()
+    handed = []
+    for _ in stray:
+        delivery = receive(source)
+        handed.append(json.loads(delivery.body)["n"])
+        source.ack(delivery)
+    assert sorted(handed) == list(range(len(stray)))  # every one runs as a job
+    assert ready(rabbit, f"{queue_name}.parked") == 0
+
+    # A real copy at the largest count, while the parked queue is full: it still waits (the
+    # next count is capped, so it encodes), rather than being handed back every 5 s for ever.
+    with connect(rabbit) as connection:
+        connection.channel().basic_publish("", f"{queue_name}.parked", b"fills it")
+    publish_as_backend(
+        rabbit,
+        queue_name,
+        [b"waited"],
+        headers={"x-park-overflow": 2**63 - 1, "x-handback-count": 2**63 - 1, **park_headers},
+    )
+    assert eventually(lambda: source.park_overflows == 1)
+    assert source.refused_republishes == 0
+    assert eventually(lambda: ready(rabbit, f"{queue_name}.retry.2s") == 1)

@@ -257,6 +257,45 @@ def test_a_save_file_must_be_a_regular_file(tmp_path: pathlib.Path) -> None:
         os.close(reader)
 
 
+def test_a_fifo_without_a_reader_is_refused_without_waiting(tmp_path: pathlib.Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError):  # ENXIO at once: opening it blocking would wait for ever
+        parked_command.SaveFile(str(tmp_path / "pipe"))
+
+
+def test_a_line_cut_by_a_failed_write_is_taken_back_and_the_file_stays_whole_lines(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "purged.jsonl"
+    saved = parked_command.SaveFile(str(path))
+    saved.save('{"n": 1}')
+    write = os.write
+
+    def half_then_full(descriptor: int, data: bytes) -> int:
+        write(descriptor, data[: len(data) // 2])
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(parked_command.os, "write", half_then_full)
+    with pytest.raises(parked_command.SaveFailed, match="File too large"):
+        saved.save('{"n": 2, "padding": "' + "x" * 100 + '"}')
+    monkeypatch.undo()
+    saved.save('{"n": 3}')
+    saved.close()
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 3]
+
+
+def test_a_file_left_with_a_cut_last_line_is_ended_before_the_next(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "purged.jsonl"
+    path.write_text('{"n": 1}\n{"n": 2, "cut')  # a run killed while the disk was full
+    saved = parked_command.SaveFile(str(path))
+    saved.save('{"n": 3}')
+    saved.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == '{"n": 1}' and json.loads(lines[-1]) == {"n": 3} and len(lines) == 3
+
+
 def test_a_save_that_fails_is_said_as_such_never_as_the_broker(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
