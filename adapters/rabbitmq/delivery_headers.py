@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -124,17 +124,12 @@ def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProp
     copy says instead, in ``x-original-headers-dropped``, that the original's were lost and why
     (the copy's own headers decode, so it is an ordinary delivery from then on). So do headers
     that decoded but cannot be encoded again: publishing them would fail."""
-    merged = dict(getattr(original, "headers", None) or {})
-    merged.pop(PENDING_FAILURE_HEADER, None)
-    merged.pop(OVERFLOW_HEADER, None)  # only a copy sent to wait for room carries it
-    undecodable = merged.pop(UNDECODABLE_HEADERS, None)
-    if undecodable is not None:
-        merged[ORIGINAL_HEADERS_DROPPED] = undecodable
-    merged.update(headers)
-    problem = encoding_problem(merged)
-    if problem is not None:
-        log.warning("the original's headers are not copied: %s", problem)
-        merged = {ORIGINAL_HEADERS_DROPPED: problem, **headers}
+    # x-park-overflow: only a copy sent to wait for room carries it (``headers`` set it then).
+    merged = carried_headers(
+        getattr(original, "headers", None) or {},
+        (PENDING_FAILURE_HEADER, OVERFLOW_HEADER),
+        headers,
+    )
     return pika.BasicProperties(
         content_type=getattr(original, "content_type", None) or "application/json",
         content_encoding=getattr(original, "content_encoding", None),
@@ -146,6 +141,24 @@ def copy_properties(original: Any, headers: Mapping[str, Any]) -> pika.BasicProp
         app_id=getattr(original, "app_id", None),
         headers=merged,
     )
+
+
+def carried_headers(
+    original: Mapping[str, Any], dropped: Iterable[str], headers: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The headers a copy carries: the original's but ``dropped``, then ``headers``. Headers
+    that could not be decoded are replaced by ``x-original-headers-dropped`` saying so; when the
+    rest cannot be encoded again, the copy carries ``headers`` only, and why."""
+    merged = {name: value for name, value in original.items() if name not in set(dropped)}
+    undecodable = merged.pop(UNDECODABLE_HEADERS, None)
+    if undecodable is not None:
+        merged[ORIGINAL_HEADERS_DROPPED] = undecodable
+    merged.update(headers)
+    problem = encoding_problem(merged)
+    if problem is not None:
+        log.warning("the original's headers are not copied: %s", problem)
+        merged = {ORIGINAL_HEADERS_DROPPED: problem, **headers}
+    return merged
 
 
 def _outcome_headers(outcome: Mapping[str, Any]) -> dict[str, Any]:

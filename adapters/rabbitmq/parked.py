@@ -31,19 +31,16 @@ from adapters.rabbitmq.delivery_headers import (
     ATTEMPT_HEADER,
     DECIDED_OUTCOME_HEADER,
     HANDBACK_HEADER,
+    MAX_COUNT,
     OUTCOME_TRUNCATED_HEADER,
     OVERFLOW_HEADER,
     PARK_REASON_HEADER,
     PARKED_AT_HEADER,
     PENDING_FAILURE_HEADER,
     REASON_HEADER,
+    carried_headers,
 )
-from adapters.rabbitmq.header_codec import (
-    ORIGINAL_HEADERS_DROPPED,
-    UNDECODABLE_HEADERS,
-    encoding_problem,
-    install_tolerant_header_decoding,
-)
+from adapters.rabbitmq.header_codec import install_tolerant_header_decoding
 from adapters.rabbitmq.queues import Queues
 
 ORIGINAL_QUEUE_HEADER = "x-original-queue"
@@ -204,19 +201,11 @@ def replay_headers(headers: Mapping[str, Any], replayed_at: datetime) -> dict[st
     """The headers of a replayed copy: the original's without the worker's own, with when it
     was replayed and how many times (the previous count + 1). Headers that could not be decoded
     or cannot be encoded again are left off, and ``x-original-headers-dropped`` says why."""
-    kept = {name: value for name, value in headers.items() if name not in WORKER_HEADERS}
     replay = {
         REPLAYED_AT_HEADER: replayed_at.isoformat(),
-        REPLAY_COUNT_HEADER: (_count(headers.get(REPLAY_COUNT_HEADER)) or 0) + 1,
+        REPLAY_COUNT_HEADER: min((_count(headers.get(REPLAY_COUNT_HEADER)) or 0) + 1, MAX_COUNT),
     }
-    undecodable = kept.pop(UNDECODABLE_HEADERS, None)
-    if undecodable is not None:
-        kept[ORIGINAL_HEADERS_DROPPED] = undecodable
-    kept.update(replay)
-    problem = encoding_problem(kept)
-    if problem is not None:
-        kept = {ORIGINAL_HEADERS_DROPPED: problem, **replay}
-    return kept
+    return carried_headers(headers, WORKER_HEADERS, replay)
 
 
 def replay_properties(

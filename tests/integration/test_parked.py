@@ -158,6 +158,21 @@ def adapter(rabbit: RabbitService, queue: str, max_messages: int = 10_000) -> Pa
     )
 
 
+def worker_source(rabbit: RabbitService, queue: str, prefetch: int) -> RabbitMQTaskSource:
+    """The worker's own source on ``queue``, with the ladder of ``environment``."""
+    return RabbitMQTaskSource(
+        host=rabbit.host,
+        port=rabbit.port,
+        user=rabbit.user,
+        password=rabbit.password,
+        vhost=rabbit.vhost,
+        queue_name=queue,
+        prefetch=prefetch,
+        retry_delay_seconds=1,
+        retry_max_delay_seconds=4,
+    )
+
+
 def test_list_and_show_show_every_field_and_leave_the_queue_as_it_was(
     rabbit: RabbitService, queue_name: str
 ) -> None:
@@ -334,17 +349,7 @@ def test_a_connection_closed_by_the_broker_is_exit_1_and_loses_nothing(
 def test_a_message_parked_by_the_worker_is_listed_and_replayed(
     rabbit: RabbitService, queue_name: str
 ) -> None:
-    source = RabbitMQTaskSource(
-        host=rabbit.host,
-        port=rabbit.port,
-        user=rabbit.user,
-        password=rabbit.password,
-        vhost=rabbit.vhost,
-        queue_name=queue_name,
-        prefetch=1,
-        retry_delay_seconds=1,
-        retry_max_delay_seconds=4,
-    )
+    source = worker_source(rabbit, queue_name, prefetch=1)
     try:
         source.start(consume=True)
         with connect(rabbit) as connection:
@@ -505,17 +510,7 @@ def test_migrate_refuses_while_a_worker_consumes_and_changes_nothing(
     bodies = [job(n) for n in range(20)]
     park(rabbit, queue_name, bodies)
     jobs = [f"job {n}".encode() for n in range(30)]
-    source = RabbitMQTaskSource(
-        host=rabbit.host,
-        port=rabbit.port,
-        user=rabbit.user,
-        password=rabbit.password,
-        vhost=rabbit.vhost,
-        queue_name=queue_name,
-        prefetch=5,
-        retry_delay_seconds=1,
-        retry_max_delay_seconds=4,
-    )
+    source = worker_source(rabbit, queue_name, prefetch=5)
     parked_meanwhile: list[bytes] = []
 
     def worker() -> None:
