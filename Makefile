@@ -45,6 +45,7 @@ bench: setup
 	$(PY) -m bench.lora_cpu
 	$(PY) -m bench.provenance_cost
 	$(PY) -m bench.provenance_robustness
+	$(PY) -m bench.parked_tool
 
 # On a machine with a CUDA GPU: plain diffusers fp16 against the tuned adapter (bench/results/gpu.json).
 bench-gpu: setup
