@@ -32,8 +32,8 @@ from typing import Any
 
 import pika
 
-from adapters.rabbitmq.parked import ParkedQueue
 from adapters.rabbitmq.queues import Queues
+from app.parked_command import parked_queue
 from app.settings import Settings, load_settings
 
 RESULTS = Path(__file__).parent / "results" / "parked_tool.json"
@@ -78,30 +78,19 @@ class Bench:
 
     def __init__(self, settings: Settings, count: int) -> None:
         self.count = count
-        self.queues = Queues(f"bench_parked_{uuid.uuid4().hex[:8]}", (1,))
+        self.queues = Queues(f"bench_parked_{uuid.uuid4().hex[:8]}", (1,))  # names only
         self.floor_queue = f"{self.queues.name}.floor"
-        self.connection = pika.BlockingConnection(
-            pika.ConnectionParameters(
-                host=settings.rabbitmq_host,
-                port=settings.rabbitmq_port,
-                virtual_host=settings.rabbitmq_vhost,
-                credentials=pika.PlainCredentials(
-                    settings.rabbitmq_user, settings.rabbitmq_pass.get_secret_value()
-                ),
-            )
+        self.tool = parked_queue(
+            settings.model_copy(
+                update={"rabbitmq_queue": self.queues.name, "rabbitmq_parked_max_messages": 0}
+            ),
+            timeout=30.0,
         )
+        self.connection = pika.BlockingConnection(self.tool.parameters)
         self.channel = self.connection.channel()
         self.channel.confirm_delivery()
         for name in (self.queues.name, self.queues.parked, self.floor_queue):
             self.channel.queue_declare(name, durable=True)
-        self.tool = ParkedQueue(
-            host=settings.rabbitmq_host,
-            port=settings.rabbitmq_port,
-            user=settings.rabbitmq_user,
-            password=settings.rabbitmq_pass.get_secret_value(),
-            vhost=settings.rabbitmq_vhost,
-            queues=self.queues,
-        )
 
     def publish(self, queue: str, headers: dict[str, Any] | None = None) -> None:
         """``count`` messages, each confirmed before the next (the floor of a safe move)."""

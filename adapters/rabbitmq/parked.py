@@ -257,6 +257,11 @@ class ParkedQueue:
         self._job_queue_declared = False
 
     @property
+    def parameters(self) -> pika.ConnectionParameters:
+        """How it connects (a benchmark opens a plain connection beside it the same way)."""
+        return self._parameters
+
+    @property
     def lock_queue(self) -> str:
         """The exclusive queue a session holds while it runs."""
         return f"{self.queues.parked}.lock"
