@@ -379,7 +379,7 @@ def cmd_migrate(queue: ParkedQueue, args: argparse.Namespace, _progress: Progres
         return EXIT_DONE
     if state.parked is not None and not state.bounded:
         plan = (
-            f"move the {state.parked} messages of {parked} (it has not {bounds}) to {holding},"
+            f"move the {state.parked} messages of {parked} (its arguments are not {bounds}) to {holding},"
             " declare it again, and move them back"
         )
     else:
