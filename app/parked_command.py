@@ -379,8 +379,8 @@ def cmd_migrate(queue: ParkedQueue, args: argparse.Namespace, _progress: Progres
         return EXIT_DONE
     if state.parked is not None and not state.bounded:
         plan = (
-            f"move the {state.parked} messages of {parked} (its arguments are not {bounds}) to {holding},"
-            " declare it again, and move them back"
+            f"move the {state.parked} messages of {parked} (its arguments are not {bounds})"
+            f" to {holding}, declare it again, and move them back"
         )
     else:
         plan = f"move the {state.holding} messages of {holding} back to {parked} ({bounds})"
