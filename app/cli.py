@@ -22,6 +22,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import ProxyHandler, build_opener, url2pathname
 
+from app.argument_types import positive_int
 from app.inspect_command import add_inspect
 from app.logging_setup import LogFormat, configure_logging
 from app.parked_command import add_parked
@@ -399,14 +400,6 @@ def _add_health(commands: Any) -> None:
     health.add_argument("--port", type=int, help="default: METRICS_PORT")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds")
     health.set_defaults(handler=cmd_health, bad_settings_status=EXIT_UNHEALTHY)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from app.argument_types import positive_int
 from app.parked_format import describe, summary, table, to_json, whole
 
 if TYPE_CHECKING:
@@ -107,14 +108,6 @@ def id_prefix(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"an id is {MIN_ID_PREFIX} to {ID_LENGTH} hexadecimal characters, got {text!r}"
         )
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 

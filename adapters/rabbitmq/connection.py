@@ -272,8 +272,8 @@ class ConnectionThread:
         if not self._queues.declare(channel):
             log.warning(
                 "the parked queue %s exists with other arguments than RABBITMQ_PARKED_MAX_MESSAGES"
-                " and RABBITMQ_PARKED_TTL_SECONDS ask for (%s); it is used as it is. Once every"
-                " worker runs this version, bound it with `python -m app parked migrate`"
+                " and RABBITMQ_PARKED_TTL_SECONDS ask for (%s); it is used as it is. To give it"
+                " them, stop every worker and run `python -m app parked migrate`"
                 " (docs/parked-messages.md)",
                 self._queues.parked,
                 self._queues.parked_arguments,

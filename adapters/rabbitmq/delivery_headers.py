@@ -52,8 +52,8 @@ MAX_OUTCOME_BYTES = 16 * 1024
 def read_delivery(body: bytes, properties: Any, received_at: float, tag: Tag) -> Delivery:
     """A delivery with the counts and the failure its headers carry."""
     headers = getattr(properties, "headers", None) or {}
-    attempt = _count(headers.get(ATTEMPT_HEADER))
-    handbacks = _count(headers.get(HANDBACK_HEADER))
+    attempt = header_count(headers.get(ATTEMPT_HEADER))
+    handbacks = header_count(headers.get(HANDBACK_HEADER))
     return Delivery(
         body=body,
         attempt=attempt or 0,
@@ -107,7 +107,7 @@ def overflows(delivery: Delivery) -> int | None:
     it: a count of at least 1 beside the park's own ``x-park-reason`` and ``x-parked-at`` (a job
     published with a stray ``x-park-overflow`` runs as any other)."""
     headers = getattr(getattr(delivery.tag, "properties", None), "headers", None) or {}
-    count = _count(headers.get(OVERFLOW_HEADER))
+    count = header_count(headers.get(OVERFLOW_HEADER))
     if not count or not all(
         isinstance(headers.get(name), (str, bytes)) and headers.get(name)
         for name in (PARK_REASON_HEADER, PARKED_AT_HEADER)
@@ -176,8 +176,8 @@ def _outcome_headers(outcome: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _count(raw: object) -> int | None:
-    """A non-negative integer header, or None."""
+def header_count(raw: object) -> int | None:
+    """A non-negative integer header, or None (anything else: a string, a bool, a negative)."""
     if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
         return raw
     return None
@@ -201,9 +201,9 @@ def _carried_failure(raw: object) -> FailureReport | None:
         report = None
     if (
         report is None
-        or _count(report.generation_id) is None
+        or header_count(report.generation_id) is None
         or not isinstance(report.message, str)
-        or _count(report.retry_count) is None
+        or header_count(report.retry_count) is None
         or not isinstance(report.poison, bool)
     ):
         log.warning("unreadable %s header ignored: %.200r", PENDING_FAILURE_HEADER, raw)

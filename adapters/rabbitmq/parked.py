@@ -39,6 +39,7 @@ from adapters.rabbitmq.delivery_headers import (
     PENDING_FAILURE_HEADER,
     REASON_HEADER,
     carried_headers,
+    header_count,
 )
 from adapters.rabbitmq.header_codec import install_tolerant_header_decoding
 from adapters.rabbitmq.queues import Queues
@@ -100,12 +101,6 @@ def header_text(value: Any) -> str | None:
     return str(value)
 
 
-def _count(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
-
-
 @dataclass(frozen=True)
 class ParkedMessage:
     """One parked copy as ``basic.get`` returned it; ``delivery_tag`` settles it."""
@@ -154,17 +149,17 @@ class ParkedMessage:
     @property
     def attempts(self) -> int | None:
         """Its ``x-retry-count``."""
-        return _count(self.headers.get(ATTEMPT_HEADER))
+        return header_count(self.headers.get(ATTEMPT_HEADER))
 
     @property
     def handbacks(self) -> int | None:
         """Its ``x-handback-count``."""
-        return _count(self.headers.get(HANDBACK_HEADER))
+        return header_count(self.headers.get(HANDBACK_HEADER))
 
     @property
     def replay_count(self) -> int:
         """How many times it was replayed before (``x-replay-count``, 0 when absent)."""
-        return _count(self.headers.get(REPLAY_COUNT_HEADER)) or 0
+        return header_count(self.headers.get(REPLAY_COUNT_HEADER)) or 0
 
     @property
     def decided_outcome(self) -> str | None:
@@ -174,7 +169,7 @@ class ParkedMessage:
     @property
     def outcome_full_size(self) -> int | None:
         """The size in bytes of the decided outcome before it was cut, when it was."""
-        return _count(self.headers.get(OUTCOME_TRUNCATED_HEADER))
+        return header_count(self.headers.get(OUTCOME_TRUNCATED_HEADER))
 
     @property
     def generation_id(self) -> int | None:
@@ -203,7 +198,9 @@ def replay_headers(headers: Mapping[str, Any], replayed_at: datetime) -> dict[st
     or cannot be encoded again are left off, and ``x-original-headers-dropped`` says why."""
     replay = {
         REPLAYED_AT_HEADER: replayed_at.isoformat(),
-        REPLAY_COUNT_HEADER: min((_count(headers.get(REPLAY_COUNT_HEADER)) or 0) + 1, MAX_COUNT),
+        REPLAY_COUNT_HEADER: min(
+            (header_count(headers.get(REPLAY_COUNT_HEADER)) or 0) + 1, MAX_COUNT
+        ),
     }
     return carried_headers(headers, WORKER_HEADERS, replay)
 

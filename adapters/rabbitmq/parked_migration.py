@@ -101,7 +101,9 @@ class ParkedMigration:
         self._refuse_while_workers_run()
         moved_out = 0
         if state.parked is not None and not state.bounded:
-            self._parked.connection.channel().queue_declare(self.holding_queue, durable=True)
+            holding = self._parked.connection.channel()
+            holding.queue_declare(self.holding_queue, durable=True)
+            holding.close()
             while True:
                 moved_out += self._move(self._queues.parked, self.holding_queue)
                 self._refuse_while_workers_run()

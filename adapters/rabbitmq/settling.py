@@ -11,9 +11,9 @@ BlockingChannel, which keeps servicing the connection meanwhile.
 
 A parked copy the broker refuses twice (the parked queue is full: it is declared with
 ``x-overflow: reject-publish``) is not handed back at once: a copy goes, confirmed, to the
-overflow queue (the longest retry queue), and the original is acked then. The message comes back
-after that delay and is parked again, so a full parked queue costs one read of the recorded
-outcome per message and delay, never a lost message or a held slot.
+overflow queue (the longest retry queue), and the original is acked then. When the copy comes
+back after that delay, the source parks it again without handing it out, so a full parked queue
+costs one publish per message and delay, never a lost message, a held slot or a second run.
 
 A settlement of a delivery whose connection is gone is dropped (and logged): the broker
 delivers that message again.

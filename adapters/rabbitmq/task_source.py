@@ -35,8 +35,8 @@ class RabbitMQTaskSource:
 
     ``prefetch`` is the initial hold and its upper bound; ``retry_delay_seconds`` and
     ``retry_max_delay_seconds`` span the ladder of retry queues (5, 20, 80, 320, 600 by default).
-    ``parked_max_messages`` (None: unbounded) and ``parked_ttl_seconds`` (0: for ever) bound the
-    parked queue; a message parked while it is full waits in the longest retry queue instead.
+    ``parked_max_messages`` (None or 0: unbounded) and ``parked_ttl_seconds`` (0: for ever)
+    bound the parked queue; a message parked while it is full waits in the longest retry queue.
     ``refused_republishes`` counts the deliveries handed back because their copy could not be
     published: the broker refused it twice, or publishing it failed (for metrics; written on the
     I/O thread only).
